@@ -1,0 +1,172 @@
+"""The param-file schema: every key the training script accepts, checked before any data is touched.
+
+A param file is a JSON object. ``method`` names the Table 2 row; it picks a model and a loss weighting
+(``METHODS``), which ``model`` / ``weighting`` may override to pair any weighting with any multi-branch
+model. Every problem is reported as one ``ParamError`` line naming the file, the key and what is allowed.
+"""
+import difflib
+import inspect
+import json
+from pathlib import Path
+
+from loaders import LOADERS, NUM_TASKS, SETTINGS
+from loaders.multi_mnist import RESIZES
+from models import MODELS
+from weighting import WEIGHTINGS, build_weighting
+
+# method -> (model, weighting); weighting None = single-branch training, one task drawn per sample.
+METHODS = {
+    "single_task": ("single_task", "sum"),
+    "uniform_scaling": ("multi_branch", "uniform"),
+    "gradnorm": ("multi_branch", "gradnorm"),
+    "kendall": ("multi_branch", "kendall"),
+    "mgda": ("multi_branch", "mgda"),
+    "task_routing": ("task_routing", None),
+    "ch_mod": ("ch_mod", None),
+    "ch_mod_extended": ("ch_mod_extended", None),
+    "controlnet": ("controlnet", None),
+}
+
+NEEDS_TRUNK = ("gradnorm", "mgda")  # weightings that use the shared representation or last shared layer
+OPTIMIZERS = ("Adam", "SGD", "RMSprop")
+LR_SCHEDULES = ("halve_30_60_90", "none")
+
+# key: (type, default (REQUIRED = must be given), allowed values or (min, max) range or None, meaning)
+REQUIRED = object()
+SCHEMA = {
+    "exp_id": (str, REQUIRED, None, "experiment name; default output dir is runs/<exp_id>/seed<k>"),
+    "method": (str, REQUIRED, tuple(METHODS), "Table 2 row; picks the model and the loss weighting"),
+    "setting": (str, REQUIRED, SETTINGS, "data set and task set (Multi-MNIST generator kind)"),
+    "dataset": (str, "multi_mnist", tuple(LOADERS), "loader"),
+    "model": (str, None, tuple(MODELS), "override the method's model"),
+    "weighting": (str, None, tuple(WEIGHTINGS), "override the method's loss weighting (multi-branch models only)"),
+    "model_options": (dict, {}, None, "keyword arguments of the model (e.g. sigma for task_routing, c1/c2 widths)"),
+    "weighting_options": (dict, {}, None, "keyword arguments of the weighting (e.g. alpha for gradnorm)"),
+    "epochs": (int, 100, (1, 100_000), "training epochs (the CLI --epochs overrides it)"),
+    "optimizer": (str, "Adam", OPTIMIZERS, "optimiser (paper Table 1: Adam)"),
+    "lr": (float, 1e-3, (1e-8, 10.0), "initial learning rate (paper Table 1: 1e-3)"),
+    "momentum": (float, 0.9, (0.0, 0.999), "SGD momentum (SGD only)"),
+    "lr_schedule": (str, "halve_30_60_90", LR_SCHEDULES, "the authors' lr halving at 30/60/90% of the epochs, or none"),
+    "batch_size": (int, 512, (1, 1_000_000), "training batch size (paper Table 1: 512)"),
+    "eval_batch_size": (int, 1000, (1, 1_000_000), "images per evaluation chunk (each evaluated on every task)"),
+    "resize": (str, "nearest", RESIZES, "Multi-MNIST resize filter to 28x28"),
+    "data_seed": (int, 0, (0, 2**31 - 1), "seed of the Multi-MNIST generation (the data is the same for every run seed)"),
+}
+
+
+class ParamError(ValueError):
+    """A user mistake in a param file or on the command line: printed as one line, exit code 2."""
+
+
+def load_params(path):
+    """Reads, validates and completes a param file; raises ParamError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(f"{path}: param file not found")
+    text = path.read_text()
+    if not text.strip():
+        raise ParamError(f"{path}: param file is empty; expected a JSON object with keys {', '.join(_required())}")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ParamError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    if not isinstance(raw, dict):
+        raise ParamError(f"{path}: expected a JSON object at the top level, got {type(raw).__name__}")
+    return validate(raw, str(path))
+
+
+def validate(raw, source):
+    params = {}
+    for key, value in raw.items():
+        if key not in SCHEMA:
+            close = difflib.get_close_matches(key, SCHEMA, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ParamError(f"{source}: unknown key '{key}'; {hint}valid keys: {', '.join(SCHEMA)}")
+        params[key] = check_value(key, value, source)
+    for key, (_, default, _, _) in SCHEMA.items():
+        if key not in params:
+            if default is REQUIRED:
+                raise ParamError(f"{source}: missing key '{key}' ({SCHEMA[key][3]}); allowed: {_allowed(key)}")
+            params[key] = default
+    model, weighting = METHODS[params["method"]]
+    params["model"] = params["model"] or model
+    params["weighting"] = params["weighting"] or weighting
+    _check_pairing(params, source)
+    _check_options(params, source)
+    return params
+
+
+def check_value(key, value, source):
+    kind, _, allowed, _ = SCHEMA[key]
+    if value is None and SCHEMA[key][1] is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ParamError(f"{source}: key '{key}' must be {kind.__name__}, got {json.dumps(value)}; allowed: {_allowed(key)}")
+    if isinstance(allowed, tuple) and allowed and isinstance(allowed[0], str) and value not in allowed:
+        close = difflib.get_close_matches(value, allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ParamError(f"{source}: key '{key}' has unknown value {json.dumps(value)}{hint}; allowed: {', '.join(allowed)}")
+    if isinstance(allowed, tuple) and len(allowed) == 2 and not isinstance(allowed[0], str):
+        low, high = allowed
+        if not low <= value <= high:
+            raise ParamError(f"{source}: key '{key}' = {value} is out of range; allowed: {low} to {high}")
+    return value
+
+
+def _check_pairing(params, source):
+    paradigm = MODELS[params["model"]].paradigm
+    if paradigm == "multi_branch" and params["weighting"] is None:
+        raise ParamError(f"{source}: key 'weighting': model '{params['model']}' is multi-branch and needs a loss "
+                         f"weighting; allowed: {', '.join(WEIGHTINGS)}")
+    if paradigm == "single_branch" and params["weighting"] is not None:
+        raise ParamError(f"{source}: key 'weighting': '{params['weighting']}' weights the losses of several branches, "
+                         f"but model '{params['model']}' has a single branch (one task per sample); allowed: null")
+
+
+def _check_options(params, source):
+    """Builds the model and the weighting once (cheap, no data) so that their own checks run now."""
+    valid = [name for name in inspect.signature(MODELS[params["model"]]).parameters if name != "num_tasks"]
+    for name, value in params["model_options"].items():
+        if name not in valid:
+            raise ParamError(f"{source}: unknown key 'model_options.{name}' for model '{params['model']}'; "
+                             f"allowed: {', '.join(valid) or 'none'}")
+    if params["weighting"] is None and params["weighting_options"]:
+        raise ParamError(f"{source}: key 'weighting_options' is set but method '{params['method']}' uses no "
+                         f"loss weighting; allowed: {{}}")
+    num_tasks = NUM_TASKS[params["setting"]]
+    try:
+        model = MODELS[params["model"]](num_tasks, **params["model_options"])
+    except (TypeError, ValueError) as err:
+        raise ParamError(f"{source}: key 'model_options': {err}") from None
+    if params["weighting"] in NEEDS_TRUNK and not hasattr(model, "trunk"):
+        raise ParamError(f"{source}: key 'weighting': '{params['weighting']}' needs a shared trunk, which model "
+                         f"'{params['model']}' does not have; allowed models: multi_branch")
+    if params["weighting"] is not None:
+        try:
+            build_weighting(params["weighting"], num_tasks, params["weighting_options"])
+        except (TypeError, ValueError) as err:
+            raise ParamError(f"{source}: key 'weighting_options': {err}") from None
+
+
+def _required():
+    return [key for key, spec in SCHEMA.items() if spec[1] is REQUIRED]
+
+
+def _allowed(key):
+    kind, _, allowed, _ = SCHEMA[key]
+    if isinstance(allowed, tuple) and allowed and isinstance(allowed[0], str):
+        return ", ".join(allowed)
+    if isinstance(allowed, tuple):
+        return f"{kind.__name__} from {allowed[0]} to {allowed[1]}"
+    return kind.__name__
+
+
+def schema_markdown():
+    """The schema as a Markdown table (rendered into the README)."""
+    lines = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+    for key, (kind, default, _, meaning) in SCHEMA.items():
+        shown = "required" if default is REQUIRED else json.dumps(default)
+        lines.append(f"| `{key}` | {kind.__name__} | {shown} | {_allowed(key)} | {meaning} |")
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""Multi-MNIST generators (spec §0.3): digits placed on a canvas with overlaps, then resized to 28x28.
+
+Every composite has one *base* MNIST image (each image of the pool used once, in order) and K-1 partners
+drawn uniformly with replacement from the same pool; the canvas is the pixelwise max of all placements.
+
+- ``2digits``: 36x36, offsets (0,0) and (6,6) (Sener & Koltun); tasks: left, right.
+- ``4digits``: 40x40, a 2x2 grid with stride 12; tasks in column-major order (TL, BL, TR, BR).
+- ``9digits``: 52x52, a 3x3 grid with stride 12; task k = digit at (row k % 3, column k // 3).
+- ``9digits_byref``: the 9-digit images; task d = "the digit right of digit d", valid only when d occurs
+  exactly once and not in the last column (label -1 otherwise: ignored by the loss and the metrics).
+
+Pools: ``train`` = MNIST train[:50000], ``val`` = MNIST train[50000:] (held out of training), ``test`` =
+MNIST test. Generation is seeded, vectorised and cached, keyed by every generation parameter.
+"""
+import numpy as np
+import torch
+
+from . import cache
+from .mnist import data_root, load_mnist
+
+KINDS = ("2digits", "4digits", "9digits", "9digits_byref")
+SPLITS = ("train", "val", "test")
+RESIZES = ("nearest", "bicubic_clipped")
+NUM_TASKS = {"2digits": 2, "4digits": 4, "9digits": 9, "9digits_byref": 10}
+GENERATOR_VERSION = 1
+
+# (canvas size, [(row, col) offset of each task's digit]) per kind.
+LAYOUTS = {
+    "2digits": (36, [(0, 0), (6, 6)]),
+    "4digits": (40, [(12 * (k % 2), 12 * (k // 2)) for k in range(4)]),
+    "9digits": (52, [(12 * (k % 3), 12 * (k // 3)) for k in range(9)]),
+}
+
+
+def make_multi_mnist(kind, split, seed=0, root=None, resize="nearest"):
+    """Returns ``(images uint8 [N,28,28], labels int64 [N,T])`` as torch tensors (cached on disk)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown Multi-MNIST kind {kind!r}; valid: {', '.join(KINDS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if resize not in RESIZES:
+        raise ValueError(f"unknown resize {resize!r}; valid: {', '.join(RESIZES)}")
+    grid_kind = "9digits" if kind == "9digits_byref" else kind
+    meta = {"kind": grid_kind, "split": split, "seed": seed, "resize": resize, "version": GENERATOR_VERSION}
+    path = data_root(root) / "multi_mnist" / f"{grid_kind}_{split}_seed{seed}_{resize}_v{GENERATOR_VERSION}.npz"
+    arrays = cache.cached_arrays(path, lambda: _generate(grid_kind, split, seed, root, resize), meta=meta)
+    images, labels = arrays["images"], arrays["labels"]
+    if kind == "9digits_byref":
+        labels = by_ref_labels(labels)
+    return torch.from_numpy(images), torch.from_numpy(np.asarray(labels, dtype=np.int64))
+
+
+def _generate(kind, split, seed, root, resize):
+    mnist = load_mnist(root)
+    if split == "test":
+        pool_images, pool_labels = mnist["test_images"], mnist["test_labels"]
+    else:
+        part = slice(0, 50_000) if split == "train" else slice(50_000, 60_000)
+        pool_images, pool_labels = mnist["train_images"][part], mnist["train_labels"][part]
+    size, offsets = LAYOUTS[kind]
+    rng = np.random.default_rng([seed, KINDS.index(kind), SPLITS.index(split)])
+    n = len(pool_images)
+    index = np.concatenate([np.arange(n)[:, None], rng.integers(0, n, size=(n, len(offsets) - 1))], axis=1)
+    canvas = compose(pool_images, index, size, offsets)
+    return {"images": resize_to_28(canvas, resize), "labels": pool_labels[index].astype(np.int64)}
+
+
+def compose(pool_images, index, size, offsets):
+    """Canvas [N, size, size] = pixelwise max of digit ``index[:, k]`` placed at ``offsets[k]``."""
+    canvas = np.zeros((len(index), size, size), dtype=np.uint8)
+    for k, (row, col) in enumerate(offsets):
+        window = canvas[:, row:row + 28, col:col + 28]
+        np.maximum(window, pool_images[index[:, k]], out=window)
+    return canvas
+
+
+def resize_to_28(canvas, resize):
+    """``nearest``: Pillow's NEAREST (output x reads source floor((x + 0.5) * S / 28)), as
+    ``scipy.misc.imresize(interp='nearest')`` in Sener & Koltun. ``bicubic_clipped``: Pillow's BICUBIC on
+    a float image as in the released TD code, clipped to [0, 255] before the uint8 cast (the released
+    code wraps around instead)."""
+    size = canvas.shape[-1]
+    if resize == "nearest":
+        src = _pillow_nearest_index(size)
+        return np.ascontiguousarray(canvas[:, src][:, :, src])
+    weights = _pillow_bicubic_matrix(size)
+    out = weights @ (canvas.astype(np.float32) @ weights.T)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _pillow_nearest_index(size):
+    """Source index of each of the 28 output pixels under Pillow's NEAREST, read off Pillow itself: it is
+    floor((x + 0.5) * size / 28) except at exact ties, which Pillow's fixed-point arithmetic rounds down."""
+    from PIL import Image
+    ramp = np.arange(size, dtype=np.int32)[None, :]
+    return np.asarray(Image.fromarray(ramp, mode="I").resize((28, 1), Image.NEAREST))[0].astype(np.int64)
+
+
+def _pillow_bicubic_matrix(size):
+    """The [28, size] matrix of Pillow's separable BICUBIC resize in mode 'F', read off Pillow itself."""
+    from PIL import Image
+    rows = []
+    for j in range(size):
+        basis = np.zeros((1, size), dtype=np.float32)
+        basis[0, j] = 1.0
+        rows.append(np.asarray(Image.fromarray(basis, mode="F").resize((28, 1), Image.BICUBIC))[0])
+    return np.stack(rows, axis=1).astype(np.float32)
+
+
+def by_ref_labels(grid_labels):
+    """[N, 9] by-location labels -> [N, 10] by-reference labels: task d is the digit right of digit d,
+    valid iff d occurs exactly once and not in the last column; -1 where invalid."""
+    grid_labels = np.asarray(grid_labels)
+    hits = grid_labels[:, :, None] == np.arange(10)        # [N, 9 positions, 10 digits]
+    position = hits.argmax(axis=1)                          # first position of each digit
+    valid = (hits.sum(axis=1) == 1) & (position // 3 < 2)  # unique, column 0 or 1
+    right = np.take_along_axis(grid_labels, np.minimum(position + 3, 8), axis=1)
+    return np.where(valid, right, -1).astype(np.int64)

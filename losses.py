@@ -1,0 +1,20 @@
+"""Task losses shared by every training paradigm."""
+import torch.nn.functional as F
+
+IGNORE_INDEX = -1  # label of an image that is invalid for a task (by-ref tasks, spec §0.3)
+
+
+def per_task_cross_entropy(logits, labels):
+    """Batch-mean cross-entropy of every task at once: logits [B, T, C], labels [B, T] (int64, -1 = invalid)
+    -> [T]. Each task is averaged over its valid images only; a task with no valid image gets loss 0 and a
+    zero gradient (not NaN)."""
+    losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    num_valid = (labels != IGNORE_INDEX).sum(0).clamp(min=1)
+    return losses.sum(0) / num_valid
+
+
+def masked_cross_entropy(logits, labels):
+    """Batch-mean cross-entropy over the valid labels of a single-branch batch: logits [B, C], labels [B]
+    (-1 = invalid, e.g. an image with no valid by-ref task); 0 with zero gradient when none is valid."""
+    losses = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return losses.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)

@@ -1,0 +1,26 @@
+"""Per-task accuracy (paper §4.4: the mean over tasks of each task's accuracy, in percent).
+
+Labels of -1 mark images on which a task is not defined (9 digits by reference); they are not counted.
+Counts accumulate on the device, so evaluation needs one host sync at the end.
+"""
+import torch
+
+
+class TaskAccuracy:
+    def __init__(self, num_tasks, device):
+        self.correct = torch.zeros(num_tasks, dtype=torch.int64, device=device)
+        self.count = torch.zeros(num_tasks, dtype=torch.int64, device=device)
+
+    def update(self, predictions, labels):
+        """predictions, labels: [T, B] (task-major)."""
+        valid = labels >= 0
+        self.correct += ((predictions == labels) & valid).sum(dim=1)
+        self.count += valid.sum(dim=1)
+
+    def per_task(self):
+        """Accuracy per task in percent; NaN for a task with no valid image."""
+        count = self.count.double()
+        return (100.0 * self.correct.double() / count).where(count > 0, torch.nan).cpu()
+
+    def mean(self):
+        return float(self.per_task().nanmean())

@@ -1,0 +1,71 @@
+"""The Top-Down Control Network on LeNet (paper §3, Figure 2; the authors' `BUTD_aligned_Lenet9`).
+
+Three streams: BU1 and BU2 are one LeNet (shared weights); TD mirrors it top-down.
+
+    BU1:  image -> conv1 -> relu/pool -> conv2 -> relu/pool -> fc -> fc1 -> fc2      (bu1 logits)
+    TD:   emb(task) [c2,4,4] + lateral_add[2](bu1 pool2)
+          -> upsample x2 [c2,8,8]   + lateral_add[1](bu1 conv2) = td8
+          -> td_conv2 (c2->c1, k5, pad 4) -> upsample x2 [c1,24,24] + lateral_add[0](bu1 conv1) = td24
+          -> td_conv1 (c1->1, k5, pad 4) -> td_map [1,28,28]                           (TD bottom map)
+    BU2:  the same LeNet, gated by lateral_mul[0](td_map) at the image, lateral_mul[1](td24) at conv1
+          and lateral_mul[2](td8) at conv2 (both before ReLU)                           (bu2 logits)
+
+BU1->TD laterals are additive 1x1 convs (Fig. 2b), TD->BU2 laterals multiplicative 1x1 convs (Fig. 2c).
+TD has no nonlinearity and uses nearest-neighbour upsampling, as the released code.
+"""
+from collections import namedtuple
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .lenet import LeNet
+
+ControlNetOutput = namedtuple("ControlNetOutput", ["bu2_logits", "bu1_logits", "td_map"])
+
+
+class ControlNet(nn.Module):
+    """``forward(images [B,1,28,28], tasks [B] int64) -> bu2 logits [B,10]``; ``streams`` returns all outputs.
+
+    The task embedding is ``Linear(T, c2*16)`` on the one-hot task (weights and bias, as released).
+    """
+
+    paradigm = "single_branch"
+
+    def __init__(self, num_tasks, c1=10, c2=20, hidden=50, td_channels=None):
+        super().__init__()
+        t1, t2 = td_channels or (c1, c2)
+        self.num_tasks, self.t2 = num_tasks, t2
+        self.bu = LeNet(1, c1, c2, hidden)
+        self.emb = nn.Linear(num_tasks, t2 * 16)
+        self.td_conv2 = nn.Conv2d(t2, t1, kernel_size=5, padding=4)
+        self.td_conv1 = nn.Conv2d(t1, 1, kernel_size=5, padding=4)
+        self.lateral_add = nn.ModuleList([nn.Conv2d(c1, t1, 1), nn.Conv2d(c2, t2, 1), nn.Conv2d(c2, t2, 1)])
+        self.lateral_mul = nn.ModuleList([nn.Conv2d(1, 1, 1), nn.Conv2d(t1, c1, 1), nn.Conv2d(t2, c2, 1)])
+
+    def bu1(self, images):
+        rep, taps = self.bu.trunk(images)
+        return self.bu.head(rep), taps
+
+    def task_embedding(self, tasks):
+        one_hot = F.one_hot(tasks, self.num_tasks).to(self.emb.weight.dtype)
+        return self.emb(one_hot).view(-1, self.t2, 4, 4)
+
+    def td(self, tasks, bu1_taps):
+        """Returns the TD tensors that feed BU2: the bottom map [B,1,28,28], td24 and td8."""
+        td4 = self.task_embedding(tasks) + self.lateral_add[2](bu1_taps["pool2"])
+        td8 = F.interpolate(td4, scale_factor=2, mode="nearest") + self.lateral_add[1](bu1_taps["conv2"])
+        td24 = F.interpolate(self.td_conv2(td8), scale_factor=2, mode="nearest") + self.lateral_add[0](bu1_taps["conv1"])
+        return self.td_conv1(td24), td24, td8
+
+    def bu2(self, images, td_map, td24, td8):
+        gates = {"image": self.lateral_mul[0](td_map), "conv1": self.lateral_mul[1](td24),
+                 "conv2": self.lateral_mul[2](td8)}
+        return self.bu(images, gates)
+
+    def streams(self, images, tasks):
+        bu1_logits, taps = self.bu1(images)
+        td_map, td24, td8 = self.td(tasks, taps)
+        return ControlNetOutput(self.bu2(images, td_map, td24, td8), bu1_logits, td_map)
+
+    def forward(self, images, tasks):
+        return self.streams(images, tasks).bu2_logits

@@ -1,0 +1,130 @@
+"""The LeNet backbone shared by every row of Table 2 (spec §0.1), and the multi-branch / single-task nets.
+
+conv1 1->10 k5 (28->24), ReLU, maxpool (->12), conv2 10->20 k5 (->8), ReLU, maxpool (->4), fc 320->50, ReLU,
+fc1 50->50, ReLU, fc2 50->10. No dropout anywhere, so that the rows of Table 2 differ only in the method.
+Widths are arguments so that the wider variants (ch-mod extended, Figure 3) reuse the same code.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NUM_CLASSES = 10
+
+
+class LeNet(nn.Module):
+    """One LeNet. `trunk` accepts multiplicative gates at four places, which is all that the
+    modulation methods need:
+
+    - ``image``: the input (ControlNet's TD->BU2 lateral at the image level),
+    - ``conv1`` / ``conv2``: the conv outputs before ReLU (ControlNet's TD->BU2 laterals, ch-mod, routing),
+    - ``pool2``: the 4x4 map after the second pooling (ch-mod, routing).
+    A gate is any tensor broadcastable to the feature map, e.g. ``[B, C, 1, 1]`` for a channel vector.
+    """
+
+    def __init__(self, in_channels=1, c1=10, c2=20, hidden=50, num_classes=NUM_CLASSES):
+        super().__init__()
+        self.c1, self.c2 = c1, c2
+        self.conv1 = nn.Conv2d(in_channels, c1, kernel_size=5)
+        self.conv2 = nn.Conv2d(c1, c2, kernel_size=5)
+        self.fc = nn.Linear(c2 * 4 * 4, hidden)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def trunk(self, x, gates=None):
+        """Returns ``(rep [B, hidden], taps)``; taps holds the pre-ReLU conv outputs ``conv1`` [B,c1,24,24],
+        ``conv2`` [B,c2,8,8] and the pooled map ``pool2`` [B,c2,4,4] (the BU1->TD lateral sources)."""
+        gates = gates or {}
+        if "image" in gates:
+            x = x * gates["image"]
+        conv1 = self.conv1(x)
+        if "conv1" in gates:
+            conv1 = conv1 * gates["conv1"]
+        conv2 = self.conv2(F.max_pool2d(F.relu(conv1), 2))
+        if "conv2" in gates:
+            conv2 = conv2 * gates["conv2"]
+        pool2 = F.max_pool2d(F.relu(conv2), 2)
+        if "pool2" in gates:
+            pool2 = pool2 * gates["pool2"]
+        rep = F.relu(self.fc(pool2.flatten(1)))
+        return rep, {"conv1": conv1, "conv2": conv2, "pool2": pool2}
+
+    def head(self, rep):
+        return self.fc2(F.relu(self.fc1(rep)))
+
+    def forward(self, x, gates=None):
+        return self.head(self.trunk(x, gates)[0])
+
+
+class BatchedLinear(nn.Module):
+    """T independent ``nn.Linear(in, out)`` layers applied at once: ``[B, T, in] -> [B, T, out]``
+    (a ``[B, in]`` input is shared by all T). Initialised as ``nn.Linear`` (uniform +-1/sqrt(in))."""
+
+    def __init__(self, num_tasks, in_features, out_features):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_features)
+        self.weight = nn.Parameter(torch.empty(num_tasks, out_features, in_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_tasks, out_features).uniform_(-bound, bound))
+
+    def forward(self, x):
+        if x.dim() == 2:
+            return torch.einsum("bi,toi->bto", x, self.weight) + self.bias
+        return torch.einsum("bti,toi->bto", x, self.weight) + self.bias
+
+
+class MultiBranchLeNet(nn.Module):
+    """Shared trunk (conv1, conv2, fc) and one head (fc1, fc2) per task (spec §0.1: the split that
+    reproduces the paper's #P). ``forward(x) -> [B, T, 10]``."""
+
+    paradigm = "multi_branch"
+
+    def __init__(self, num_tasks, c1=10, c2=20, hidden=50):
+        super().__init__()
+        self.num_tasks = num_tasks
+        self.conv1 = nn.Conv2d(1, c1, kernel_size=5)
+        self.conv2 = nn.Conv2d(c1, c2, kernel_size=5)
+        self.fc = nn.Linear(c2 * 4 * 4, hidden)
+        self.fc1 = BatchedLinear(num_tasks, hidden, hidden)
+        self.fc2 = BatchedLinear(num_tasks, hidden, NUM_CLASSES)
+
+    @property
+    def last_shared_layer(self):
+        """GradNorm's W: the last layer of the shared trunk (spec §1.3)."""
+        return self.fc
+
+    def trunk(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return F.relu(self.fc(x.flatten(1)))
+
+    def heads(self, rep):
+        return self.fc2(F.relu(self.fc1(rep)))
+
+    def forward(self, x):
+        return self.heads(self.trunk(x))
+
+
+class SingleTaskLeNets(nn.Module):
+    """T independent LeNets (Table 2 'Single task', #P = T x LeNet), run as one grouped network:
+    conv1 has T*c1 output channels, conv2 is grouped by task, the fc layers are batched per task.
+    Every weight belongs to exactly one task, so training all T with the summed loss is the same as
+    training T separate networks. ``forward(x) -> [B, T, 10]``."""
+
+    paradigm = "multi_branch"
+
+    def __init__(self, num_tasks, c1=10, c2=20, hidden=50):
+        super().__init__()
+        self.num_tasks, self.c2 = num_tasks, c2
+        self.conv1 = nn.Conv2d(1, num_tasks * c1, kernel_size=5)
+        self.conv2 = nn.Conv2d(num_tasks * c1, num_tasks * c2, kernel_size=5, groups=num_tasks)
+        self.fc = BatchedLinear(num_tasks, c2 * 4 * 4, hidden)
+        self.fc1 = BatchedLinear(num_tasks, hidden, hidden)
+        self.fc2 = BatchedLinear(num_tasks, hidden, NUM_CLASSES)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.reshape(x.shape[0], self.num_tasks, self.c2 * 16)
+        x = F.relu(self.fc(x))
+        return self.fc2(F.relu(self.fc1(x)))

@@ -1,0 +1,346 @@
+"""Train a multi-task model on Multi-MNIST from a JSON param file (paper §3-4, Table 1 protocol).
+
+    python train_multi_task_counter_stream.py --param_file=params/mmnist_counter_9tasks_params.json --epochs 100
+
+The param file picks the setting (data and tasks), the method (model + loss weighting), the optimiser and
+the schedule (see config.py). Single-branch models (ControlNet, ch-mod, task routing) get one task drawn per
+training sample; multi-branch models see every task label of an image in one pass. Every epoch evaluates
+every task on every validation and test image; the kept model is the best-validation one. Outputs in --out:
+metrics.jsonl, results.json, checkpoint.pt (resume state) and best_model.pt, all written atomically.
+"""
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import checkpoint
+import config
+import losses
+from loaders import LOADERS, NUM_TASKS
+from metrics import TaskAccuracy
+from models import LENET_PARAMS, LENET_WEIGHTS, build_model, count_parameters
+from weighting import build_weighting
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+REPO = Path(__file__).resolve().parent
+
+
+def parse_args(argv):
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--param_file", required=True, help="JSON param file (see params/ and the README)")
+    parser.add_argument("--epochs", type=positive_int, help="training epochs (default: the param file's, else 100)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="run seed: initialisation, order, tasks")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--out", help="output dir (default runs/<exp_id>/seed<k>)")
+    parser.add_argument("--subset", type=positive_int, help="use only N training and N/5 val/test images (smoke runs)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--force", action="store_true", help="resume even if the param file changed")
+    parser.add_argument("--data_root", help="data directory (default $MTL_DATA_ROOT or ./data)")
+    parser.add_argument("--dry_run", action="store_true", help="build the model, print its parameter counts, exit")
+    return parser.parse_args(argv)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
+def positive_int(text):
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text):
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text, low):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+    return value
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.command = " ".join(["python", Path(__file__).name] + list(sys.argv[1:] if argv is None else argv))
+    try:
+        return run(args)
+    except config.ParamError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+class RunError(RuntimeError):
+    """A fault during the run (non-finite loss, failing write): reported as one line, exit code 1."""
+
+
+def run(args):
+    params = config.load_params(args.param_file)
+    epochs = args.epochs or params["epochs"]
+    num_tasks = NUM_TASKS[params["setting"]]
+    if args.dry_run:
+        model = build_model(params["model"], num_tasks, **params["model_options"])
+        print(json.dumps(parameter_counts(params, model)))
+        return 0
+    device = resolve_device(args.device)
+    out = Path(args.out or REPO / "runs" / params["exp_id"] / f"seed{args.seed}")
+    prepare_output_dir(out, args.resume)
+
+    torch.manual_seed(args.seed)
+    model = build_model(params["model"], num_tasks, **params["model_options"]).to(device)
+    weighting = None
+    if params["weighting"] is not None:
+        weighting = build_weighting(params["weighting"], num_tasks, params["weighting_options"]).to(device)
+    optimizer = make_optimizer(params, list(model.parameters()) + (list(weighting.parameters()) if weighting else []))
+
+    state = {"epoch": 0, "history": [], "best": None, "wall_time_s": 0.0}
+    if args.resume and (out / "checkpoint.pt").exists():
+        state = resume(out / "checkpoint.pt", params, args, epochs, model, weighting, optimizer)
+
+    data = {split: (images.to(device), labels.to(device)) for split, (images, labels)
+            in load_data(params, args.subset, args.data_root).items()}
+    info = {"command": args.command,
+            "git_commit": git_commit(), "device": describe_device(device), "seed": args.seed, "epochs": epochs,
+            "method": params["method"], "setting": params["setting"], "subset": args.subset,
+            **parameter_counts(params, model)}
+    tqdm.write(f"{params['exp_id']}: {params['method']} on {params['setting']}, {info['num_params']} params "
+               f"(x{info['params_x']:.3f}), {len(data['train'][0])} train images, {info['device']}, out {out}")
+
+    for epoch in range(state["epoch"], epochs):
+        start = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(params, epoch, epochs)
+        train_loss = train_epoch(model, weighting, optimizer, data["train"], params, args.seed, epoch, out, state)
+        val, test = (evaluate(model, *data[split], num_tasks, params["eval_batch_size"]) for split in ("val", "test"))
+        state["wall_time_s"] += time.perf_counter() - start
+        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
+                  "val_acc_mean": float(val.nanmean()), "test_acc_mean": float(test.nanmean()),
+                  "val_acc_per_task": val.tolist(), "test_acc_per_task": test.tolist()}
+        if weighting is not None:
+            record["task_weights"] = weighting.weights().detach().cpu().tolist()
+        state["history"].append(record)
+        if state["best"] is None or record["val_acc_mean"] > state["best"]["val_acc_mean"]:
+            state["best"] = record
+            write(checkpoint.save, {"epoch": epoch + 1, "model": model.state_dict(), "params": params}, out / "best_model.pt")
+        state["epoch"] = epoch + 1
+        write(checkpoint.save, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "weighting": weighting.state_dict() if weighting else {}, "params": params,
+                                "seed": args.seed, "epochs": epochs, **state}, out / "checkpoint.pt")
+        write(checkpoint.write_text, "".join(json.dumps(r) + "\n" for r in state["history"]), out / "metrics.jsonl")
+        tqdm.write(f"epoch {epoch + 1}/{epochs}  loss {train_loss:.4f}  val {record['val_acc_mean']:.2f}  "
+                   f"test {record['test_acc_mean']:.2f}  (best val {state['best']['val_acc_mean']:.2f} at epoch "
+                   f"{state['best']['epoch']})  {time.perf_counter() - start:.1f}s")
+
+    results = {**info, "best_epoch": state["best"]["epoch"], "val_acc_mean": state["best"]["val_acc_mean"],
+               "test_acc_mean": state["best"]["test_acc_mean"], "test_acc_per_task": state["best"]["test_acc_per_task"],
+               "val_acc_per_task": state["best"]["val_acc_per_task"],
+               "test_acc_mean_last": state["history"][-1]["test_acc_mean"],
+               "test_acc_per_task_last": state["history"][-1]["test_acc_per_task"],
+               "wall_time_s": round(state["wall_time_s"], 2), "params": params}
+    write(checkpoint.write_json, results, out / "results.json")
+    tqdm.write(f"test accuracy at the best-validation epoch {results['best_epoch']}: {results['test_acc_mean']:.2f} "
+               f"(last epoch: {results['test_acc_mean_last']:.2f}); results in {out / 'results.json'}")
+    return 0
+
+
+def load_data(params, subset, root):
+    data = LOADERS[params["dataset"]](params["setting"], params, root)
+    if subset:
+        sizes = {"train": subset, "val": max(subset // 5, 1), "test": max(subset // 5, 1)}
+        data = {split: (images[:sizes[split]], labels[:sizes[split]]) for split, (images, labels) in data.items()}
+    return data
+
+
+def normalize(images):
+    """uint8 [B, H, W] on the device -> float [B, 1, H, W], MNIST mean/std (as ToTensor + Normalize)."""
+    return images.unsqueeze(1).float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
+
+
+def epoch_generator(seed, epoch):
+    """The randomness of one epoch (order, task draws) depends only on (seed, epoch): resuming is exact."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+
+
+def draw_tasks(valid, generator):
+    """One task per image, uniform among the tasks valid for it (all tasks, except by reference).
+    An image with no valid task gets task 0, whose label -1 the loss ignores."""
+    scores = torch.rand(valid.shape, generator=generator).masked_fill_(~valid, -1.0)
+    return scores.argmax(dim=1)
+
+
+def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, state):
+    images, labels = train
+    device, n, batch_size = images.device, len(images), params["batch_size"]
+    generator = epoch_generator(seed, epoch)
+    order = torch.randperm(n, generator=generator)
+    tasks = draw_tasks((labels >= 0).cpu(), generator).to(device) if weighting is None else None
+    order = order.to(device)
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    steps = range(0, n, batch_size)
+    for step, begin in enumerate(tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, unit="batch")):
+        index = order[begin:begin + batch_size]
+        x = normalize(images[index])
+        optimizer.zero_grad(set_to_none=True)
+        if weighting is None:
+            t = tasks[index]
+            loss = losses.masked_cross_entropy(model(x, t), labels[index, t])
+            loss.backward()
+            task_losses = loss.detach()
+        else:
+            task_losses = weighting.backward(model, x, labels[index])
+        optimizer.step()
+        if weighting is not None:
+            weighting.after_step()
+        step_loss = task_losses.mean()
+        loss_sum += step_loss
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)
+    if int(first_bad) >= 0:
+        report_nonfinite(int(first_bad), epoch, params, order, tasks, batch_size, out, state, task_losses)
+    return float(loss_sum) / len(steps)
+
+
+def report_nonfinite(step, epoch, params, order, tasks, batch_size, out, state, task_losses):
+    if tasks is not None:
+        which = sorted(set(tasks[order[step * batch_size:(step + 1) * batch_size]].tolist()))
+        where = f"tasks drawn in that batch {which}"
+    else:
+        where = f"task losses at the last step {[round(v, 4) for v in task_losses.tolist()]}"
+    kept = f"the last good checkpoint (epoch {state['epoch']}) is {out / 'checkpoint.pt'}" if state["epoch"] else \
+        "no epoch finished, so no checkpoint was written"
+    raise RunError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}, method '{params['method']}' ({where}); "
+                   f"stopped without saving this epoch; {kept}")
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, num_tasks, chunk):
+    """Accuracy per task [T] (percent): every task on every image, all tasks in one forward pass per chunk
+    (single-branch models see each image T times, once per task)."""
+    model.eval()
+    accuracy = TaskAccuracy(num_tasks, images.device)
+    all_tasks = torch.arange(num_tasks, device=images.device)
+    for begin in range(0, len(images), chunk):
+        x, y = normalize(images[begin:begin + chunk]), labels[begin:begin + chunk]
+        if model.paradigm == "single_branch":
+            b = len(x)
+            logits = model(x.repeat(num_tasks, 1, 1, 1), all_tasks.repeat_interleave(b))
+            predictions = logits.argmax(dim=1).view(num_tasks, b)
+        else:
+            predictions = model(x).argmax(dim=2).t()
+        accuracy.update(predictions, y.t())
+    return accuracy.per_task()
+
+
+def learning_rate(params, epoch, epochs):
+    """The authors' schedule: halve the lr before every 0-based epoch e with (e + 1) % int(0.3 * epochs) == 0
+    (epochs 29, 59, 89 of 100), i.e. at 30/60/90% of training; at most three halvings (the original halves
+    every epoch when epochs < 4); constant when that period is 0."""
+    period = int(epochs * 0.3)
+    if params["lr_schedule"] == "none" or period == 0:
+        return params["lr"]
+    return params["lr"] * 0.5 ** min(3, (epoch + 1) // period)
+
+
+def make_optimizer(params, parameters):
+    if params["optimizer"] == "Adam":
+        return torch.optim.Adam(parameters, lr=params["lr"])
+    if params["optimizer"] == "SGD":
+        return torch.optim.SGD(parameters, lr=params["lr"], momentum=params["momentum"])
+    return torch.optim.RMSprop(parameters, lr=params["lr"])
+
+
+def parameter_counts(params, model):
+    num_params, num_weights = count_parameters(model)
+    return {"method": params["method"], "setting": params["setting"], "num_params": num_params,
+            "num_weights": num_weights, "params_x": round(num_params / LENET_PARAMS, 4),
+            "weights_x": round(num_weights / LENET_WEIGHTS, 4)}
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise config.ParamError(f"--device: unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise config.ParamError(f"--device: {name} requested but CUDA is not available here; allowed: auto, cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise config.ParamError(f"--device: unsupported device {name!r}; allowed: auto, cpu, cuda, cuda:N")
+    return device
+
+
+def describe_device(device):
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def git_commit():
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def prepare_output_dir(out, resume):
+    """Fails at start, not after hours of training, when the output dir is unusable or already in use."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_text("ok", out / ".write_probe")
+        (out / ".write_probe").unlink()
+    except OSError as err:
+        raise RunError(f"output dir {out} is not writable: {err.strerror or err}; choose another with --out") from None
+    if (out / "checkpoint.pt").exists() and not resume:
+        raise config.ParamError(f"--out: {out} already holds a run (checkpoint.pt); pass --resume to continue it, "
+                                f"or choose another --out")
+
+
+def resume(path, params, args, epochs, model, weighting, optimizer):
+    try:
+        saved = checkpoint.load(path)
+    except Exception as err:
+        raise RunError(f"cannot load checkpoint {path}: {err}; move it away to start the run again") from None
+    changed = sorted(key for key in set(params) | set(saved["params"]) if params.get(key) != saved["params"].get(key))
+    if saved["seed"] != args.seed:
+        changed.append(f"--seed ({saved['seed']} -> {args.seed})")
+    if saved["epochs"] != epochs:
+        changed.append(f"--epochs ({saved['epochs']} -> {epochs}, which changes the lr schedule)")
+    if changed and not args.force:
+        raise config.ParamError(f"--resume: {path} was made with other settings ({', '.join(changed)}); "
+                                f"pass --force to resume anyway, or choose another --out")
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    if weighting is not None:
+        weighting.load_state_dict(saved["weighting"])
+    tqdm.write(f"resumed from {path} at epoch {saved['epoch']}")
+    return {key: saved[key] for key in ("epoch", "history", "best", "wall_time_s")}
+
+
+def write(writer, obj, path):
+    try:
+        writer(obj, path)
+    except OSError as err:
+        raise RunError(f"cannot write {path}: {err.strerror or err}; the previous version of that file is intact") \
+            from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Loss-weighting strategies for multi-branch models (Table 2 baselines), independent of the architecture.
+
+A model used with them provides ``trunk(x) -> z``, ``heads(z) -> logits [B, T, C]``, ``forward = heads o trunk``
+and ``last_shared_layer`` (GradNorm's W); uniform and kendall only call ``forward``.
+"""
+import inspect
+
+from .base import Weighting
+from .gradnorm import GradNorm
+from .kendall import Kendall
+from .mgda import MGDA
+from .sum import Sum
+from .uniform import Uniform
+
+WEIGHTINGS = {"uniform": Uniform, "sum": Sum, "gradnorm": GradNorm, "kendall": Kendall, "mgda": MGDA}
+
+
+def build_weighting(name, num_tasks, options=None):
+    """``WEIGHTINGS[name](num_tasks, **options)``; ValueError for an unknown name or option key."""
+    if name not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {name!r}; valid: {', '.join(WEIGHTINGS)}")
+    cls, options = WEIGHTINGS[name], dict(options or {})
+    valid = [p for p in inspect.signature(cls).parameters if p != "num_tasks"]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for weighting {name!r}; valid: {', '.join(valid) or 'none'}")
+    return cls(num_tasks, **options)
+
+
+__all__ = ["WEIGHTINGS", "Weighting", "build_weighting", "GradNorm", "Kendall", "MGDA", "Sum", "Uniform"]
