@@ -29,6 +29,7 @@ from models import LENET_PARAMS, LENET_WEIGHTS, build_model, count_parameters
 from weighting import build_weighting
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 REPO = Path(__file__).resolve().parent
 
 
@@ -100,7 +101,9 @@ def run(args):
     prepare_output_dir(out, args.resume)
 
     torch.manual_seed(args.seed)
-    model = build_model(params["model"], num_tasks, **params["model_options"]).to(device)
+    model = build_model(params["model"], num_tasks, **params["model_options"])
+    model = model.to(device, memory_format=MEMORY_FORMATS[params["memory_format"]])
+    eval_rows = params["eval_batch_size"] or (512 if device.type == "cpu" else 32768)
     weighting = None
     if params["weighting"] is not None:
         weighting = build_weighting(params["weighting"], num_tasks, params["weighting_options"]).to(device)
@@ -124,7 +127,8 @@ def run(args):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(params, epoch, epochs)
         train_loss = train_epoch(model, weighting, optimizer, data["train"], params, args.seed, epoch, out, state)
-        val, test = (evaluate(model, *data[split], num_tasks, params["eval_batch_size"]) for split in ("val", "test"))
+        val, test = (evaluate(model, *data[split], num_tasks, eval_rows, MEMORY_FORMATS[params["memory_format"]])
+                     for split in ("val", "test"))
         state["wall_time_s"] += time.perf_counter() - start
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
                   "val_acc_mean": float(val.nanmean()), "test_acc_mean": float(test.nanmean()),
@@ -164,9 +168,10 @@ def load_data(params, subset, root):
     return data
 
 
-def normalize(images):
+def normalize(images, memory_format=torch.contiguous_format):
     """uint8 [B, H, W] on the device -> float [B, 1, H, W], MNIST mean/std (as ToTensor + Normalize)."""
-    return images.unsqueeze(1).float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
+    x = images.unsqueeze(1).float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
+    return x.contiguous(memory_format=memory_format)
 
 
 def epoch_generator(seed, epoch):
@@ -184,6 +189,7 @@ def draw_tasks(valid, generator):
 def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, state):
     images, labels = train
     device, n, batch_size = images.device, len(images), params["batch_size"]
+    memory_format = MEMORY_FORMATS[params["memory_format"]]
     generator = epoch_generator(seed, epoch)
     order = torch.randperm(n, generator=generator)
     tasks = draw_tasks((labels >= 0).cpu(), generator).to(device) if weighting is None else None
@@ -194,7 +200,7 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
     steps = range(0, n, batch_size)
     for step, begin in enumerate(tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, unit="batch")):
         index = order[begin:begin + batch_size]
-        x = normalize(images[index])
+        x = normalize(images[index], memory_format)
         optimizer.zero_grad(set_to_none=True)
         if weighting is None:
             t = tasks[index]
@@ -226,23 +232,27 @@ def report_nonfinite(step, epoch, params, order, tasks, batch_size, out, state, 
                    f"stopped without saving this epoch; {kept}")
 
 
-@torch.no_grad()
-def evaluate(model, images, labels, num_tasks, chunk):
-    """Accuracy per task [T] (percent): every task on every image, all tasks in one forward pass per chunk
-    (single-branch models see each image T times, once per task)."""
+@torch.inference_mode()
+def evaluate(model, images, labels, num_tasks, rows, memory_format):
+    """Accuracy per task [T] (percent): every task applied to every image (paper §3), all tasks of a chunk of
+    images in one pass (``rows`` image-task pairs per pass; single-branch models see each image T times)."""
     model.eval()
     accuracy = TaskAccuracy(num_tasks, images.device)
-    all_tasks = torch.arange(num_tasks, device=images.device)
-    for begin in range(0, len(images), chunk):
-        x, y = normalize(images[begin:begin + chunk]), labels[begin:begin + chunk]
-        if model.paradigm == "single_branch":
-            b = len(x)
-            logits = model(x.repeat(num_tasks, 1, 1, 1), all_tasks.repeat_interleave(b))
-            predictions = logits.argmax(dim=1).view(num_tasks, b)
-        else:
-            predictions = model(x).argmax(dim=2).t()
-        accuracy.update(predictions, y.t())
+    per_pass = max(1, rows // num_tasks)
+    for begin in range(0, len(images), per_pass):
+        x, y = normalize(images[begin:begin + per_pass], memory_format), labels[begin:begin + per_pass]
+        accuracy.update(all_task_logits(model, x, num_tasks).argmax(dim=2), y.t())
     return accuracy.per_task()
+
+
+def all_task_logits(model, x, num_tasks):
+    """Logits of every task on every image, [T, B, 10]."""
+    if model.paradigm == "multi_branch":
+        return model(x).transpose(0, 1)
+    if hasattr(model, "forward_all_tasks"):
+        return model.forward_all_tasks(x)
+    tasks = torch.arange(num_tasks, device=x.device).repeat_interleave(len(x))
+    return model(x.repeat(num_tasks, 1, 1, 1), tasks).view(num_tasks, len(x), -1)
 
 
 def learning_rate(params, epoch, epochs):

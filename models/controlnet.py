@@ -11,10 +11,12 @@ Three streams: BU1 and BU2 are one LeNet (shared weights); TD mirrors it top-dow
           and lateral_mul[2](td8) at conv2 (both before ReLU)                           (bu2 logits)
 
 BU1->TD laterals are additive 1x1 convs (Fig. 2b), TD->BU2 laterals multiplicative 1x1 convs (Fig. 2c).
-TD has no nonlinearity and uses nearest-neighbour upsampling, as the released code.
+TD has no nonlinearity and uses nearest-neighbour upsampling, as the released code. TD is therefore affine in
+(task embedding, BU1 taps), which ``forward_all_tasks`` uses to evaluate every task without T passes of TD.
 """
 from collections import namedtuple
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -50,9 +52,9 @@ class ControlNet(nn.Module):
         one_hot = F.one_hot(tasks, self.num_tasks).to(self.emb.weight.dtype)
         return self.emb(one_hot).view(-1, self.t2, 4, 4)
 
-    def td(self, tasks, bu1_taps):
+    def td(self, embedding, bu1_taps):
         """Returns the TD tensors that feed BU2: the bottom map [B,1,28,28], td24 and td8."""
-        td4 = self.task_embedding(tasks) + self.lateral_add[2](bu1_taps["pool2"])
+        td4 = embedding + self.lateral_add[2](bu1_taps["pool2"])
         td8 = F.interpolate(td4, scale_factor=2, mode="nearest") + self.lateral_add[1](bu1_taps["conv2"])
         td24 = F.interpolate(self.td_conv2(td8), scale_factor=2, mode="nearest") + self.lateral_add[0](bu1_taps["conv1"])
         return self.td_conv1(td24), td24, td8
@@ -64,8 +66,25 @@ class ControlNet(nn.Module):
 
     def streams(self, images, tasks):
         bu1_logits, taps = self.bu1(images)
-        td_map, td24, td8 = self.td(tasks, taps)
+        td_map, td24, td8 = self.td(self.task_embedding(tasks), taps)
         return ControlNetOutput(self.bu2(images, td_map, td24, td8), bu1_logits, td_map)
 
     def forward(self, images, tasks):
         return self.streams(images, tasks).bu2_logits
+
+    def forward_all_tasks(self, images):
+        """BU2 logits of every task on every image, [T, B, 10]; the same function as ``forward`` per task.
+
+        TD is affine, TD(e, s) = L(e) + M(s) + c, so TD(e_t, s(x)) = [TD(e_t, 0) - TD(0, 0)] + TD(0, s(x)):
+        the task term is computed once per task, the image term once per image, and only BU2 runs T times.
+        """
+        batch, tasks = len(images), self.num_tasks
+        _, taps = self.bu.trunk(images)
+        image_term = self.td(torch.zeros_like(taps["pool2"][:, :self.t2]), taps)
+        no_taps = {name: torch.zeros_like(tap[:1]) for name, tap in taps.items()}
+        embeddings = self.task_embedding(torch.arange(tasks, device=images.device))
+        task_term = [with_task - constant for with_task, constant in
+                     zip(self.td(embeddings, no_taps), self.td(torch.zeros_like(embeddings[:1]), no_taps))]
+        td_map, td24, td8 = ((i.unsqueeze(0) + t.unsqueeze(1)).flatten(0, 1) for i, t in zip(image_term, task_term))
+        logits = self.bu2(images.repeat(tasks, 1, 1, 1), td_map, td24, td8)
+        return logits.view(tasks, batch, -1)

@@ -18,7 +18,7 @@ RESULT_KEYS = {"command", "git_commit", "device", "seed", "epochs", "method", "s
 
 def param_file(tmp_path, **overrides):
     params = {"exp_id": "test", "method": "controlnet", "setting": "2digits", "lr": 0.003, "batch_size": 128,
-              "eval_batch_size": 500, "lr_schedule": "none"}
+              "lr_schedule": "none"}
     params.update(overrides)
     path = tmp_path / f"{params['exp_id']}.json"
     path.write_text(json.dumps(params))
