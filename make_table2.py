@@ -1,0 +1,237 @@
+"""Aggregate the Table 2 runs (every results.json under --runs_dir) into mean ± std over seeds, beside the paper.
+
+    python make_table2.py --runs_dir runs/table2 --out_dir results
+
+Writes <out_dir>/table2.json and <out_dir>/table2.md. Accuracy is the test accuracy at the best-validation
+epoch, averaged over tasks (percent); std is the sample std over seeds (ddof=1, none for n=1). Runs are grouped
+by (method, setting) and by protocol (epochs, subset). The table shows one protocol, the same in every cell:
+--epochs/--subset if given, else the protocol with the most runs; runs under other protocols are never mixed
+in, they are listed below the table.
+"""
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table2_multi_mnist"]
+METHODS = tuple(PAPER["rows"])  # the paper's row order
+# our setting -> the paper's column (paper_tables.json order), and its title in the Markdown table
+SETTINGS = {"2digits": "2_digits", "4digits": "4_digits", "9digits": "9_digits_by_loc",
+            "9digits_byref": "9_digits_by_ref"}
+TITLES = {"2digits": "2 digits", "4digits": "4 digits", "9digits": "9 digits by loc",
+          "9digits_byref": "9 digits by ref"}
+MARK = "†"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs_dir", default="runs/table2", help="searched recursively for results.json")
+    parser.add_argument("--out_dir", default="results", help="where table2.json and table2.md go")
+    parser.add_argument("--epochs", type=int,
+                        help="show the runs of this many epochs (default: the protocol with the most runs)")
+    parser.add_argument("--subset", type=int, help="with --epochs: the runs with this --subset (default: full data)")
+    args = parser.parse_args(argv)
+    if args.subset is not None and args.epochs is None:
+        parser.error("--subset needs --epochs (together they pick the protocol)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not Path(args.runs_dir).is_dir():
+        print(f"error: --runs_dir {args.runs_dir} is not a directory", file=sys.stderr)
+        return 2
+    protocol = None if args.epochs is None else (args.epochs, args.subset)
+    table = aggregate(args.runs_dir, protocol)
+    for path in write_tables(table, args.out_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+def load_runs(runs_dir):
+    runs, unreadable = [], []
+    for path in sorted(Path(runs_dir).rglob("results.json")):
+        try:
+            runs.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError):
+            unreadable.append(str(path))
+    return runs, unreadable
+
+
+def mean_std(values):
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def aggregate(runs_dir, protocol=None):
+    """All results.json under runs_dir -> the table as a dict (see table2.json). protocol: (epochs, subset)
+    to show, subset None = full data; default: the protocol with the most runs (ties: more epochs, full data)."""
+    found, unreadable = load_runs(runs_dir)
+    runs = [run for run in found if run.get("method") in METHODS and run.get("setting") in SETTINGS]
+    counts = Counter((run["epochs"], run["subset"]) for run in runs)
+    if protocol is None and counts:
+        protocol = max(counts, key=lambda p: (counts[p], p[0], p[1] is None, p[1] or 0))
+    shown = [run for run in runs if (run["epochs"], run["subset"]) == protocol]
+
+    groups = defaultdict(list)
+    for run in shown:
+        groups[run["method"], run["setting"]].append(run)
+    others = defaultdict(lambda: defaultdict(list))  # (method, setting) -> (epochs, subset) -> accuracies
+    for run in runs:
+        if (run["epochs"], run["subset"]) != protocol:
+            others[run["method"], run["setting"]][run["epochs"], run["subset"]].append(run["test_acc_mean"])
+
+    rows, notes = {}, []
+    for method in METHODS:
+        rows[method] = {}
+        for index, setting in enumerate(SETTINGS):
+            cell = make_cell(groups[method, setting], PAPER["rows"][method]["acc"][index],
+                             PAPER["rows"][method]["params_x"][index])
+            cell["other_protocols"] = [{"epochs": e, "subset": s, "n": len(accs), "acc_mean": statistics.fmean(accs)}
+                                       for (e, s), accs in sorted(others[method, setting].items(), key=str)]
+            duplicated = sorted(seed for seed, n in Counter(cell["seeds"]).items() if n > 1)
+            if duplicated:
+                notes.append(f"{setting}/{method}: seed(s) {duplicated} found in more than one run dir; all counted")
+            rows[method][setting] = cell
+    notes += [f"unreadable, skipped: {path}" for path in unreadable]
+    if len(found) > len(runs):
+        notes.append(f"{len(found) - len(runs)} results.json of another method or setting than Table 2's, skipped")
+
+    sweep = Path(runs_dir) / "sweep.json"
+    invocations = json.loads(sweep.read_text())["invocations"] if sweep.exists() else []
+    if invocations:
+        wall = {"seconds": sum(i["wall_s"] for i in invocations),
+                "source": f"sweep.json ({len(invocations)} invocation(s) of reproduce_table2.py into {runs_dir})"}
+    else:
+        wall = {"seconds": sum(run["wall_time_s"] for run in shown),
+                "source": "sum of the shown runs' wall_time_s (training + evaluation only; no sweep.json)"}
+    optim = Counter(f"{r['params']['optimizer']}, lr {r['params']['lr']}, batch {r['params']['batch_size']}, "
+                    f"lr schedule {r['params']['lr_schedule']}" for r in shown)
+    return {
+        "runs_dir": str(runs_dir),
+        "protocol": None if protocol is None else {"epochs": protocol[0], "subset": protocol[1]},
+        "protocols_found": [{"epochs": e, "subset": s, "runs": n} for (e, s), n in sorted(counts.items(), key=str)],
+        "num_runs": len(shown),
+        "seeds": sorted({run["seed"] for run in shown}),
+        "optimisation": dict(optim),
+        "devices": dict(Counter(run["device"] for run in shown)),
+        "git_commits": dict(Counter(run["git_commit"] for run in shown)),
+        "wall_time": wall,
+        "sweep_commands": list(dict.fromkeys(i["command"] for i in invocations)),
+        "settings": {setting: SETTINGS[setting] for setting in SETTINGS},
+        "methods": list(METHODS),
+        "rows": rows,
+        "notes": notes,
+    }
+
+
+def make_cell(runs, paper_acc, paper_params_x):
+    cell = {"n": len(runs), "seeds": sorted(run["seed"] for run in runs), "acc_mean": None, "acc_std": None,
+            "acc_last_mean": None, "params_x": None, "weights_x": None, "paper_acc": paper_acc,
+            "paper_params_x": paper_params_x, "diff": None, "outside_2std": None, "note": None}
+    if not runs:
+        return cell
+    cell["acc_mean"], cell["acc_std"] = mean_std([run["test_acc_mean"] for run in runs])
+    cell["acc_last_mean"] = statistics.fmean(run["test_acc_mean_last"] for run in runs)
+    cell["params_x"] = statistics.fmean(run["params_x"] for run in runs)
+    cell["weights_x"] = statistics.fmean(run["weights_x"] for run in runs)
+    cell["diff"] = cell["acc_mean"] - paper_acc
+    if cell["acc_std"] is None:
+        cell["note"] = "n=1, no std"
+    else:
+        cell["outside_2std"] = abs(cell["diff"]) > 2 * cell["acc_std"]
+    return cell
+
+
+def format_acc(cell, usual_n):
+    if cell["n"] == 0:
+        return "–"
+    std = "(n=1, no std)" if cell["acc_std"] is None else f"± {cell['acc_std']:.2f}"
+    text = f"{cell['acc_mean']:.2f} {std} ({cell['paper_acc']:.2f}, {cell['diff']:+.2f})"
+    if cell["outside_2std"]:
+        text += f" {MARK}"
+    if cell["n"] not in (1, usual_n):
+        text += f" [n={cell['n']}]"
+    return text
+
+
+def format_params(cell):
+    ours = "–" if cell["params_x"] is None else f"{cell['params_x']:.3f}"
+    return f"{ours} ({cell['paper_params_x']:g})"
+
+
+def counted(counts):
+    return "; ".join(f"{key} ({n} runs)" for key, n in counts.items()) or "–"
+
+
+def render_markdown(table, command):
+    protocol = table["protocol"]
+    cells = [cell for row in table["rows"].values() for cell in row.values()]
+    usual_n = max(cell["n"] for cell in cells)  # cells with fewer runs are marked [n=k]
+    seeds = ", ".join(map(str, table["seeds"])) or "none"
+    if protocol is None:
+        shown = "no runs found"
+    else:
+        data = "full data" if protocol["subset"] is None else f"subset {protocol['subset']} training images (smoke run)"
+        shown = f"{protocol['epochs']} epochs, {data}, seeds {seeds} ({usual_n} per cell unless marked [n=k])"
+    seconds = table["wall_time"]["seconds"]
+    lines = [
+        "# Table 2: Multi-MNIST, ours vs the paper",
+        "",
+        f"- Protocol: {shown}.",
+        f"- Optimisation (from the runs' param files): {counted(table['optimisation'])}.",
+        f"- Device(s): {counted(table['devices'])}.",
+        f"- Total wall time: {seconds / 3600:.2f} h ({seconds:.0f} s), from {table['wall_time']['source']}.",
+        f"- Git commit(s) of the runs: {counted({f'`{k}`': n for k, n in table['git_commits'].items()})}.",
+        "- Sweep command(s): " + ("; ".join(f"`{c}`" for c in table["sweep_commands"]) or "–") + ".",
+        f"- Generated by: `{command}`.",
+        "",
+        "Acc: test accuracy (%) at the best-validation epoch, mean over tasks, then mean ± sample std over seeds; "
+        "in brackets the paper's value and Δ = ours − paper. "
+        f"{MARK}: the paper's value lies outside ours ± 2 std (only for n ≥ 2). "
+        "#P: parameters as a multiple of one LeNet (24,390 weights and biases), ours (paper).",
+        "",
+    ]
+    header = ["Method"] + [f"{TITLES[s]} {col}" for s in SETTINGS for col in ("#P", "Acc")]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, row in table["rows"].items():
+        values = [method] + [text for s in SETTINGS for text in (format_params(row[s]), format_acc(row[s], usual_n))]
+        lines.append("| " + " | ".join(values) + " |")
+
+    lines += ["", "Test accuracy (%) at the last epoch, mean over seeds:", "",
+              "| Method | " + " | ".join(TITLES[s] for s in SETTINGS) + " |", "|" + "---|" * (len(SETTINGS) + 1)]
+    for method, row in table["rows"].items():
+        values = ["–" if row[s]["n"] == 0 else f"{row[s]['acc_last_mean']:.2f}" for s in SETTINGS]
+        lines.append(f"| {method} | " + " | ".join(values) + " |")
+
+    other = [f"- {s}/{m}: epochs {o['epochs']}, " + ("full data" if o["subset"] is None else f"subset {o['subset']}")
+             + f", n={o['n']}, acc {o['acc_mean']:.2f}"
+             for m, row in table["rows"].items() for s, cell in row.items() for o in cell["other_protocols"]]
+    if other:
+        lines += ["", "Runs under other protocols, kept apart (not in the table above):", ""] + other
+    if table["notes"]:
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in table["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(table, out_dir):
+    """Writes table2.json and table2.md into out_dir; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "make_table2.py", "--runs_dir", table["runs_dir"], "--out_dir", str(out_dir)])
+    if table["protocol"] is not None:
+        command += f" --epochs {table['protocol']['epochs']}"
+        if table["protocol"]["subset"] is not None:
+            command += f" --subset {table['protocol']['subset']}"
+    table = {**table, "command": command}
+    paths = out_dir / "table2.json", out_dir / "table2.md"
+    paths[0].write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n")
+    paths[1].write_text(render_markdown(table, command))
+    return paths
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Reproduce Table 2 (Multi-MNIST): train every method x setting x seed, resumably, then build the table.
+
+    python reproduce_table2.py                      # the paper's protocol: 9 methods x 4 settings x 5 seeds, 100 epochs
+    python reproduce_table2.py --methods controlnet,ch_mod --settings 9digits --seeds 3 --workers 4 --device cuda
+    python reproduce_table2.py --dry_run            # what would run, what is done
+
+Each cell trains params/mmnist_<setting>_<method>.json with train_multi_task_counter_stream.py into
+<runs_dir>/<setting>/<method>/seed<k>. A cell whose results.json has the same epochs and subset is done and
+never redone; a cell with a checkpoint but no results is resumed; the others start fresh. Interrupt and rerun
+the same command to continue. A failing cell is reported (stderr tail in its stderr.txt) and the sweep goes on;
+the exit code is 1 if any cell failed (or holds a run of another protocol). Every invocation is logged in <runs_dir>/sweep.json; then
+make_table2.py writes <out_dir>/table2.{json,md}.
+"""
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm import tqdm
+
+import make_table2
+
+REPO = Path(__file__).resolve().parent
+SCRIPT = REPO / "train_multi_task_counter_stream.py"
+METHODS = make_table2.METHODS
+SETTINGS = tuple(make_table2.SETTINGS)
+GPU_WORKERS = 4  # default concurrent runs on one GPU (LeNet-sized models leave it mostly idle one at a time)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
+def comma_list(valid, what):
+    def parse(text):
+        names = [name for name in text.split(",") if name]
+        unknown = [name for name in names if name not in valid]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, unknown)) or '(empty)'}; "
+                                             f"valid choices: {','.join(valid)}")
+        return list(dict.fromkeys(names))
+    return parse
+
+
+def seed_list(text):
+    """'5' -> seeds 0..4; '0,2,7' (or '3,' for seed 3 alone) -> those seeds."""
+    try:
+        seeds = [int(item) for item in text.split(",") if item.strip()] if "," in text else list(range(int(text)))
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 (5 = seeds 0..4) or a comma list of seeds >= 0 "
+                                         f"(0,2,7), got {text!r}")
+    return list(dict.fromkeys(seeds))
+
+
+def positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def parse_args(argv):
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=positive_int, default=100, help="epochs per run (default 100, the paper's)")
+    parser.add_argument("--seeds", type=seed_list, default=list(range(5)),
+                        help="a count (default 5: seeds 0..4) or a comma list of seeds")
+    parser.add_argument("--methods", type=comma_list(METHODS, "method"), default=list(METHODS),
+                        help=f"comma list (default all): {','.join(METHODS)}")
+    parser.add_argument("--settings", type=comma_list(SETTINGS, "setting"), default=list(SETTINGS),
+                        help=f"comma list (default all): {','.join(SETTINGS)}")
+    parser.add_argument("--subset", type=positive_int, help="train on N images (N/5 val/test): smoke sweeps only")
+    parser.add_argument("--workers", type=positive_int,
+                        help=f"training processes at once: on CPU (default 1) each gets cores // N threads; "
+                             f"on a GPU (default {GPU_WORKERS}) they share it")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--runs_dir", default="runs/table2", help="cells go to <runs_dir>/<setting>/<method>/seed<k>")
+    parser.add_argument("--out_dir", default="results", help="where make_table2.py writes table2.{json,md}")
+    parser.add_argument("--no_table", action="store_true", help="only train, do not build the table")
+    parser.add_argument("--dry_run", action="store_true", help="list the cells and their state, train nothing")
+    args = parser.parse_args(argv)
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        parser.error(f"argument --device: unknown device {args.device!r}; valid choices: auto, cpu, cuda, cuda:N")
+    return args
+
+
+def device_type(name):
+    """'cuda' or 'cpu', as the training script resolves --device (torch is imported only here: fast --dry_run)."""
+    import torch
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        return None
+    return "cuda" if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def cell_state(out, epochs, subset):
+    """('done' | 'resume' | 'start' | 'conflict', why the dir cannot take this run or None)."""
+    if (out / "results.json").exists():
+        try:
+            done = json.loads((out / "results.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            return "conflict", f"unreadable results.json ({err}); move the dir away to rerun it"
+        if (done.get("epochs"), done.get("subset")) == (epochs, subset):
+            return "done", None
+        return "conflict", (f"holds a finished run with epochs {done.get('epochs')}, subset {done.get('subset')}; "
+                            f"use another --runs_dir")
+    return ("resume" if (out / "checkpoint.pt").exists() else "start"), None
+
+
+def run_cell(cell, args, env):
+    """Trains one cell in a subprocess; returns (cell, return code, stderr)."""
+    param_file = REPO / "params" / f"mmnist_{cell['setting']}_{cell['method']}.json"
+    command = [sys.executable, str(SCRIPT), "--param_file", str(param_file), "--epochs", str(args.epochs),
+               "--seed", str(cell["seed"]), "--out", str(cell["out"]), "--device", args.device]
+    if args.subset:
+        command += ["--subset", str(args.subset)]
+    if cell["state"] == "resume":
+        command.append("--resume")
+    proc = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return cell, proc.returncode, proc.stderr
+
+
+def report_failure(cell, returncode, stderr):
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()][-40:]
+    (cell["out"] / "stderr.txt").write_text("\n".join(lines) + "\n")
+    errors = [line for line in lines if line.startswith("error:")] or lines or ["(no stderr)"]
+    return f"FAILED {cell['name']} (exit {returncode}): {errors[-1]}  [stderr tail: {cell['out'] / 'stderr.txt'}]"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    command = shlex.join(["python", Path(__file__).name] + list(sys.argv[1:] if argv is None else argv))
+    runs_dir = Path(args.runs_dir).resolve()
+    cells = []
+    for setting in args.settings:
+        for method in args.methods:
+            for seed in args.seeds:
+                out = runs_dir / setting / method / f"seed{seed}"
+                state, why = cell_state(out, args.epochs, args.subset)
+                cells.append({"setting": setting, "method": method, "seed": seed, "out": out,
+                              "name": f"{setting}/{method}/seed{seed}", "state": state, "why": why})
+    todo = [cell for cell in cells if cell["state"] in ("start", "resume")]
+    conflicts = [cell for cell in cells if cell["state"] == "conflict"]
+    num_done = len(cells) - len(todo) - len(conflicts)
+    protocol = f"{args.epochs} epochs" + (f", subset {args.subset}" if args.subset else "")
+    num_resume = sum(cell["state"] == "resume" for cell in todo)
+    summary = (f"{len(cells)} cell(s) ({protocol}): {num_done} done, {num_resume} to resume, "
+               f"{len(todo) - num_resume} to start" + (f", {len(conflicts)} in conflict" if conflicts else ""))
+    if args.dry_run:
+        for cell in cells:
+            print(f"{cell['state']:<8} {cell['name']}" + (f"  ({cell['why']})" if cell["why"] else ""))
+        print(summary)
+        return 0
+    for cell in conflicts:
+        print(f"skipped {cell['name']}: {cell['why']}", file=sys.stderr)
+
+    device = device_type(args.device)
+    if device is None:
+        print(f"error: --device {args.device}: CUDA is not available here; use auto or cpu", file=sys.stderr)
+        return 2
+    workers = args.workers or (GPU_WORKERS if device == "cuda" else 1)
+    env = dict(os.environ)
+    if device == "cpu" and workers > 1:  # share the cores; torch sizes its thread pool from OMP_NUM_THREADS
+        threads = str(max(1, (os.cpu_count() or 1) // workers))
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    print(f"{summary}; running {len(todo)} on {device} with {workers} worker(s)", flush=True)
+
+    start, wall_start = datetime.now(timezone.utc), time.perf_counter()
+    finished, failed = 0, []
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        with tqdm(total=len(cells), initial=num_done, unit="cell", desc="table 2 sweep") as bar:
+            futures = [pool.submit(run_cell, cell, args, env) for cell in todo]
+            for future in as_completed(futures):
+                cell, returncode, stderr = future.result()
+                finished += 1
+                if returncode == 0:
+                    (cell["out"] / "stderr.txt").unlink(missing_ok=True)
+                else:
+                    failed.append(cell)
+                    tqdm.write(report_failure(cell, returncode, stderr), file=sys.stderr)
+                    bar.set_postfix(failed=len(failed))
+                bar.update()
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to continue (finished cells are kept, the others resume)",
+              file=sys.stderr)
+        return 130
+    finally:
+        pool.shutdown(cancel_futures=True)  # on Ctrl-C, start no further cell
+        log_invocation(runs_dir, {"start": start.isoformat(timespec="seconds"),
+                                  "end": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                  "wall_s": round(time.perf_counter() - wall_start, 2), "cells_run": finished,
+                                  "cells_failed": len(failed), "workers": workers, "device": device,
+                                  "command": command})
+    print(f"sweep: {len(todo) - len(failed)} of {len(todo)} cells trained, {len(failed) + len(conflicts)} failed or "
+          f"skipped, {num_done} were already done")
+    if not args.no_table:
+        table = make_table2.aggregate(args.runs_dir, (args.epochs, args.subset))
+        for path in make_table2.write_tables(table, args.out_dir):
+            print(f"wrote {path}")
+    return 1 if failed or conflicts else 0
+
+
+def log_invocation(runs_dir, entry):
+    """Appends one invocation to <runs_dir>/sweep.json, whose total_wall_s sums all of them."""
+    path = runs_dir / "sweep.json"
+    log = json.loads(path.read_text()) if path.exists() else {"invocations": []}
+    log["invocations"].append(entry)
+    log["total_wall_s"] = round(sum(item["wall_s"] for item in log["invocations"]), 2)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json.tmp").write_text(json.dumps(log, indent=2) + "\n")
+    os.replace(path.with_suffix(".json.tmp"), path)  # atomic: a kill never leaves half a log
+
+
+if __name__ == "__main__":
+    sys.exit(main())
