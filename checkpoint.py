@@ -1,6 +1,8 @@
 """Atomic writes and safe loads: a kill or a full disk at any moment leaves the previous file intact."""
+import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -8,10 +10,14 @@ import torch
 
 
 def atomic_write_bytes(path, write):
-    """Calls ``write(file)`` on a temporary file next to ``path``, then flush, fsync and rename."""
+    """Calls ``write(file)`` on a temporary file next to ``path``, then flush, fsync and rename. The file
+    gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -24,7 +30,11 @@ def atomic_write_bytes(path, write):
 
 
 def save(obj, path):
-    atomic_write_bytes(path, lambda handle: torch.save(obj, handle))
+    """Serialises in memory first: torch's zip writer turns a failing file write (a full disk) into an
+    opaque RuntimeError, whereas a plain write raises the OSError that says what went wrong."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, lambda handle: handle.write(buffer.getbuffer()))
 
 
 def write_text(text, path):
@@ -35,6 +45,21 @@ def write_json(obj, path):
     write_text(json.dumps(obj, indent=2) + "\n", path)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded (refused, corrupt, truncated): one line saying why."""
+
+
 def load(path, map_location="cpu"):
     """Loads with ``weights_only=True``: a checkpoint from an untrusted source cannot run code."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - torch reports a damaged file with many exception types
+        text = str(err).split("WeightsUnpickler error:")[-1]
+        call = re.search(r"GLOBAL ([\w.]+)", text)
+        if call:
+            raise CheckpointError(f"{path} was refused: loading it would call {call[1]}, not just read weights; "
+                                  f"only load checkpoints from a trusted source") from None
+        detail = next((line.strip() for line in text.splitlines() if line.strip()), "no details").split(". ")[0]
+        raise CheckpointError(f"{path} is corrupt or truncated ({type(err).__name__}: {detail[:200]})") from None

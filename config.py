@@ -64,7 +64,10 @@ def load_params(path):
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"{path}: param file not found")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ParamError(f"{path}: not UTF-8 text (byte {err.start}); save the param file as UTF-8 JSON") from None
     if not text.strip():
         raise ParamError(f"{path}: param file is empty; expected a JSON object with keys {', '.join(_required())}")
     try:
@@ -128,18 +131,25 @@ def _check_pairing(params, source):
 
 def _check_options(params, source):
     """Builds the model and the weighting once (cheap, no data) so that their own checks run now."""
-    valid = [name for name in inspect.signature(MODELS[params["model"]]).parameters if name != "num_tasks"]
+    signature = inspect.signature(MODELS[params["model"]]).parameters
+    valid = [name for name in signature if name != "num_tasks"]
     for name, value in params["model_options"].items():
         if name not in valid:
             raise ParamError(f"{source}: unknown key 'model_options.{name}' for model '{params['model']}'; "
                              f"allowed: {', '.join(valid) or 'none'}")
+        _check_option_type(f"model_options.{name}", value, signature[name].default, source)
+    if params["weighting"] is not None:
+        signature = inspect.signature(WEIGHTINGS[params["weighting"]]).parameters
+        for name, value in params["weighting_options"].items():
+            if name in signature:
+                _check_option_type(f"weighting_options.{name}", value, signature[name].default, source)
     if params["weighting"] is None and params["weighting_options"]:
         raise ParamError(f"{source}: key 'weighting_options' is set but method '{params['method']}' uses no "
                          f"loss weighting; allowed: {{}}")
     num_tasks = NUM_TASKS[params["setting"]]
     try:
         model = MODELS[params["model"]](num_tasks, **params["model_options"])
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RuntimeError) as err:
         raise ParamError(f"{source}: key 'model_options': {err}") from None
     if params["weighting"] in NEEDS_TRUNK and not hasattr(model, "trunk"):
         raise ParamError(f"{source}: key 'weighting': '{params['weighting']}' needs a shared trunk, which model "
@@ -149,6 +159,17 @@ def _check_options(params, source):
             build_weighting(params["weighting"], num_tasks, params["weighting_options"])
         except (TypeError, ValueError) as err:
             raise ParamError(f"{source}: key 'weighting_options': {err}") from None
+
+
+def _check_option_type(key, value, default, source):
+    """An option must have the type of its default (an int is accepted for a float); no default, no check."""
+    if default is inspect.Parameter.empty or default is None:
+        return
+    kind = type(default)
+    accepted = (int, float) if kind is float else kind
+    if not isinstance(value, accepted) or isinstance(value, bool) != (kind is bool):
+        raise ParamError(f"{source}: key '{key}' must be {kind.__name__}, got {json.dumps(value)}; "
+                         f"allowed: {kind.__name__} (default {json.dumps(default)})")
 
 
 def _required():

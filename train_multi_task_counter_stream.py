@@ -24,6 +24,7 @@ import checkpoint
 import config
 import losses
 from loaders import LOADERS, NUM_TASKS
+from loaders.mnist import MNISTUnavailable
 from metrics import TaskAccuracy
 from models import LENET_PARAMS, LENET_WEIGHTS, build_model, count_parameters
 from weighting import build_weighting
@@ -161,7 +162,13 @@ def run(args):
 
 
 def load_data(params, subset, root):
-    data = LOADERS[params["dataset"]](params["setting"], params, root)
+    try:
+        data = LOADERS[params["dataset"]](params["setting"], params, root)
+    except OSError as err:
+        raise RunError(f"cannot read or write the data cache: {err}; choose another data root with --data_root") \
+            from None
+    except MNISTUnavailable as err:
+        raise RunError(str(err)) from None
     if subset:
         sizes = {"train": subset, "val": max(subset // 5, 1), "test": max(subset // 5, 1)}
         data = {split: (images[:sizes[split]], labels[:sizes[split]]) for split, (images, labels) in data.items()}
@@ -197,6 +204,7 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
     model.train()
     loss_sum = torch.zeros((), device=device)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+    bad_losses = None
     steps = range(0, n, batch_size)
     for step, begin in enumerate(tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, unit="batch")):
         index = order[begin:begin + batch_size]
@@ -214,18 +222,22 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
             weighting.after_step()
         step_loss = task_losses.mean()
         loss_sum += step_loss
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)
+        newly_bad = (first_bad < 0) & ~torch.isfinite(step_loss)
+        first_bad = torch.where(newly_bad, step, first_bad)
+        bad_losses = task_losses if bad_losses is None else torch.where(newly_bad, task_losses, bad_losses)
     if int(first_bad) >= 0:
-        report_nonfinite(int(first_bad), epoch, params, order, tasks, batch_size, out, state, task_losses)
+        report_nonfinite(int(first_bad), epoch, params, order, tasks, batch_size, out, state, bad_losses)
     return float(loss_sum) / len(steps)
 
 
-def report_nonfinite(step, epoch, params, order, tasks, batch_size, out, state, task_losses):
+def report_nonfinite(step, epoch, params, order, tasks, batch_size, out, state, bad_losses):
     if tasks is not None:
         which = sorted(set(tasks[order[step * batch_size:(step + 1) * batch_size]].tolist()))
         where = f"tasks drawn in that batch {which}"
     else:
-        where = f"task losses at the last step {[round(v, 4) for v in task_losses.tolist()]}"
+        values = bad_losses.tolist()
+        where = f"non-finite loss of tasks {[t for t, v in enumerate(values) if not np.isfinite(v)]}, " \
+                f"task losses {[float(f'{v:.4g}') for v in values]}"
     kept = f"the last good checkpoint (epoch {state['epoch']}) is {out / 'checkpoint.pt'}" if state["epoch"] else \
         "no epoch finished, so no checkpoint was written"
     raise RunError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}, method '{params['method']}' ({where}); "
@@ -321,13 +333,24 @@ def prepare_output_dir(out, resume):
     if (out / "checkpoint.pt").exists() and not resume:
         raise config.ParamError(f"--out: {out} already holds a run (checkpoint.pt); pass --resume to continue it, "
                                 f"or choose another --out")
+    if resume:
+        for leftover in out.glob("*.tmp"):  # left by a write that a kill interrupted
+            leftover.unlink()
+
+
+CHECKPOINT_KEYS = {"model", "optimizer", "weighting", "params", "seed", "epochs", "epoch", "history", "best",
+                   "wall_time_s"}
 
 
 def resume(path, params, args, epochs, model, weighting, optimizer):
     try:
         saved = checkpoint.load(path)
-    except Exception as err:
-        raise RunError(f"cannot load checkpoint {path}: {err}; move it away to start the run again") from None
+    except (checkpoint.CheckpointError, OSError) as err:
+        raise RunError(f"cannot resume: {err}; move it away to start the run again") from None
+    missing = CHECKPOINT_KEYS - set(saved) if isinstance(saved, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise RunError(f"cannot resume: {path} is not a checkpoint of this script (it lacks "
+                       f"{', '.join(sorted(missing))}); move it away to start the run again")
     changed = sorted(key for key in set(params) | set(saved["params"]) if params.get(key) != saved["params"].get(key))
     if saved["seed"] != args.seed:
         changed.append(f"--seed ({saved['seed']} -> {args.seed})")
@@ -336,10 +359,17 @@ def resume(path, params, args, epochs, model, weighting, optimizer):
     if changed and not args.force:
         raise config.ParamError(f"--resume: {path} was made with other settings ({', '.join(changed)}); "
                                 f"pass --force to resume anyway, or choose another --out")
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    if weighting is not None:
-        weighting.load_state_dict(saved["weighting"])
+    try:
+        model.load_state_dict(saved["model"])
+        if params["optimizer"] == saved["params"].get("optimizer"):
+            optimizer.load_state_dict(saved["optimizer"])
+        else:  # another optimiser's state does not fit (Adam needs its step counts): start it afresh
+            tqdm.write(f"optimizer changed to {params['optimizer']}: its state starts afresh")
+        if weighting is not None:
+            weighting.load_state_dict(saved["weighting"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise RunError(f"cannot resume: {path} does not fit model '{params['model']}' / weighting "
+                       f"'{params['weighting']}' ({' '.join(str(err).split())[:200]}); choose another --out") from None
     tqdm.write(f"resumed from {path} at epoch {saved['epoch']}")
     return {key: saved[key] for key in ("epoch", "history", "best", "wall_time_s")}
 

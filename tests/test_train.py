@@ -91,3 +91,11 @@ def test_every_shipped_param_file_is_valid(name):
     import config
     params = config.load_params(REPO / "params" / name)
     assert params["exp_id"] == Path(name).stem
+
+
+def test_readme_documents_the_whole_schema_and_the_ci_command():
+    import config
+    readme = (REPO / "README.md").read_text()
+    assert config.schema_markdown() in readme
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "python -m pytest -q tests" in ci and "python -m pytest -q tests" in readme
