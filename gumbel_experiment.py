@@ -1,0 +1,271 @@
+"""The MNIST experiment of "Flexible Multi-task Networks by Learning Parameter Allocation" (Maziarz et al., arXiv
+1910.04915, Sec. 5.1; spec ``gumbel_matrix.md`` §1-2), the reference run of the Gumbel-Matrix baseline.
+
+    python gumbel_experiment.py --param_file params/gumbel_mnist/gumbel_matrix.json --out runs/gm
+
+Four tasks (MNIST, MNIST-2, MNIST-Rot, MNIST-Rot-2, ``loaders.rotated_mnist``) on the small routed conv net
+(``models.gumbel_matrix.GumbelMatrixMNISTNet``). Training as the original: every step shuffles the task order and
+makes one separate update per task on a batch of that task; two Adams (weights, allocation logits); the Gumbel
+temperature follows max(min, init / sqrt(update + 1)) over task-updates; optional budget penalty. After the last step
+the greedy allocation is evaluated on the train and test split of every task. Writes ``results.json`` and
+``allocation.json`` (final allocation + probability snapshots) to ``--out``. Param-file or CLI mistakes: one line,
+exit code 2.
+"""
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import checkpoint
+from loaders.rotated_mnist import TASKS, load_rotated_mnist
+from models.gumbel_matrix import (ALLOCATIONS, GumbelMatrixMNISTNet, allocation_matrix, budget_penalty,
+                                  router_parameters, set_temperature, temperature_schedule, weight_parameters)
+
+REPO = Path(__file__).resolve().parent
+EVAL_CHUNK = 2000
+LOG_POINTS = 10  # progress lines and allocation snapshots per run
+
+# key: (type, default (None = required), check(value) -> True if valid, allowed (for the message))
+SCHEMA = {
+    "exp_id": (str, None, lambda v: bool(v), "a non-empty name"),
+    "method": (str, None, lambda v: v in ALLOCATIONS, ", ".join(ALLOCATIONS)),
+    "num_components": (int, 4, lambda v: 1 <= v <= 64, "1 to 64 (no_sharing: 4, one per task)"),
+    "batch_size": (int, 16, lambda v: v >= 1, "an integer >= 1"),
+    "epochs": (int, 10, lambda v: v >= 1, "an integer >= 1 (passes over each task's training set)"),
+    "lr": (float, 0.005, lambda v: 0 < v <= 10, "0 < lr <= 10"),
+    "router_lr": (float, 0.005, lambda v: 0 < v <= 10, "0 < router_lr <= 10"),
+    "probs_init": (float, 0.5, lambda v: 0 < v < 1, "0 < probs_init < 1"),
+    "temperature_init": (float, 50.0, lambda v: v > 0, "a number > 0"),
+    "temperature_min": (float, 0.5, lambda v: v > 0, "a number > 0"),
+    "budget": (float, 1.0, lambda v: 0 <= v <= 1, "0 to 1 (fraction of the routed components)"),
+    "budget_penalty": (float, 0.0, lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "dropout": (float, 0.5, lambda v: 0 <= v < 1, "0 <= dropout < 1"),
+}
+
+
+class ParamError(ValueError):
+    """A mistake in the param file or on the command line: printed as one line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def parse_args(argv):
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--param_file", required=True, help="JSON param file, e.g. params/gumbel_mnist/*.json")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=positive_int, help="passes over each task's training set (default: param file)")
+    length.add_argument("--steps", type=positive_int, help="training steps (each = one update per task)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of init, dropout, Gumbel noise and data order")
+    parser.add_argument("--out", help="output dir (default runs/gumbel_mnist/<exp_id>/seed<k>)")
+    parser.add_argument("--subset", type=positive_int, help="use only N training images (seeded); test stays full")
+    parser.add_argument("--data_root", help="data directory (default $MTL_DATA_ROOT or ./data)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
+    return parser.parse_args(argv)
+
+
+def load_params(path):
+    """Reads and validates a param file; returns it completed with the defaults. Raises ParamError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(f"{path}: param file not found")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ParamError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    if not isinstance(raw, dict):
+        raise ParamError(f"{path}: expected a JSON object at the top level, got {type(raw).__name__}")
+    params = {}
+    for key, value in raw.items():
+        if key not in SCHEMA:
+            raise ParamError(f"{path}: unknown key '{key}'; valid keys: {', '.join(SCHEMA)}")
+        kind, _, check, allowed = SCHEMA[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool) or not check(value):
+            raise ParamError(f"{path}: key '{key}' has invalid value {json.dumps(value)}; allowed: {allowed}")
+        params[key] = value
+    for key, (_, default, _, allowed) in SCHEMA.items():
+        if key not in params:
+            if default is None:
+                raise ParamError(f"{path}: missing key '{key}'; allowed: {allowed}")
+            params[key] = default
+    if params["method"] == "no_sharing" and params["num_components"] != len(TASKS):
+        raise ParamError(f"{path}: key 'num_components' must be {len(TASKS)} (one per task) for method 'no_sharing'")
+    if params["method"] != "gumbel_matrix" and params["budget_penalty"] > 0:
+        raise ParamError(f"{path}: key 'budget_penalty' only acts on learned allocations; allowed with method "
+                         f"'{params['method']}': 0")
+    if params["temperature_min"] > params["temperature_init"]:
+        raise ParamError(f"{path}: key 'temperature_min' ({params['temperature_min']}) exceeds 'temperature_init' "
+                         f"({params['temperature_init']})")
+    return params
+
+
+def build_model(params, num_tasks):
+    return GumbelMatrixMNISTNet(num_tasks, params["method"], params["num_components"], params["probs_init"],
+                                dropout=params["dropout"])
+
+
+def to_input(images):
+    """uint8 [B, 28, 28] -> float [B, 1, 28, 28] in [0, 1] (the original divides by 255, no mean/std)."""
+    return images.unsqueeze(1).float().div_(255.0)
+
+
+def batches(n, batch_size, generator):
+    """Endless mini-batches of indices into one task's training set: a new shuffle every pass, the partial
+    last batch of a pass dropped."""
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for begin in range(0, n - batch_size + 1, batch_size):
+            yield order[begin:begin + batch_size]
+
+
+def train(model, tasks_data, params, steps, seed, log=print):
+    """Round-robin training (spec §1): per step a shuffled task order, one forward / backward / update of both Adams
+    per task. Returns the allocation-probability snapshots taken at ``LOG_POINTS`` steps."""
+    num_tasks = len(tasks_data)
+    order_rng = torch.Generator().manual_seed(seed)
+    streams = [batches(len(labels), params["batch_size"], torch.Generator().manual_seed(seed * 1000 + 1 + t))
+               for t, (_, labels) in enumerate(tasks_data)]
+    optimizers = [torch.optim.Adam(weight_parameters(model), lr=params["lr"])]
+    if router_parameters(model):
+        optimizers.append(torch.optim.Adam(router_parameters(model), lr=params["router_lr"]))
+    log_every = max(steps // LOG_POINTS, 1)
+    snapshots, loss_sum, update = [], 0.0, 0
+    model.train()
+    for step in range(steps):
+        for t in torch.randperm(num_tasks, generator=order_rng).tolist():
+            temperature = temperature_schedule(update, params["temperature_init"], params["temperature_min"])
+            set_temperature(model, temperature)
+            images, labels = tasks_data[t]
+            index = next(streams[t])
+            task = torch.full((len(index),), t, dtype=torch.int64)
+            loss = F.cross_entropy(model(to_input(images[index]), task), labels[index])
+            if params["budget_penalty"] > 0:
+                loss = loss + budget_penalty(model, params["budget"], params["budget_penalty"])[t]
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            for optimizer in optimizers:
+                optimizer.step()
+            loss_sum += loss.item()
+            update += 1
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            probabilities = allocation_matrix(model, greedy=False)
+            snapshots.append({"step": step + 1, "update": update, "temperature": temperature,
+                              "probabilities": probabilities.tolist()})
+            log(f"step {step + 1}/{steps}  updates {update}  tau {temperature:.3f}  loss {loss_sum / update:.4f}  "
+                f"mean P per task {[round(v, 2) for v in probabilities.mean(dim=1).tolist()]}")
+    return snapshots
+
+
+@torch.no_grad()
+def evaluate(model, tasks_data):
+    """Accuracy in percent per task with the greedy allocation and dropout off (spec §1, evaluation)."""
+    model.eval()
+    accuracies = []
+    for t, (images, labels) in enumerate(tasks_data):
+        correct = 0
+        for begin in range(0, len(labels), EVAL_CHUNK):
+            x = to_input(images[begin:begin + EVAL_CHUNK])
+            task = torch.full((len(x),), t, dtype=torch.int64)
+            correct += int((model(x, task).argmax(dim=1) == labels[begin:begin + EVAL_CHUNK]).sum())
+        accuracies.append(100.0 * correct / len(labels))
+    model.train()
+    return accuracies
+
+
+def git_commit():
+    """HEAD's commit, read from ``.git`` without running git (no dirty flag); "unknown" outside a checkout."""
+    git = REPO / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head
+        ref = head[5:]
+        if (git / ref).is_file():
+            return (git / ref).read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        pass
+    return "unknown"
+
+
+def run(args, command):
+    params = load_params(args.param_file)
+    torch.set_num_threads(args.threads)
+    try:
+        data = load_rotated_mnist(args.data_root, args.subset, args.seed)
+    except ValueError as err:
+        raise ParamError(f"--subset: {err}") from None
+    num_train = len(data["train"][0][1])
+    if params["batch_size"] > num_train:
+        raise ParamError(f"{args.param_file}: key 'batch_size' ({params['batch_size']}) exceeds the {num_train} "
+                         f"training images")
+    steps = args.steps or (args.epochs or params["epochs"]) * num_train // params["batch_size"]
+    out = Path(args.out or REPO / "runs" / "gumbel_mnist" / params["exp_id"] / f"seed{args.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(args.seed)
+    model = build_model(params, len(TASKS))
+    print(f"{params['exp_id']}: method {params['method']}, {steps} steps x {len(TASKS)} tasks, "
+          f"{num_train} training images per task, out {out}", flush=True)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    snapshots = train(model, data["train"], params, steps, args.seed, log=lambda line: print(line, flush=True))
+    train_time = time.perf_counter() - start
+    test, train_acc = evaluate(model, data["test"]), evaluate(model, data["train"])
+    greedy = allocation_matrix(model)
+    results = {
+        "command": command, "git_commit": git_commit(), "seed": args.seed,
+        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "method": params["method"], "subset": args.subset, "steps": steps,
+        "updates": steps * len(TASKS), "epochs": round(steps * params["batch_size"] / num_train, 4),
+        "tasks": list(TASKS), "test_acc_per_task": test, "test_acc_mean": sum(test) / len(test),
+        "train_acc_per_task": train_acc, "train_acc_mean": sum(train_acc) / len(train_acc),
+        "allocation": greedy.tolist(), "active_fraction_per_task": greedy.mean(dim=1).tolist(),
+        "num_weights": sum(p.numel() for p in weight_parameters(model)),
+        "num_logits": sum(p.numel() for p in router_parameters(model)),
+        "train_time_s": round(train_time, 2), "wall_time_s": round(time.perf_counter() - start, 2),
+        "cpu_time_s": round(time.process_time() - start_cpu, 2), "params": params,
+    }
+    allocation = {"tasks": list(TASKS), "layers": ["L1", "L2", "L3"], "num_components": params["num_components"],
+                  "greedy": greedy.tolist(), "probabilities": allocation_matrix(model, greedy=False).tolist(),
+                  "snapshots": snapshots}
+    checkpoint.write_json(allocation, out / "allocation.json")
+    checkpoint.write_json(results, out / "results.json")
+    print(f"test accuracy per task {[round(a, 2) for a in test]}, mean {results['test_acc_mean']:.2f}; "
+          f"greedy allocation {greedy.int().tolist()}; results in {out / 'results.json'}", flush=True)
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        return run(args, " ".join(["python", Path(__file__).name, *argv]))
+    except ParamError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

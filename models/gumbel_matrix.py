@@ -1,0 +1,270 @@
+"""Learned parameter allocation: Gumbel-Matrix routing (Maziarz et al., arXiv 1910.04915, "Flexible Multi-task
+Networks by Learning Parameter Allocation"; spec ``gumbel_matrix.md``).
+
+A routed layer holds K components (a conv or a linear module each). Every task t owns, per routed layer, K binary
+allocation variables z[t, k] ~ Bernoulli(P[t, k]) (the "Gumbel matrix", paper Sec. 3). The logits of a layer are one
+``[T, K, 2]`` parameter initialised to log[p0, 1 - p0], so P = softmax(logits)[..., 0] (spec §2). In training, z is a
+hard straight-through Gumbel-softmax sample over the two outcomes (one sample per (task, component) and per forward
+pass, shared by all images of the batch); at evaluation it is greedy: on iff P >= 0.5. The layer output for a task is
+the mean of its selected components' outputs, and zero when it selects none (spec §2, WeightedSumCombiner).
+
+The baselines of paper Sec. 5.1 are fixed allocations of the same layer: ``no_sharing`` (the identity matrix, task t
+uses component t only; needs K = T) and ``shared_bottom`` (all ones: every task averages all components).
+
+Two networks: :class:`GumbelMatrixMNISTNet` (the paper's Sec. 5.1 MNIST model, one task per image) and
+:class:`GumbelMatrixLeNet` (our LeNet with a routed encoder for Multi-MNIST, spec §5, all tasks in one pass).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .lenet import NUM_CLASSES, BatchedLinear
+
+ALLOCATIONS = ("gumbel_matrix", "no_sharing", "shared_bottom")
+GUMBEL_EPS = 1e-20  # inside both logs of the Gumbel noise, as the original
+
+
+def temperature_schedule(update, initial=50.0, minimum=0.5):
+    """Gumbel-softmax temperature after ``update`` task-updates: max(minimum, initial / sqrt(update + 1)) (spec §1;
+    with the defaults it reaches 0.5 at update 9,999)."""
+    return max(minimum, initial / math.sqrt(update + 1))
+
+
+def sample_connections(logits, temperature):
+    """Hard straight-through Gumbel-softmax sample of the 'connected' outcome (paper Sec. 3, spec §2).
+
+    ``logits [..., 2]`` (connected, not connected) -> ``[...]`` of exact 0/1 values in the forward pass whose gradient
+    is that of the relaxed sample softmax((logits + g) / temperature)[..., 0], g ~ Gumbel(0, 1) i.i.d.
+    """
+    uniform = torch.rand_like(logits)
+    gumbel = -torch.log(-torch.log(uniform + GUMBEL_EPS) + GUMBEL_EPS)
+    soft = torch.softmax((logits + gumbel) / temperature, dim=-1)
+    hard = (soft == soft.max(dim=-1, keepdim=True).values).to(soft.dtype)
+    return (hard + (soft - soft.detach()))[..., 0]
+
+
+def allocation_weights(masks):
+    """Combination weights from binary masks ``[..., K]``: m / max(sum m, 1), i.e. the mean over the selected
+    components and all zeros when none is selected (gradient also flows through the denominator, spec §2)."""
+    return masks / masks.sum(dim=-1, keepdim=True).clamp(min=1.0)
+
+
+class GumbelMatrixRouter(nn.Module):
+    """Learned allocation of one routed layer: logits ``[T, K, 2]`` (one parameter per layer, spec §1 notes)."""
+
+    def __init__(self, num_tasks, num_components, probs_init=0.5, temperature=50.0):
+        super().__init__()
+        if not 0.0 < probs_init < 1.0:
+            raise ValueError(f"probs_init must be in (0, 1), got {probs_init}")
+        init = torch.log(torch.tensor([probs_init, 1.0 - probs_init]))
+        self.logits = nn.Parameter(init.repeat(num_tasks, num_components, 1))
+        self.temperature = temperature  # set by the trainer every update (temperature_schedule)
+
+    def probabilities(self):
+        """Connection probabilities P ``[T, K]``."""
+        return torch.softmax(self.logits, dim=-1)[..., 0]
+
+    def greedy(self):
+        """Evaluation allocation ``[T, K]``: connected iff logit(connected) >= logit(not connected), i.e. P >= 0.5."""
+        return (self.logits[..., 0] >= self.logits[..., 1]).to(self.logits.dtype)
+
+    def masks(self):
+        """``[T, K]`` binary masks for one forward pass: sampled in training mode, greedy in eval mode."""
+        if self.training:
+            return sample_connections(self.logits, self.temperature)
+        return self.greedy()
+
+
+class FixedRouter(nn.Module):
+    """A fixed binary allocation ``[T, K]`` (a buffer: saved, never trained)."""
+
+    def __init__(self, allocation):
+        super().__init__()
+        self.register_buffer("allocation", allocation.float())
+
+    def probabilities(self):
+        return self.allocation
+
+    def greedy(self):
+        return self.allocation
+
+    def masks(self):
+        return self.allocation
+
+
+def make_router(allocation, num_tasks, num_components, probs_init=0.5):
+    """The router of one layer for an allocation method of paper Sec. 5.1 (``ALLOCATIONS``)."""
+    if allocation == "gumbel_matrix":
+        return GumbelMatrixRouter(num_tasks, num_components, probs_init)
+    if allocation == "no_sharing":
+        if num_components != num_tasks:
+            raise ValueError(f"allocation 'no_sharing' gives component t to task t and needs num_components = "
+                             f"num_tasks = {num_tasks}, got num_components = {num_components}")
+        return FixedRouter(torch.eye(num_tasks))
+    if allocation == "shared_bottom":
+        return FixedRouter(torch.ones(num_tasks, num_components))
+    raise ValueError(f"unknown allocation {allocation!r}; allowed: {', '.join(ALLOCATIONS)}")
+
+
+class ParallelComponents(nn.Module):
+    """K independent components of one routed layer, each ``layer_k`` + ReLU (the ReLU is inside the component as
+    in the original, spec §1), run as one layer with K times the output channels: component k owns output channels
+    [k * C, (k + 1) * C) of ``layer``, whose weights no other component touches, so this is exactly K separate
+    conv / linear modules, only faster. ``x [N, ...] -> [N, K, C, ...]``. Each component gets the Keras init of
+    its own (glorot-uniform with its own fan-in / fan-out, zero bias)."""
+
+    def __init__(self, layer, num_components):
+        super().__init__()
+        self.layer, self.num_components = layer, num_components
+        for weight in layer.weight.unflatten(0, (num_components, -1)):
+            nn.init.xavier_uniform_(weight)
+        nn.init.zeros_(layer.bias)
+
+    def forward(self, x):
+        return F.relu(self.layer(x)).unflatten(1, (self.num_components, -1))
+
+
+def conv_components(num_components, in_channels, out_channels, kernel_size):
+    return ParallelComponents(nn.Conv2d(in_channels, num_components * out_channels, kernel_size), num_components)
+
+
+def linear_components(num_components, in_features, out_features):
+    return ParallelComponents(nn.Linear(in_features, num_components * out_features), num_components)
+
+
+class RoutedLayer(nn.Module):
+    """K components of the same output shape, combined per task by its allocation (paper Sec. 3, spec §2).
+    All components always run (the original builds the layer with ``sparse=False``), so unselected components
+    still give the logits a straight-through gradient."""
+
+    def __init__(self, components, router):
+        super().__init__()
+        self.components = components
+        self.router = router
+
+    def forward(self, x, tasks):
+        """``x [N, ...]``, ``tasks [N]`` int64 (the task of each row) -> ``[N, ...]``."""
+        weights = allocation_weights(self.router.masks())[tasks]  # [N, K]
+        return torch.einsum("nk,nk...->n...", weights, self.components(x))
+
+
+class TaskLinear(nn.Module):
+    """One linear head per task (the per-task Dense(10) of spec §1), applied to each row with its own task's head.
+    Keras initialisation: glorot-uniform weights, zero biases."""
+
+    def __init__(self, num_tasks, in_features, out_features):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_tasks, out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(num_tasks, out_features))
+        for weight in self.weight:
+            nn.init.xavier_uniform_(weight)
+
+    def forward(self, x, tasks):
+        return torch.einsum("ni,noi->no", x, self.weight[tasks]) + self.bias[tasks]
+
+
+class GumbelMatrixMNISTNet(nn.Module):
+    """The Sec. 5.1 MNIST network (spec §1 table): three routed layers of K components, each a valid conv with
+    ``filters`` channels and a ReLU (5x5, then 3x3, 3x3), average pooling 2 after the first two, flatten (36),
+    dropout, and one linear head per task. With 4 tasks and K = 4: 1,600 routed and 1,480 head parameters.
+
+    ``paradigm = "single_branch"``: ``forward(images [B, 1, 28, 28] in [0, 1], tasks [B] int64) -> logits [B, 10]``.
+    """
+
+    paradigm = "single_branch"
+
+    def __init__(self, num_tasks=4, allocation="gumbel_matrix", num_components=4, probs_init=0.5, filters=4,
+                 dropout=0.5):
+        super().__init__()
+        self.num_tasks = num_tasks
+        shapes = [(1, 5), (filters, 3), (filters, 3)]  # (in channels, kernel) of the three routed layers
+        self.layers = nn.ModuleList(
+            RoutedLayer(conv_components(num_components, cin, filters, k),
+                        make_router(allocation, num_tasks, num_components, probs_init))
+            for cin, k in shapes)
+        self.dropout = nn.Dropout(dropout)
+        self.heads = TaskLinear(num_tasks, filters * 3 * 3, NUM_CLASSES)
+
+    def forward(self, images, tasks):
+        x = F.avg_pool2d(self.layers[0](images, tasks), 2)  # 28 -> 24 -> 12
+        x = F.avg_pool2d(self.layers[1](x, tasks), 2)       # 12 -> 10 -> 5
+        x = self.layers[2](x, tasks).flatten(1)             # 5 -> 3: 3 * 3 * filters
+        return self.heads(self.dropout(x), tasks)
+
+
+class GumbelMatrixLeNet(nn.Module):
+    """LeNet with a routed encoder for Multi-MNIST (spec §5): routed conv1 (1->c1, k5) + ReLU, max-pool 2, routed
+    conv2 (c1->c2, k5) + ReLU, max-pool 2, routed fc (320->hidden) + ReLU, each layer K components; then per-task
+    fc1 + ReLU + fc2 heads exactly as :class:`~models.lenet.MultiBranchLeNet`. ReLU inside each component commutes
+    with max-pooling, so the LeNet order is kept. Components get the Keras init of the original (spec §5).
+
+    ``paradigm = "multi_branch"``: ``forward(images [B, 1, 28, 28]) -> logits [B, T, 10]``; every task runs on every
+    image with its own allocation (one mask sample per task, routed layer and forward pass). ``allocation`` is
+    ``gumbel_matrix`` (default), ``no_sharing`` (K = T: T independent encoders, i.e. single-task LeNets) or
+    ``shared_bottom`` (with K = 1 exactly the multi-branch LeNet).
+    """
+
+    paradigm = "multi_branch"
+
+    def __init__(self, num_tasks, allocation="gumbel_matrix", num_components=4, probs_init=0.5, c1=10, c2=20,
+                 hidden=50):
+        super().__init__()
+        self.num_tasks = num_tasks
+        banks = [conv_components(num_components, 1, c1, 5), conv_components(num_components, c1, c2, 5),
+                 linear_components(num_components, c2 * 4 * 4, hidden)]
+        self.layers = nn.ModuleList(
+            RoutedLayer(bank, make_router(allocation, num_tasks, num_components, probs_init)) for bank in banks)
+        self.fc1 = BatchedLinear(num_tasks, hidden, hidden)
+        self.fc2 = BatchedLinear(num_tasks, hidden, NUM_CLASSES)
+
+    def forward(self, images):
+        batch = len(images)
+        tasks = torch.arange(self.num_tasks, device=images.device).repeat_interleave(batch)
+        x = images.repeat(self.num_tasks, 1, 1, 1)                 # task-major: rows t*B .. t*B + B - 1
+        x = F.max_pool2d(self.layers[0](x, tasks), 2)
+        x = F.max_pool2d(self.layers[1](x, tasks), 2)
+        rep = self.layers[2](x.flatten(1), tasks)                  # [T*B, hidden]
+        rep = rep.view(self.num_tasks, batch, -1).transpose(0, 1)  # [B, T, hidden]
+        return self.fc2(F.relu(self.fc1(rep)))
+
+
+# --- helpers for any model that contains routers -------------------------------------------------------------------
+
+def routers(model):
+    """The routers of ``model``, in module order (one per routed layer)."""
+    return [m for m in model.modules() if isinstance(m, (GumbelMatrixRouter, FixedRouter))]
+
+
+def set_temperature(model, temperature):
+    for router in routers(model):
+        if isinstance(router, GumbelMatrixRouter):
+            router.temperature = temperature
+
+
+def router_parameters(model):
+    """The allocation logits (the original's ``router_dist`` variables, trained by their own Adam)."""
+    return [router.logits for router in routers(model) if isinstance(router, GumbelMatrixRouter)]
+
+
+def weight_parameters(model):
+    """Every parameter except the allocation logits."""
+    logits = {id(p) for p in router_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in logits]
+
+
+def budget_penalty(model, budget, penalty):
+    """Per-task budget penalty ``[T]`` (spec §2): penalty * max(0, sum over routed layers and components of P[t, k]
+    / total number of routed components - budget). Uses the probabilities (expected connections), not samples."""
+    probabilities = [router.probabilities() for router in routers(model)]
+    used = torch.stack([p.sum(dim=1) for p in probabilities]).sum(dim=0)
+    total = sum(p.shape[1] for p in probabilities)
+    return penalty * (used / total - budget).clamp(min=0.0)
+
+
+def allocation_matrix(model, greedy=True):
+    """``[T, L*K]``: per task, the greedy binary allocation (or the probabilities) of all routed layers side by
+    side (layer-major columns), the matrix of the paper's allocation figures and of ``clusters/plot``."""
+    parts = [router.greedy() if greedy else router.probabilities() for router in routers(model)]
+    return torch.cat(parts, dim=1).detach()
