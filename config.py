@@ -25,6 +25,8 @@ METHODS = {
     "ch_mod": ("ch_mod", None),
     "ch_mod_extended": ("ch_mod_extended", None),
     "controlnet": ("controlnet", None),
+    "td_only": ("td_only", None),  # Table 6b ablations: ControlNet without BU1 / without TD
+    "bu_only": ("bu_only", None),
 }
 
 NEEDS_TRUNK = ("gradnorm", "mgda")  # weightings that use the shared representation or last shared layer

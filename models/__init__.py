@@ -3,6 +3,7 @@
 Every model is either ``single_branch`` (``forward(images, tasks) -> [B, 10]``, one task per sample) or
 ``multi_branch`` (``forward(images) -> [B, T, 10]``, all tasks in one pass); see ``paradigm``.
 """
+from .ablations import BUOnlyLeNet, TDOnlyControlNet
 from .controlnet import ControlNet
 from .lenet import MultiBranchLeNet, SingleTaskLeNets
 from .modulation import ChannelModulatedLeNet, ExtendedChannelModulatedLeNet, TaskRoutedLeNet
@@ -14,6 +15,8 @@ MODELS = {
     "task_routing": TaskRoutedLeNet,
     "multi_branch": MultiBranchLeNet,
     "single_task": SingleTaskLeNets,
+    "td_only": TDOnlyControlNet,
+    "bu_only": BUOnlyLeNet,
 }
 
 LENET_PARAMS = 24_390   # one LeNet, weights and biases (spec §3)

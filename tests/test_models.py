@@ -148,6 +148,8 @@ EXPECTED = {
     "task_routing": [(24390 + 50 * t, 24250 + 50 * t) for t in (2, 4, 9, 10)],
     "ch_mod_extended": [(32900 + 65 * t, 32750 + 65 * t) for t in (2, 4, 9, 10)],
     "controlnet": [(31453 + 320 * t, 30901 + 320 * t) for t in (2, 4, 9, 10)],
+    "td_only": [(30503 + 320 * t, 30001 + 320 * t) for t in (2, 4, 9, 10)],  # controlnet less lateral_add (950)
+    "bu_only": [(24390 + 250 * t, 24250 + 250 * t) for t in (2, 4, 9, 10)],  # conv1 gets T task planes
 }
 
 
