@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .controlnet import multiplicative_gates
 from .lenet import LeNet
 
 TDOnlyOutput = namedtuple("TDOnlyOutput", ["bu2_logits", "td_map"])
@@ -56,8 +57,7 @@ class TDOnlyControlNet(nn.Module):
         return self.td_conv1(td24), td24, td8
 
     def gates(self, td_map, td24, td8):
-        return {"image": self.lateral_mul[0](td_map), "conv1": self.lateral_mul[1](td24),
-                "conv2": self.lateral_mul[2](td8)}
+        return multiplicative_gates(self.lateral_mul, td_map, td24, td8)
 
     def streams(self, images, tasks):
         td_map, td24, td8 = self.td(tasks)

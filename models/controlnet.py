@@ -60,9 +60,7 @@ class ControlNet(nn.Module):
         return self.td_conv1(td24), td24, td8
 
     def bu2(self, images, td_map, td24, td8):
-        gates = {"image": self.lateral_mul[0](td_map), "conv1": self.lateral_mul[1](td24),
-                 "conv2": self.lateral_mul[2](td8)}
-        return self.bu(images, gates)
+        return self.bu(images, multiplicative_gates(self.lateral_mul, td_map, td24, td8))
 
     def streams(self, images, tasks):
         bu1_logits, taps = self.bu1(images)
@@ -88,3 +86,11 @@ class ControlNet(nn.Module):
         td_map, td24, td8 = ((i.unsqueeze(0) + t.unsqueeze(1)).flatten(0, 1) for i, t in zip(image_term, task_term))
         logits = self.bu2(images.repeat(tasks, 1, 1, 1), td_map, td24, td8)
         return logits.view(tasks, batch, -1)
+
+
+def multiplicative_gates(lateral_mul, td_map, td24, td8):
+    """The TD->BU2 gates (Fig. 2c): 1x1 convs of the TD tensors. The image-level one has a single input and
+    output channel, i.e. it is w * td_map + b, computed so (oneDNN is very slow on a 1-channel conv)."""
+    image = lateral_mul[0]
+    return {"image": torch.addcmul(image.bias.view(1, 1, 1, 1), td_map, image.weight.view(1, 1, 1, 1)),
+            "conv1": lateral_mul[1](td24), "conv2": lateral_mul[2](td8)}
