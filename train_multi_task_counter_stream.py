@@ -7,6 +7,10 @@ the schedule (see config.py). Single-branch models (ControlNet, ch-mod, task rou
 training sample; multi-branch models see every task label of an image in one pass. Every epoch evaluates
 every task on every validation and test image; the kept model is the best-validation one. Outputs in --out:
 metrics.jsonl, results.json, checkpoint.pt (resume state) and best_model.pt, all written atomically.
+
+Started by torchrun (``torchrun --nproc_per_node=N train_multi_task_counter_stream.py ...``), it trains one model
+with DistributedDataParallel over N processes (one GPU each, or CPU processes) with the same global batches,
+task draws and gradients as one process (see distributed.py); rank 0 writes the outputs.
 """
 import argparse
 import json
@@ -22,6 +26,7 @@ from tqdm import tqdm
 
 import checkpoint
 import config
+import distributed
 import losses
 from loaders import LOADERS, NUM_TASKS
 from loaders.mnist import MNISTUnavailable
@@ -76,13 +81,15 @@ def main(argv=None):
     args = parse_args(argv)
     args.command = " ".join(["python", Path(__file__).name] + list(sys.argv[1:] if argv is None else argv))
     try:
-        return run(args)
+        code = run(args)
     except config.ParamError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        code = 2
     except RunError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        code = 1
+    distributed.shutdown()  # the ranks end together: every error above is raised on all of them (distributed.py)
+    return code
 
 
 class RunError(RuntimeError):
@@ -98,8 +105,10 @@ def run(args):
         print(json.dumps(parameter_counts(params, model)))
         return 0
     device = resolve_device(args.device)
+    if distributed.launched():
+        distributed.init(device)
     out = Path(args.out or REPO / "runs" / params["exp_id"] / f"seed{args.seed}")
-    prepare_output_dir(out, args.resume)
+    distributed.on_main(prepare_output_dir, out, args.resume)
 
     torch.manual_seed(args.seed)
     model = build_model(params["model"], num_tasks, **params["model_options"])
@@ -111,23 +120,26 @@ def run(args):
     optimizer = make_optimizer(params, list(model.parameters()) + (list(weighting.parameters()) if weighting else []))
 
     state = {"epoch": 0, "history": [], "best": None, "wall_time_s": 0.0}
-    if args.resume and (out / "checkpoint.pt").exists():
-        state = resume(out / "checkpoint.pt", params, args, epochs, model, weighting, optimizer)
+    saved = distributed.on_main(read_checkpoint, out / "checkpoint.pt", params, args, epochs) if args.resume else None
+    if saved is not None:
+        state = resume(saved, out / "checkpoint.pt", params, model, weighting, optimizer)
+    trained = distributed.wrap(model, device)  # the forward whose backward averages the gradients over the ranks
 
     data = {split: (images.to(device), labels.to(device)) for split, (images, labels)
-            in load_data(params, args.subset, args.data_root).items()}
+            in distributed.local_main_first(load_data, params, args.subset, args.data_root).items()}
     info = {"command": args.command,
-            "git_commit": git_commit(), "device": describe_device(device), "seed": args.seed, "epochs": epochs,
-            "method": params["method"], "setting": params["setting"], "subset": args.subset,
-            **parameter_counts(params, model)}
-    tqdm.write(f"{params['exp_id']}: {params['method']} on {params['setting']}, {info['num_params']} params "
-               f"(x{info['params_x']:.3f}), {len(data['train'][0])} train images, {info['device']}, out {out}")
+            "git_commit": git_commit(), "device": describe_device(device), "world_size": distributed.world_size(),
+            "seed": args.seed, "epochs": epochs, "method": params["method"], "setting": params["setting"],
+            "subset": args.subset, **parameter_counts(params, model)}
+    processes = f" x {info['world_size']} processes" if distributed.is_distributed() else ""
+    log(f"{params['exp_id']}: {params['method']} on {params['setting']}, {info['num_params']} params "
+        f"(x{info['params_x']:.3f}), {len(data['train'][0])} train images, {info['device']}{processes}, out {out}")
 
     for epoch in range(state["epoch"], epochs):
         start = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(params, epoch, epochs)
-        train_loss = train_epoch(model, weighting, optimizer, data["train"], params, args.seed, epoch, out, state)
+        train_loss = train_epoch(trained, weighting, optimizer, data["train"], params, args.seed, epoch, out, state)
         val, test = (evaluate(model, *data[split], num_tasks, eval_rows, MEMORY_FORMATS[params["memory_format"]])
                      for split in ("val", "test"))
         state["wall_time_s"] += time.perf_counter() - start
@@ -137,17 +149,14 @@ def run(args):
         if weighting is not None:
             record["task_weights"] = weighting.weights().detach().cpu().tolist()
         state["history"].append(record)
-        if state["best"] is None or record["val_acc_mean"] > state["best"]["val_acc_mean"]:
+        best = state["best"] is None or record["val_acc_mean"] > state["best"]["val_acc_mean"]
+        if best:
             state["best"] = record
-            write(checkpoint.save, {"epoch": epoch + 1, "model": model.state_dict(), "params": params}, out / "best_model.pt")
         state["epoch"] = epoch + 1
-        write(checkpoint.save, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "weighting": weighting.state_dict() if weighting else {}, "params": params,
-                                "seed": args.seed, "epochs": epochs, **state}, out / "checkpoint.pt")
-        write(checkpoint.write_text, "".join(json.dumps(r) + "\n" for r in state["history"]), out / "metrics.jsonl")
-        tqdm.write(f"epoch {epoch + 1}/{epochs}  loss {train_loss:.4f}  val {record['val_acc_mean']:.2f}  "
-                   f"test {record['test_acc_mean']:.2f}  (best val {state['best']['val_acc_mean']:.2f} at epoch "
-                   f"{state['best']['epoch']})  {time.perf_counter() - start:.1f}s")
+        distributed.on_main(save_epoch, out, model, weighting, optimizer, params, args, epochs, state, best)
+        log(f"epoch {epoch + 1}/{epochs}  loss {train_loss:.4f}  val {record['val_acc_mean']:.2f}  "
+            f"test {record['test_acc_mean']:.2f}  (best val {state['best']['val_acc_mean']:.2f} at epoch "
+            f"{state['best']['epoch']})  {time.perf_counter() - start:.1f}s")
 
     results = {**info, "best_epoch": state["best"]["epoch"], "val_acc_mean": state["best"]["val_acc_mean"],
                "test_acc_mean": state["best"]["test_acc_mean"], "test_acc_per_task": state["best"]["test_acc_per_task"],
@@ -155,10 +164,27 @@ def run(args):
                "test_acc_mean_last": state["history"][-1]["test_acc_mean"],
                "test_acc_per_task_last": state["history"][-1]["test_acc_per_task"],
                "wall_time_s": round(state["wall_time_s"], 2), "params": params}
-    write(checkpoint.write_json, results, out / "results.json")
-    tqdm.write(f"test accuracy at the best-validation epoch {results['best_epoch']}: {results['test_acc_mean']:.2f} "
-               f"(last epoch: {results['test_acc_mean_last']:.2f}); results in {out / 'results.json'}")
+    distributed.on_main(write, checkpoint.write_json, results, out / "results.json")
+    log(f"test accuracy at the best-validation epoch {results['best_epoch']}: {results['test_acc_mean']:.2f} "
+        f"(last epoch: {results['test_acc_mean_last']:.2f}); results in {out / 'results.json'}")
     return 0
+
+
+def save_epoch(out, model, weighting, optimizer, params, args, epochs, state, best):
+    """The end-of-epoch files (rank 0): best_model.pt on a new best, checkpoint.pt, metrics.jsonl."""
+    if best:
+        write(checkpoint.save, {"epoch": state["epoch"], "model": model.state_dict(), "params": params},
+              out / "best_model.pt")
+    write(checkpoint.save, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "weighting": weighting.state_dict() if weighting else {}, "params": params,
+                            "seed": args.seed, "epochs": epochs, **state}, out / "checkpoint.pt")
+    write(checkpoint.write_text, "".join(json.dumps(r) + "\n" for r in state["history"]), out / "metrics.jsonl")
+
+
+def log(message):
+    """One line on stdout, from rank 0 only."""
+    if distributed.is_main():
+        tqdm.write(message)
 
 
 def load_data(params, subset, root):
@@ -194,6 +220,8 @@ def draw_tasks(valid, generator):
 
 
 def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, state):
+    """One epoch; ``model`` is the DDP wrapper in a distributed run, where each rank trains on its part of every
+    global batch and the logged losses are averaged over the ranks: the global batch's, as in one process."""
     images, labels = train
     device, n, batch_size = images.device, len(images), params["batch_size"]
     memory_format = MEMORY_FORMATS[params["memory_format"]]
@@ -206,17 +234,21 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     bad_losses = None
     steps = range(0, n, batch_size)
-    for step, begin in enumerate(tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, unit="batch")):
-        index = order[begin:begin + batch_size]
+    progress = tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, unit="batch", disable=not distributed.is_main())
+    for step, begin in enumerate(progress):
+        batch = order[begin:begin + batch_size]  # the global batch, the same for any number of processes
+        index = distributed.shard(batch)  # this rank's part of it
         x = normalize(images[index], memory_format)
         optimizer.zero_grad(set_to_none=True)
         if weighting is None:
             t = tasks[index]
-            loss = losses.masked_cross_entropy(model(x, t), labels[index, t])
+            loss = losses.masked_cross_entropy(model(x, t), labels[index, t], loss_divisor(labels[batch, tasks[batch]]))
             loss.backward()
             task_losses = loss.detach()
         else:
-            task_losses = weighting.backward(model, x, labels[index])
+            task_losses = weighting.backward(model, x, labels[index], loss_divisor(labels[batch]))
+            distributed.average_gradients(weighting.parameters())
+        task_losses = distributed.mean(task_losses)
         optimizer.step()
         if weighting is not None:
             weighting.after_step()
@@ -228,6 +260,14 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
     if int(first_bad) >= 0:
         report_nonfinite(int(first_bad), epoch, params, order, tasks, batch_size, out, state, bad_losses)
     return float(loss_sum) / len(steps)
+
+
+def loss_divisor(labels):
+    """What a rank divides its summed losses by: the valid labels (per task) of the whole global batch, over the
+    number of ranks. The ranks' losses then average to the global batch's loss, and so do their gradients
+    (DDP's average): the same step as one process, also when the ranks' parts hold different numbers of valid
+    labels (by-reference tasks)."""
+    return (labels >= 0).sum(0).clamp(min=1) / distributed.world_size()
 
 
 def report_nonfinite(step, epoch, params, order, tasks, batch_size, out, state, bad_losses):
@@ -247,13 +287,17 @@ def report_nonfinite(step, epoch, params, order, tasks, batch_size, out, state, 
 @torch.inference_mode()
 def evaluate(model, images, labels, num_tasks, rows, memory_format):
     """Accuracy per task [T] (percent): every task applied to every image (paper §3), all tasks of a chunk of
-    images in one pass (``rows`` image-task pairs per pass; single-branch models see each image T times)."""
+    images in one pass (``rows`` image-task pairs per pass; single-branch models see each image T times).
+    In a distributed run each rank evaluates its part of the images and the counts are summed over the ranks."""
     model.eval()
+    images, labels = distributed.shard(images), distributed.shard(labels)
     accuracy = TaskAccuracy(num_tasks, images.device)
     per_pass = max(1, rows // num_tasks)
     for begin in range(0, len(images), per_pass):
         x, y = normalize(images[begin:begin + per_pass], memory_format), labels[begin:begin + per_pass]
         accuracy.update(all_task_logits(model, x, num_tasks).argmax(dim=2), y.t())
+    distributed.sum_(accuracy.correct)
+    distributed.sum_(accuracy.count)
     return accuracy.per_task()
 
 
@@ -293,17 +337,28 @@ def parameter_counts(params, model):
 
 
 def resolve_device(name):
+    """The device of this process; under torchrun a CUDA device is cuda:LOCAL_RANK (one GPU per process)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise config.ParamError(f"--device: unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise config.ParamError(f"--device: {name} requested but CUDA is not available here; allowed: auto, cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise config.ParamError(f"--device: unsupported device {name!r}; allowed: auto, cpu, cuda, cuda:N")
-    return device
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise config.ParamError(f"--device: unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise config.ParamError(f"--device: {name} requested but CUDA is not available here; allowed: auto, cpu")
+        if device.type not in ("cpu", "cuda"):
+            raise config.ParamError(f"--device: unsupported device {name!r}; allowed: auto, cpu, cuda, cuda:N")
+    if device.type != "cuda" or not distributed.launched():
+        return device
+    if device.index is not None:
+        raise config.ParamError(f"--device: {name}: under torchrun every process uses the GPU cuda:LOCAL_RANK; "
+                                f"allowed: auto, cpu, cuda")
+    if distributed.local_rank() >= torch.cuda.device_count():
+        raise config.ParamError(f"--device: process LOCAL_RANK={distributed.local_rank()} has no GPU of its own "
+                                f"({torch.cuda.device_count()} here); start at most that many per node "
+                                f"(--nproc_per_node)")
+    return torch.device("cuda", distributed.local_rank())
 
 
 def describe_device(device):
@@ -342,7 +397,10 @@ CHECKPOINT_KEYS = {"model", "optimizer", "weighting", "params", "seed", "epochs"
                    "wall_time_s"}
 
 
-def resume(path, params, args, epochs, model, weighting, optimizer):
+def read_checkpoint(path, params, args, epochs):
+    """The checkpoint to resume from (None if there is none yet), checked against this run's settings."""
+    if not path.exists():
+        return None
     try:
         saved = checkpoint.load(path)
     except (checkpoint.CheckpointError, OSError) as err:
@@ -359,18 +417,23 @@ def resume(path, params, args, epochs, model, weighting, optimizer):
     if changed and not args.force:
         raise config.ParamError(f"--resume: {path} was made with other settings ({', '.join(changed)}); "
                                 f"pass --force to resume anyway, or choose another --out")
+    return saved
+
+
+def resume(saved, path, params, model, weighting, optimizer):
+    """Loads a checkpoint (``read_checkpoint``'s) into the model, the weighting and the optimiser."""
     try:
         model.load_state_dict(saved["model"])
         if params["optimizer"] == saved["params"].get("optimizer"):
             optimizer.load_state_dict(saved["optimizer"])
         else:  # another optimiser's state does not fit (Adam needs its step counts): start it afresh
-            tqdm.write(f"optimizer changed to {params['optimizer']}: its state starts afresh")
+            log(f"optimizer changed to {params['optimizer']}: its state starts afresh")
         if weighting is not None:
             weighting.load_state_dict(saved["weighting"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise RunError(f"cannot resume: {path} does not fit model '{params['model']}' / weighting "
                        f"'{params['weighting']}' ({' '.join(str(err).split())[:200]}); choose another --out") from None
-    tqdm.write(f"resumed from {path} at epoch {saved['epoch']}")
+    log(f"resumed from {path} at epoch {saved['epoch']}")
     return {key: saved[key] for key in ("epoch", "history", "best", "wall_time_s")}
 
 
@@ -383,4 +446,4 @@ def write(writer, obj, path):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.exit_process(main())

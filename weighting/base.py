@@ -10,6 +10,11 @@ class Weighting(nn.Module):
     Learnable state (task weights, log-variances) lives in parameters/buffers of the module, so it is part of
     ``state_dict()``; its parameters go into the same optimiser as the model's. ``backward`` accumulates into
     ``.grad`` like ``loss.backward()``: the caller zeroes the gradients before and steps the optimiser after.
+
+    Under DDP (see distributed.py) ``model`` is the DDP wrapper and each rank's task losses average to the global
+    batch's, so a rule linear in the losses (uniform, sum, kendall) is exact with DDP's averaged gradients; the
+    caller averages the weighting's own gradients. Rules that use task gradients (GradNorm, MGDA) take them with
+    ``autograd.grad``, which DDP does not synchronise, and combine them over the ranks themselves.
     """
 
     def __init__(self, num_tasks):
@@ -20,9 +25,10 @@ class Weighting(nn.Module):
         """Scalar training loss from the per-task losses [T]."""
         raise NotImplementedError
 
-    def backward(self, model, images, labels):
-        """Forward and backward of ``combine(losses)``; returns the per-task losses [T], detached."""
-        losses = per_task_cross_entropy(model(images), labels)
+    def backward(self, model, images, labels, num_valid=None):
+        """Forward and backward of ``combine(losses)``; returns the per-task losses [T], detached (this rank's
+        under DDP). ``num_valid``: divisor of the summed task losses (see ``per_task_cross_entropy``)."""
+        losses = per_task_cross_entropy(model(images), labels, num_valid)
         self.combine(losses).backward()
         return losses.detach()
 

@@ -2,6 +2,7 @@
 import torch
 import torch.nn as nn
 
+import distributed
 from losses import per_task_cross_entropy
 
 from .base import Weighting
@@ -20,18 +21,21 @@ class GradNorm(Weighting):
         # L_i(0): the loss of task i at the first step (at its first step with a valid label; 0 = not seen yet)
         self.register_buffer("initial_losses", torch.zeros(num_tasks))
 
-    def backward(self, model, images, labels):
-        """Network grads from sum_i w_i L_i (w constant); w.grad from L_grad = sum_i |G_i - target_i| only."""
-        losses = per_task_cross_entropy(model(images), labels)
-        W = model.last_shared_layer.weight
-        grad_norms = torch.stack(  # ||grad_W L_i||, constants: L_grad must not reach the network
-            [torch.autograd.grad(loss, W, retain_graph=True)[0].norm() for loss in losses]
-        )
+    def backward(self, model, images, labels, num_valid=None):
+        """Network grads from sum_i w_i L_i (w constant); w.grad from L_grad = sum_i |G_i - target_i| only.
+        Under DDP grad_W L_i and L_i are averaged over the ranks first, so that every rank has the global batch's
+        G, targets and w.grad."""
+        losses = per_task_cross_entropy(model(images), labels, num_valid)
+        W = distributed.unwrap(model).last_shared_layer.weight
+        # grad_W L_i of the global batch, constants: L_grad must not reach the network
+        grads = distributed.mean(torch.stack([torch.autograd.grad(loss, W, retain_graph=True)[0] for loss in losses]))
+        grad_norms = torch.stack([grad.norm() for grad in grads])  # ||grad_W L_i||
         G = self.task_weights * grad_norms  # G_i = ||grad_W (w_i L_i)||, linear in w_i (w_i > 0)
 
         with torch.no_grad():
-            self.initial_losses.copy_(torch.where(self.initial_losses > 0, self.initial_losses, losses))
-            loss_ratios = losses / self.initial_losses.clamp(min=_EPS)  # L~_i(t) = L_i(t) / L_i(0)
+            global_losses = distributed.mean(losses)
+            self.initial_losses.copy_(torch.where(self.initial_losses > 0, self.initial_losses, global_losses))
+            loss_ratios = global_losses / self.initial_losses.clamp(min=_EPS)  # L~_i(t) = L_i(t) / L_i(0)
             inverse_rates = loss_ratios / loss_ratios.mean().clamp(min=_EPS)  # r_i(t)
             targets = G.mean() * inverse_rates**self.alpha  # G_bar * r_i^alpha, a constant
 
