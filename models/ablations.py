@@ -22,33 +22,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .controlnet import multiplicative_gates
+from .controlnet import ControlNet, multiplicative_gates
 from .lenet import LeNet
 
 TDOnlyOutput = namedtuple("TDOnlyOutput", ["bu2_logits", "td_map"])
 
 
-class TDOnlyControlNet(nn.Module):
+class TDOnlyControlNet(ControlNet):
     """``forward(images [B,1,28,28], tasks [B] int64) -> bu2 logits [B,10]``; ``streams`` also returns the TD map.
 
     The layers that remain carry ControlNet's names (``bu``, ``emb``, ``td_conv2``, ``td_conv1``, ``lateral_mul``).
     """
 
-    paradigm = "single_branch"
-
     def __init__(self, num_tasks, c1=10, c2=20, hidden=50, td_channels=None):
-        super().__init__()
-        t1, t2 = td_channels or (c1, c2)
-        self.num_tasks, self.t2 = num_tasks, t2
-        self.bu = LeNet(1, c1, c2, hidden)
-        self.emb = nn.Linear(num_tasks, t2 * 16)
-        self.td_conv2 = nn.Conv2d(t2, t1, kernel_size=5, padding=4)
-        self.td_conv1 = nn.Conv2d(t1, 1, kernel_size=5, padding=4)
-        self.lateral_mul = nn.ModuleList([nn.Conv2d(1, 1, 1), nn.Conv2d(t1, c1, 1), nn.Conv2d(t2, c2, 1)])
-
-    def task_embedding(self, tasks):
-        one_hot = F.one_hot(tasks, self.num_tasks).to(self.emb.weight.dtype)
-        return self.emb(one_hot).view(-1, self.t2, 4, 4)
+        super().__init__(num_tasks, c1, c2, hidden, td_channels)
+        del self.lateral_add  # no BU1, so no BU1->TD laterals
 
     def td(self, tasks):
         """The TD tensors that feed BU2 for the given tasks, from the task alone: td_map [N,1,28,28], td24, td8."""
@@ -61,10 +49,7 @@ class TDOnlyControlNet(nn.Module):
 
     def streams(self, images, tasks):
         td_map, td24, td8 = self.td(tasks)
-        return TDOnlyOutput(self.bu(images, self.gates(td_map, td24, td8)), td_map)
-
-    def forward(self, images, tasks):
-        return self.streams(images, tasks).bu2_logits
+        return TDOnlyOutput(self.bu2(images, td_map, td24, td8), td_map)
 
     def forward_all_tasks(self, images):
         """BU2 logits of every task on every image, [T, B, 10]. The gates depend only on the task, so TD and the
