@@ -61,11 +61,6 @@ MB = 2 ** 20
 # (b) our path
 
 
-def eval_rows(params, device):
-    """Image-task pairs per evaluation pass, as the training script chooses them."""
-    return params["eval_batch_size"] or (512 if device.type == "cpu" else 32768)
-
-
 def our_train(model, weighting, optimizer, data, params, seed, epoch):
     state = {"epoch": 0}  # only read by the non-finite-loss report
     return train.train_epoch(model, weighting, optimizer, data["train"], params, seed, epoch, REPO / "runs", state)
@@ -73,7 +68,7 @@ def our_train(model, weighting, optimizer, data, params, seed, epoch):
 
 def our_evaluate(model, data, split, params, device):
     memory_format = train.MEMORY_FORMATS[params["memory_format"]]
-    return train.evaluate(model, *data[split], data["num_tasks"], eval_rows(params, device), memory_format)
+    return train.evaluate(model, *data[split], data["num_tasks"], train.eval_rows(params, device), memory_format)
 
 
 def build(params, num_tasks, device, seed):
@@ -218,7 +213,7 @@ def reference_epoch(model, optimizer, params, data, args, device, epoch):
 
 def warm_up_ours(model, weighting, optimizer, params, data, args, device, context):
     """Our train and eval on a few chunks (full and last-partial shapes), undone afterwards."""
-    n, rows = len(data["train"][0]), eval_rows(params, device)
+    n, rows = len(data["train"][0]), train.eval_rows(params, device)
     per_pass = max(1, rows // data["num_tasks"])
     warm = {"num_tasks": data["num_tasks"]}
     warm["train"] = tuple(t[:warm_size(n, params["batch_size"])] for t in data["train"])
@@ -428,7 +423,7 @@ def main(argv=None):
         "torch_version": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
         "quick": args.quick, "repeats": args.repeats, "seed": args.seed, "reference_workers": args.workers,
         "reference_eval_batch": REF_EVAL_BATCH, "train_batch": params["batch_size"],
-        "eval_rows": eval_rows(params, device), "n_images": n,
+        "eval_rows": train.eval_rows(params, device), "n_images": n,
         "n_images_methods": {split: method_sizes[split] or n[split] for split in n},
         "train_imgs_per_s_ref": ref["train_imgs_per_s"], "train_imgs_per_s": ours["train_imgs_per_s"],
         "train_speedup": ours["train_imgs_per_s"] / ref["train_imgs_per_s"],
