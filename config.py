@@ -12,6 +12,7 @@ from pathlib import Path
 from loaders import LOADERS, NUM_TASKS, SETTINGS
 from loaders.multi_mnist import RESIZES
 from models import MODELS
+from models.gumbel_matrix import router_parameters
 from weighting import WEIGHTINGS, build_weighting
 
 # method -> (model, weighting); weighting None = single-branch training, one task drawn per sample.
@@ -27,11 +28,21 @@ METHODS = {
     "controlnet": ("controlnet", None),
     "td_only": ("td_only", None),  # Table 6b ablations: ControlNet without BU1 / without TD
     "bu_only": ("bu_only", None),
+    "gumbel_matrix": ("gumbel_matrix", "uniform"),  # learned parameter allocation (Maziarz et al.), not in the paper
 }
 
 NEEDS_TRUNK = ("gradnorm", "mgda")  # weightings that use the shared representation or last shared layer
 OPTIMIZERS = ("Adam", "SGD", "RMSprop")
 LR_SCHEDULES = ("halve_30_60_90", "none")
+
+# Gumbel-matrix allocation logits (models with routers): option -> (default, (min, max)); spec gumbel_matrix.md §1, §5.
+ROUTER_OPTIONS = {
+    "lr": (1e-3, (1e-8, 10.0)),               # their own Adam's lr, halved with the model's (MNIST recipe: = model lr)
+    "temperature_init": (50.0, (1e-3, 1e6)),  # tau = max(min, init / sqrt(task-updates + 1))
+    "temperature_min": (0.5, (1e-3, 1e6)),
+    "budget": (1.0, (0.0, 1.0)),              # fraction of the routed components a task may use before the penalty
+    "budget_penalty": (0.0, (0.0, 1e3)),      # penalty * max(0, mean P - budget); 0 = off
+}
 
 # key: (type, default (REQUIRED = must be given), allowed values or (min, max) range or None, meaning)
 REQUIRED = object()
@@ -44,6 +55,8 @@ SCHEMA = {
     "weighting": (str, None, tuple(WEIGHTINGS), "override the method's loss weighting (multi-branch models only)"),
     "model_options": (dict, {}, None, "keyword arguments of the model (e.g. sigma for task_routing, c1/c2 widths)"),
     "weighting_options": (dict, {}, None, "keyword arguments of the weighting (e.g. alpha for gradnorm)"),
+    "router_options": (dict, {}, None, "training of learned allocations (gumbel_matrix): " +
+                       ", ".join(f"{k} (default {v[0]})" for k, v in ROUTER_OPTIONS.items())),
     "epochs": (int, 100, (1, 100_000), "training epochs (the CLI --epochs overrides it)"),
     "optimizer": (str, "Adam", OPTIMIZERS, "optimiser (paper Table 1: Adam)"),
     "lr": (float, 1e-3, (1e-8, 10.0), "initial learning rate (paper Table 1: 1e-3)"),
@@ -98,7 +111,8 @@ def validate(raw, source):
     params["model"] = params["model"] or model
     params["weighting"] = params["weighting"] or weighting
     _check_pairing(params, source)
-    _check_options(params, source)
+    model = _check_options(params, source)
+    params["router_options"] = _check_router_options(params, model, source)
     return params
 
 
@@ -161,6 +175,31 @@ def _check_options(params, source):
             build_weighting(params["weighting"], num_tasks, params["weighting_options"])
         except (TypeError, ValueError) as err:
             raise ParamError(f"{source}: key 'weighting_options': {err}") from None
+    return model
+
+
+def _check_router_options(params, model, source):
+    """``router_options`` completed with the defaults; only for models with learned allocations."""
+    options = params["router_options"]
+    if not router_parameters(model):
+        if options:
+            raise ParamError(f"{source}: key 'router_options' is set but model '{params['model']}' has no learned "
+                             f"allocation; allowed: {{}}")
+        return {}
+    completed = {}
+    for name, value in options.items():
+        if name not in ROUTER_OPTIONS:
+            raise ParamError(f"{source}: unknown key 'router_options.{name}'; allowed: {', '.join(ROUTER_OPTIONS)}")
+        low, high = ROUTER_OPTIONS[name][1]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+            raise ParamError(f"{source}: key 'router_options.{name}' = {json.dumps(value)}; allowed: a number from "
+                             f"{low} to {high}")
+        completed[name] = float(value)
+    completed = {name: completed.get(name, default) for name, (default, _) in ROUTER_OPTIONS.items()}
+    if completed["temperature_min"] > completed["temperature_init"]:
+        raise ParamError(f"{source}: key 'router_options.temperature_min' ({completed['temperature_min']}) exceeds "
+                         f"'temperature_init' ({completed['temperature_init']}); allowed: at most temperature_init")
+    return completed
 
 
 def _check_option_type(key, value, default, source):

@@ -2,6 +2,9 @@
 1910.04915, Sec. 5.1; spec ``gumbel_matrix.md`` §1-2), the reference run of the Gumbel-Matrix baseline.
 
     python gumbel_experiment.py --param_file params/gumbel_mnist/gumbel_matrix.json --out runs/gm
+    python train_multi_task_counter_stream.py --param_file params/gumbel_mnist/gumbel_matrix.json  # the same run
+
+The training script hands every param file with ``"dataset": "rotated_mnist"`` to this trainer (``handles``).
 
 Four tasks (MNIST, MNIST-2, MNIST-Rot, MNIST-Rot-2, ``loaders.rotated_mnist``) on the small routed conv net
 (``models.gumbel_matrix.GumbelMatrixMNISTNet``). Training as the original: every step shuffles the task order and
@@ -33,6 +36,7 @@ LOG_POINTS = 10  # progress lines and allocation snapshots per run
 # key: (type, default (None = required), check(value) -> True if valid, allowed (for the message))
 SCHEMA = {
     "exp_id": (str, None, lambda v: bool(v), "a non-empty name"),
+    "dataset": (str, "rotated_mnist", lambda v: v == "rotated_mnist", "rotated_mnist"),
     "method": (str, None, lambda v: v in ALLOCATIONS, ", ".join(ALLOCATIONS)),
     "num_components": (int, 4, lambda v: 1 <= v <= 64, "1 to 64 (no_sharing: 4, one per task)"),
     "batch_size": (int, 16, lambda v: v >= 1, "an integer >= 1"),
@@ -257,11 +261,24 @@ def run(args, command):
     return 0
 
 
-def main(argv=None):
+def handles(argv):
+    """True if ``argv``'s --param_file is a param file of this trainer (``"dataset": "rotated_mnist"``); any problem
+    reading it is left to the caller's own checks."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--param_file")
+    known, _ = parser.parse_known_args(argv)
+    try:
+        raw = json.loads(Path(known.param_file).read_text(encoding="utf-8"))
+    except (TypeError, OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("dataset") == "rotated_mnist"
+
+
+def main(argv=None, prog=Path(__file__).name):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
-        return run(args, " ".join(["python", Path(__file__).name, *argv]))
+        return run(args, " ".join(["python", prog, *argv]))
     except ParamError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -18,7 +18,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent
 PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table2_multi_mnist"]
-METHODS = tuple(PAPER["rows"])  # the paper's row order
+PAPER_METHODS = tuple(PAPER["rows"])  # the paper's row order
+EXTRA_METHODS = ("gumbel_matrix",)  # our rows that the paper did not run: shown below its rows, no paper value
+METHODS = PAPER_METHODS + EXTRA_METHODS
 # our setting -> the paper's column (paper_tables.json order), and its title in the Markdown table
 SETTINGS = {"2digits": "2_digits", "4digits": "4_digits", "9digits": "9_digits_by_loc",
             "9digits_byref": "9_digits_by_ref"}
@@ -88,8 +90,8 @@ def aggregate(runs_dir, protocol=None):
     for method in METHODS:
         rows[method] = {}
         for index, setting in enumerate(SETTINGS):
-            cell = make_cell(groups[method, setting], PAPER["rows"][method]["acc"][index],
-                             PAPER["rows"][method]["params_x"][index])
+            paper = PAPER["rows"].get(method, {"acc": [None] * len(SETTINGS), "params_x": [None] * len(SETTINGS)})
+            cell = make_cell(groups[method, setting], paper["acc"][index], paper["params_x"][index])
             cell["other_protocols"] = [{"epochs": e, "subset": s, "n": len(accs), "acc_mean": statistics.fmean(accs)}
                                        for (e, s), accs in sorted(others[method, setting].items(), key=str)]
             duplicated = sorted(seed for seed, n in Counter(cell["seeds"]).items() if n > 1)
@@ -138,6 +140,9 @@ def make_cell(runs, paper_acc, paper_params_x):
     cell["acc_last_mean"] = statistics.fmean(run["test_acc_mean_last"] for run in runs)
     cell["params_x"] = statistics.fmean(run["params_x"] for run in runs)
     cell["weights_x"] = statistics.fmean(run["weights_x"] for run in runs)
+    if paper_acc is None:
+        cell["note"] = "not in the paper"
+        return cell
     cell["diff"] = cell["acc_mean"] - paper_acc
     if cell["acc_std"] is None:
         cell["note"] = "n=1, no std"
@@ -150,7 +155,8 @@ def format_acc(cell, usual_n):
     if cell["n"] == 0:
         return "–"
     std = "(n=1, no std)" if cell["acc_std"] is None else f"± {cell['acc_std']:.2f}"
-    text = f"{cell['acc_mean']:.2f} {std} ({cell['paper_acc']:.2f}, {cell['diff']:+.2f})"
+    paper = "not in the paper" if cell["paper_acc"] is None else f"{cell['paper_acc']:.2f}, {cell['diff']:+.2f}"
+    text = f"{cell['acc_mean']:.2f} {std} ({paper})"
     if cell["outside_2std"]:
         text += f" {MARK}"
     if cell["n"] not in (1, usual_n):
@@ -160,7 +166,8 @@ def format_acc(cell, usual_n):
 
 def format_params(cell):
     ours = "–" if cell["params_x"] is None else f"{cell['params_x']:.3f}"
-    return f"{ours} ({cell['paper_params_x']:g})"
+    paper = "–" if cell["paper_params_x"] is None else f"{cell['paper_params_x']:g}"
+    return f"{ours} ({paper})"
 
 
 def counted(counts):
@@ -198,7 +205,8 @@ def render_markdown(table, command):
     header = ["Method"] + [f"{TITLES[s]} {col}" for s in SETTINGS for col in ("#P", "Acc")]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, row in table["rows"].items():
-        values = [method] + [text for s in SETTINGS for text in (format_params(row[s]), format_acc(row[s], usual_n))]
+        name = f"{method} (ours, not in the paper)" if method in EXTRA_METHODS else method
+        values = [name] + [text for s in SETTINGS for text in (format_params(row[s]), format_acc(row[s], usual_n))]
         lines.append("| " + " | ".join(values) + " |")
 
     lines += ["", "Test accuracy (%) at the last epoch, mean over seeds:", "",

@@ -39,12 +39,16 @@ def main(argv=None):
     colors = plt.get_cmap("tab10")
     for index, (method, row) in enumerate(table["rows"].items()):
         cell, color = row[SETTING], colors(index)
-        ax.scatter(cell["paper_params_x"], cell["paper_acc"], marker="s", facecolors="none", edgecolors=color, s=60)
+        in_paper = cell["paper_acc"] is not None
+        if in_paper:
+            ax.scatter(cell["paper_params_x"], cell["paper_acc"], marker="s", facecolors="none", edgecolors=color, s=60)
         if cell["n"]:
             ax.errorbar(cell["weights_x"], cell["acc_mean"], yerr=cell["acc_std"] or 0, fmt="o", color=color, capsize=3)
+        if cell["n"] and in_paper:
             ax.plot([cell["weights_x"], cell["paper_params_x"]], [cell["acc_mean"], cell["paper_acc"]], ":",
                     color=color, linewidth=0.8)
-        ax.plot([], [], "s", color=color, label=method + ("" if cell["n"] else " (no runs)"))
+        label = method + ("" if in_paper else " (not in the paper)") + ("" if cell["n"] else " (no runs)")
+        ax.plot([], [], "s", color=color, label=label)
     methods = ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     ax.add_artist(methods)
     ours = ax.scatter([], [], marker="o", color="gray", label="ours (mean ± std over seeds)")

@@ -27,11 +27,14 @@ from tqdm import tqdm
 import checkpoint
 import config
 import distributed
+import gumbel_experiment
 import losses
 from loaders import LOADERS, NUM_TASKS
 from loaders.mnist import MNISTUnavailable
 from metrics import TaskAccuracy
 from models import LENET_PARAMS, LENET_WEIGHTS, build_model, count_parameters
+from models.gumbel_matrix import add_budget_gradient, allocation_matrix, router_parameters, set_temperature, \
+    temperature_schedule
 from weighting import build_weighting
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -78,6 +81,8 @@ def _int_at_least(text, low):
 
 
 def main(argv=None):
+    if gumbel_experiment.handles(sys.argv[1:] if argv is None else argv):  # Maziarz et al.'s MNIST protocol
+        return gumbel_experiment.main(argv, prog=Path(__file__).name)
     args = parse_args(argv)
     args.command = " ".join(["python", Path(__file__).name] + list(sys.argv[1:] if argv is None else argv))
     try:
@@ -117,7 +122,7 @@ def run(args):
     weighting = None
     if params["weighting"] is not None:
         weighting = build_weighting(params["weighting"], num_tasks, params["weighting_options"]).to(device)
-    optimizer = make_optimizer(params, list(model.parameters()) + (list(weighting.parameters()) if weighting else []))
+    optimizer = make_optimizer(params, parameter_groups(params, model, weighting))
 
     state = {"epoch": 0, "history": [], "best": None, "wall_time_s": 0.0}
     saved = distributed.on_main(read_checkpoint, out / "checkpoint.pt", params, args, epochs) if args.resume else None
@@ -137,8 +142,8 @@ def run(args):
 
     for epoch in range(state["epoch"], epochs):
         start = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(params, epoch, epochs)
+        for group, base_lr in zip(optimizer.param_groups, base_learning_rates(params)):
+            group["lr"] = base_lr * lr_factor(params, epoch, epochs)
         train_loss = train_epoch(trained, weighting, optimizer, data["train"], params, args.seed, epoch, out, state)
         val, test = (evaluate(model, *data[split], num_tasks, rows, MEMORY_FORMATS[params["memory_format"]])
                      for split in ("val", "test"))
@@ -148,6 +153,8 @@ def run(args):
                   "val_acc_per_task": val.tolist(), "test_acc_per_task": test.tolist()}
         if weighting is not None:
             record["task_weights"] = weighting.weights().detach().cpu().tolist()
+        if router_parameters(model):
+            record["active_fraction_per_task"] = allocation_matrix(model).mean(dim=1).cpu().tolist()
         state["history"].append(record)
         best = state["best"] is None or record["val_acc_mean"] > state["best"]["val_acc_mean"]
         if best:
@@ -163,6 +170,8 @@ def run(args):
                "val_acc_per_task": state["best"]["val_acc_per_task"],
                "test_acc_mean_last": state["history"][-1]["test_acc_mean"],
                "test_acc_per_task_last": state["history"][-1]["test_acc_per_task"],
+               **({"active_fraction_per_task": state["best"]["active_fraction_per_task"]}
+                  if "active_fraction_per_task" in state["best"] else {}),
                "wall_time_s": round(state["wall_time_s"], 2), "params": params}
     distributed.on_main(write, checkpoint.write_json, results, out / "results.json")
     log(f"test accuracy at the best-validation epoch {results['best_epoch']}: {results['test_acc_mean']:.2f} "
@@ -207,9 +216,13 @@ def normalize(images, memory_format=torch.contiguous_format):
     return x.contiguous(memory_format=memory_format)
 
 
+def epoch_seed(seed, epoch):
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
 def epoch_generator(seed, epoch):
     """The randomness of one epoch (order, task draws) depends only on (seed, epoch): resuming is exact."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch))
 
 
 def draw_tasks(valid, generator):
@@ -226,6 +239,7 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
     device, n, batch_size = images.device, len(images), params["batch_size"]
     memory_format = MEMORY_FORMATS[params["memory_format"]]
     generator = epoch_generator(seed, epoch)
+    torch.manual_seed(epoch_seed(seed, epoch))  # the model's own draws (Gumbel samples): also a function of (seed, epoch)
     order = torch.randperm(n, generator=generator)
     tasks = draw_tasks((labels >= 0).cpu(), generator).to(device) if weighting is None else None
     order = order.to(device)
@@ -234,12 +248,16 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     bad_losses = None
     steps = range(0, n, batch_size)
+    routed, routing = distributed.unwrap(model), params["router_options"]
     progress = tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, unit="batch", disable=not distributed.is_main())
     for step, begin in enumerate(progress):
         batch = order[begin:begin + batch_size]  # the global batch, the same for any number of processes
         index = distributed.shard(batch)  # this rank's part of it
         x = normalize(images[index], memory_format)
         optimizer.zero_grad(set_to_none=True)
+        if routing:  # Gumbel-softmax temperature, counted in task-updates as the original (spec gumbel_matrix.md §5)
+            update = (epoch * len(steps) + step) * labels.shape[1]
+            set_temperature(routed, temperature_schedule(update, routing["temperature_init"], routing["temperature_min"]))
         if weighting is None:
             t = tasks[index]
             loss = losses.masked_cross_entropy(model(x, t), labels[index, t], loss_divisor(labels[batch, tasks[batch]]))
@@ -248,6 +266,8 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
         else:
             task_losses = weighting.backward(model, x, labels[index], loss_divisor(labels[batch]))
             distributed.average_gradients(weighting.parameters())
+        if routing and routing["budget_penalty"] > 0:
+            add_budget_gradient(routed, routing["budget"], routing["budget_penalty"])
         task_losses = distributed.mean(task_losses)
         optimizer.step()
         if weighting is not None:
@@ -316,22 +336,37 @@ def all_task_logits(model, x, num_tasks):
     return model(x.repeat(num_tasks, 1, 1, 1), tasks).view(num_tasks, len(x), -1)
 
 
-def learning_rate(params, epoch, epochs):
+def lr_factor(params, epoch, epochs):
     """The authors' schedule: halve the lr before every 0-based epoch e with (e + 1) % int(0.3 * epochs) == 0
     (epochs 29, 59, 89 of 100), i.e. at 30/60/90% of training; at most three halvings (the original halves
     every epoch when epochs < 4); constant when that period is 0."""
     period = int(epochs * 0.3)
     if params["lr_schedule"] == "none" or period == 0:
-        return params["lr"]
-    return params["lr"] * 0.5 ** min(3, (epoch + 1) // period)
+        return 1.0
+    return 0.5 ** min(3, (epoch + 1) // period)
 
 
-def make_optimizer(params, parameters):
+def parameter_groups(params, model, weighting):
+    """The weights (and the weighting's own parameters) at ``lr``; learned allocation logits (gumbel_matrix) in a
+    group of their own at ``router_options.lr`` (the original's second Adam; Adam is per parameter, so one Adam
+    with two groups is the same)."""
+    logits = router_parameters(model)
+    weights = [p for p in model.parameters() if all(p is not q for q in logits)]
+    groups = [weights + (list(weighting.parameters()) if weighting else []), logits]
+    return [{"params": group, "lr": lr} for group, lr in zip(groups, base_learning_rates(params))]
+
+
+def base_learning_rates(params):
+    """The initial lr of each optimiser group (``parameter_groups``), before the schedule's factor."""
+    return [params["lr"]] + ([params["router_options"]["lr"]] if params["router_options"] else [])
+
+
+def make_optimizer(params, groups):
     if params["optimizer"] == "Adam":
-        return torch.optim.Adam(parameters, lr=params["lr"])
+        return torch.optim.Adam(groups, lr=params["lr"])
     if params["optimizer"] == "SGD":
-        return torch.optim.SGD(parameters, lr=params["lr"], momentum=params["momentum"])
-    return torch.optim.RMSprop(parameters, lr=params["lr"])
+        return torch.optim.SGD(groups, lr=params["lr"], momentum=params["momentum"])
+    return torch.optim.RMSprop(groups, lr=params["lr"])
 
 
 def parameter_counts(params, model):

@@ -5,6 +5,7 @@ Every model is either ``single_branch`` (``forward(images, tasks) -> [B, 10]``, 
 """
 from .ablations import BUOnlyLeNet, TDOnlyControlNet
 from .controlnet import ControlNet
+from .gumbel_matrix import GumbelMatrixLeNet
 from .lenet import MultiBranchLeNet, SingleTaskLeNets
 from .modulation import ChannelModulatedLeNet, ExtendedChannelModulatedLeNet, TaskRoutedLeNet
 
@@ -17,6 +18,7 @@ MODELS = {
     "single_task": SingleTaskLeNets,
     "td_only": TDOnlyControlNet,
     "bu_only": BUOnlyLeNet,
+    "gumbel_matrix": GumbelMatrixLeNet,
 }
 
 LENET_PARAMS = 24_390   # one LeNet, weights and biases (spec §3)

@@ -149,6 +149,12 @@ class RoutedLayer(nn.Module):
         weights = allocation_weights(self.router.masks())[tasks]  # [N, K]
         return torch.einsum("nk,nk...->n...", weights, self.components(x))
 
+    def forward_all_tasks(self, x):
+        """The same layer for every task on one input ``x [B, ...]`` -> ``[T*B, ...]`` task-major: the components run
+        once on the B images (their output does not depend on the task), then each task combines them."""
+        weights = allocation_weights(self.router.masks())  # [T, K]
+        return torch.einsum("tk,bk...->tb...", weights, self.components(x)).flatten(0, 1)
+
 
 class TaskLinear(nn.Module):
     """One linear head per task (the per-task Dense(10) of spec §1), applied to each row with its own task's head.
@@ -222,8 +228,7 @@ class GumbelMatrixLeNet(nn.Module):
     def forward(self, images):
         batch = len(images)
         tasks = torch.arange(self.num_tasks, device=images.device).repeat_interleave(batch)
-        x = images.repeat(self.num_tasks, 1, 1, 1)                 # task-major: rows t*B .. t*B + B - 1
-        x = F.max_pool2d(self.layers[0](x, tasks), 2)
+        x = F.max_pool2d(self.layers[0].forward_all_tasks(images), 2)  # task-major: rows t*B .. t*B + B - 1
         x = F.max_pool2d(self.layers[1](x, tasks), 2)
         rep = self.layers[2](x.flatten(1), tasks)                  # [T*B, hidden]
         rep = rep.view(self.num_tasks, batch, -1).transpose(0, 1)  # [B, T, hidden]
@@ -261,6 +266,17 @@ def budget_penalty(model, budget, penalty):
     used = torch.stack([p.sum(dim=1) for p in probabilities]).sum(dim=0)
     total = sum(p.shape[1] for p in probabilities)
     return penalty * (used / total - budget).clamp(min=0.0)
+
+
+def add_budget_gradient(model, budget, penalty):
+    """Adds the gradient of the budget penalty, averaged over the tasks as the task losses are, to the allocation
+    logits' ``.grad`` and returns the penalty. Taken apart from the loss's backward pass: the penalty depends on the
+    logits alone, so every process of a distributed run adds the same gradient after DDP's averaging."""
+    logits = router_parameters(model)
+    value = budget_penalty(model, budget, penalty).mean()
+    for parameter, grad in zip(logits, torch.autograd.grad(value, logits)):
+        parameter.grad = grad if parameter.grad is None else parameter.grad + grad
+    return value.detach()
 
 
 def allocation_matrix(model, greedy=True):

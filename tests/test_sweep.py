@@ -35,6 +35,7 @@ def runs(tmp_path):
     for seed, acc in enumerate([90.0, 90.5]):
         fake_run(tmp_path, "uniform_scaling", "2digits", seed, acc)
     fake_run(tmp_path, "controlnet", "4digits", 0, 94.0)
+    fake_run(tmp_path, "gumbel_matrix", "9digits", 0, 80.0)
     return tmp_path
 
 
@@ -45,7 +46,7 @@ def sweep(*args):
 
 def test_aggregate_mean_sample_std_difference_and_mark(runs):
     table = make_table2.aggregate(runs)
-    assert table["protocol"] == {"epochs": 100, "subset": None} and table["num_runs"] == 6
+    assert table["protocol"] == {"epochs": 100, "subset": None} and table["num_runs"] == 7
     cell = table["rows"]["ch_mod"]["2digits"]
     assert cell["n"] == 3 and cell["seeds"] == [0, 1, 2]
     assert cell["acc_mean"] == pytest.approx(96.0) and cell["acc_std"] == pytest.approx(1.0)  # ddof=1
@@ -59,7 +60,7 @@ def test_aggregate_mean_sample_std_difference_and_mark(runs):
     assert single["note"] == "n=1, no std"
     missing = table["rows"]["gradnorm"]["9digits"]
     assert missing["n"] == 0 and missing["acc_mean"] is None and missing["paper_acc"] == 74.66
-    assert table["wall_time"]["seconds"] == pytest.approx(60.0) and "wall_time_s" in table["wall_time"]["source"]
+    assert table["wall_time"]["seconds"] == pytest.approx(70.0) and "wall_time_s" in table["wall_time"]["source"]
 
 
 def test_mixed_protocols_are_kept_apart(runs):
@@ -82,7 +83,11 @@ def test_markdown_table_cells_and_header(runs, tmp_path):
     markdown = (out_dir / "table2.md").read_text()
     main_table = markdown.split("at the last epoch")[0]
     rows = {line.split(" | ")[0].strip("| "): line for line in main_table.splitlines() if line.startswith("| ")}
-    assert list(rows)[1:10] == list(make_table2.METHODS)  # the paper's row order, after the header row
+    assert list(rows)[1:10] == list(make_table2.PAPER_METHODS)  # the paper's row order, after the header row
+    assert list(rows)[10:] == [f"{m} (ours, not in the paper)" for m in make_table2.EXTRA_METHODS]
+    gumbel = rows["gumbel_matrix (ours, not in the paper)"]
+    assert gumbel.count("| – |") == 3 and "80.00 (n=1, no std) (not in the paper) |" in gumbel
+    assert "1.004 (–)" in gumbel
     assert "96.00 ± 1.00 (95.87, +0.13) |" in rows["ch_mod"] and "1.004 (1.004)" in rows["ch_mod"]
     assert "90.25 ± 0.35 (95.30, -5.05) † [n=2] |" in rows["uniform_scaling"]
     assert "94.00 (n=1, no std) (94.64, -0.64)" in rows["controlnet"]
