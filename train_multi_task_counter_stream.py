@@ -248,7 +248,7 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     bad_losses = None
     steps = range(0, n, batch_size)
-    routed, routing = distributed.unwrap(model), params["router_options"]
+    routed, routing = distributed.unwrap(model), params.get("router_options")
     progress = tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, unit="batch", disable=not distributed.is_main())
     for step, begin in enumerate(progress):
         batch = order[begin:begin + batch_size]  # the global batch, the same for any number of processes
@@ -358,7 +358,7 @@ def parameter_groups(params, model, weighting):
 
 def base_learning_rates(params):
     """The initial lr of each optimiser group (``parameter_groups``), before the schedule's factor."""
-    return [params["lr"]] + ([params["router_options"]["lr"]] if params["router_options"] else [])
+    return [params["lr"]] + ([params["router_options"]["lr"]] if params.get("router_options") else [])
 
 
 def make_optimizer(params, groups):
