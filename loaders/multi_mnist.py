@@ -32,8 +32,9 @@ LAYOUTS = {
 }
 
 
-def make_multi_mnist(kind, split, seed=0, root=None, resize="nearest"):
-    """Returns ``(images uint8 [N,28,28], labels int64 [N,T])`` as torch tensors (cached on disk)."""
+def make_multi_mnist(kind, split, seed=0, root=None, resize="nearest", locations=False):
+    """Returns ``(images uint8 [N,28,28], labels int64 [N,T])`` as torch tensors (cached on disk), and with
+    ``locations`` also ``task_locations`` [N, T, 2]."""
     if kind not in KINDS:
         raise ValueError(f"unknown Multi-MNIST kind {kind!r}; valid: {', '.join(KINDS)}")
     if split not in SPLITS:
@@ -44,10 +45,10 @@ def make_multi_mnist(kind, split, seed=0, root=None, resize="nearest"):
     meta = {"kind": grid_kind, "split": split, "seed": seed, "resize": resize, "version": GENERATOR_VERSION}
     path = data_root(root) / "multi_mnist" / f"{grid_kind}_{split}_seed{seed}_{resize}_v{GENERATOR_VERSION}.npz"
     arrays = cache.cached_arrays(path, lambda: _generate(grid_kind, split, seed, root, resize), meta=meta)
-    images, labels = arrays["images"], arrays["labels"]
-    if kind == "9digits_byref":
-        labels = by_ref_labels(labels)
-    return torch.from_numpy(images), torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    images, grid_labels = arrays["images"], arrays["labels"]
+    labels = by_ref_labels(grid_labels) if kind == "9digits_byref" else grid_labels
+    data = torch.from_numpy(images), torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    return (*data, task_locations(kind, grid_labels)) if locations else data
 
 
 def _generate(kind, split, seed, root, resize):
@@ -111,8 +112,29 @@ def by_ref_labels(grid_labels):
     """[N, 9] by-location labels -> [N, 10] by-reference labels: task d is the digit right of digit d,
     valid iff d occurs exactly once and not in the last column; -1 where invalid."""
     grid_labels = np.asarray(grid_labels)
+    answer = by_ref_answer_positions(grid_labels)
+    right = np.take_along_axis(grid_labels, np.maximum(answer, 0), axis=1)
+    return np.where(answer >= 0, right, -1).astype(np.int64)
+
+
+def by_ref_answer_positions(grid_labels):
+    """[N, 9] by-location labels -> [N, 10]: the grid position (task index by location) of the digit right of
+    digit d, -1 where task d is not valid (d absent, repeated, or in the last column)."""
     hits = grid_labels[:, :, None] == np.arange(10)        # [N, 9 positions, 10 digits]
     position = hits.argmax(axis=1)                          # first position of each digit
     valid = (hits.sum(axis=1) == 1) & (position // 3 < 2)  # unique, column 0 or 1
-    right = np.take_along_axis(grid_labels, np.minimum(position + 3, 8), axis=1)
-    return np.where(valid, right, -1).astype(np.int64)
+    return np.where(valid, position + 3, -1)
+
+
+def task_locations(kind, grid_labels):
+    """[N, T, 2] float32 (x, y) in pixels of the 28 x 28 image: the centre of each task's answer digit (the target
+    of the localisation loss at the bottom of TD, paper §4.2), -1 where a task does not apply. By location the
+    centre of the task's cell, by reference that of the digit right of digit d. ``grid_labels``: [N, K] by location."""
+    size, offsets = LAYOUTS["9digits" if kind == "9digits_byref" else kind]
+    centres = np.array([[(col + 14) * 28 / size, (row + 14) * 28 / size] for row, col in offsets], dtype=np.float32)
+    if kind != "9digits_byref":
+        return torch.from_numpy(np.repeat(centres[None], len(grid_labels), axis=0))
+    answer = by_ref_answer_positions(np.asarray(grid_labels))
+    xy = np.where((answer >= 0)[..., None], centres[np.maximum(answer, 0)], -1.0).astype(np.float32)
+    return torch.from_numpy(xy)
+

@@ -1,0 +1,108 @@
+"""Table 6b, Multi-MNIST columns: ControlNet against its ablations and against ch-mod (extended).
+
+    python table6b.py                                            # the paper's protocol: 100 epochs, 5 seeds
+    python table6b.py --epochs 10 --subset 5000 --seeds 2 --runs_dir results/table2_cpu_reduced \\
+        --out_dir results/table6b_cpu_reduced                     # the reduced CPU protocol of results/table2.md
+
+Paper §4.5 "Ablations and the use of image content": ``td_only`` is ControlNet without BU1 (TD gets the task
+alone), ``bu_only`` has no TD (the task enters BU as extra input planes), ``ch_mod_extended`` is the wider
+channel-modulation baseline with about ControlNet's parameters. Every cell trains params/mmnist_<setting>_<method>.json
+on 9 digits by location and by reference with the training script, into <runs_dir>/<setting>/<method>/seed<k>,
+the layout of reproduce_table2.py, so ControlNet and ch-mod (extended) runs of a Table 2 sweep with the same
+protocol are reused, not retrained; rerun the same command to resume. Writes <out_dir>/table6b.{json,md}.
+"""
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+import reproduce_table2
+
+REPO = Path(__file__).resolve().parent
+METHODS = ("ch_mod_extended", "td_only", "bu_only", "controlnet")  # the paper's row order
+SETTINGS = {"9digits": "mmnist_by_loc", "9digits_byref": "mmnist_by_ref"}  # ours -> the paper's column
+PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table6b_ablations"]
+
+
+def parse_args(argv):
+    parser = reproduce_table2.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--epochs", type=reproduce_table2.positive_int, default=100)
+    parser.add_argument("--seeds", type=reproduce_table2.seed_list, default=[0, 1, 2, 3, 4],
+                        help="a count (5 = seeds 0..4) or a comma list")
+    parser.add_argument("--subset", type=reproduce_table2.positive_int, help="train on N images (smoke runs)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--runs_dir", default="runs/table2")
+    parser.add_argument("--out_dir", default="results/table6b")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    runs_dir = Path(args.runs_dir).resolve()
+    rows, failed = {}, []
+    for method in METHODS:
+        rows[method] = {}
+        for setting, column in SETTINGS.items():
+            runs = []
+            for seed in args.seeds:
+                cell = {"setting": setting, "method": method, "seed": seed, "out": runs_dir / setting / method /
+                        f"seed{seed}", "name": f"{setting}/{method}/seed{seed}"}
+                cell["state"], why = reproduce_table2.cell_state(cell["out"], args.epochs, args.subset)
+                if cell["state"] == "conflict":
+                    failed.append(f"{cell['name']}: {why}")
+                    continue
+                if cell["state"] != "done":
+                    print(f"training {cell['name']} ({cell['state']})", flush=True)
+                    _, code, stderr = reproduce_table2.run_cell(cell, args, None)
+                    if code != 0:
+                        failed.append(reproduce_table2.report_failure(cell, code, stderr))
+                        continue
+                runs.append(json.loads((cell["out"] / "results.json").read_text()))
+            rows[method][setting] = summarise(runs, PAPER["rows"][method][PAPER["columns"].index(column)])
+    command = shlex.join(["python", Path(__file__).name] + list(sys.argv[1:] if argv is None else argv))
+    table = {"command": command, "epochs": args.epochs, "subset": args.subset, "seeds": args.seeds,
+             "runs_dir": args.runs_dir, "rows": rows}
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "table6b.json").write_text(json.dumps(table, indent=2) + "\n")
+    (out_dir / "table6b.md").write_text(render(table))
+    print(f"wrote {out_dir / 'table6b.md'}")
+    for line in failed:
+        print(f"FAILED {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def summarise(runs, paper_acc):
+    accs = [run["test_acc_mean"] for run in runs]
+    return {"n": len(runs), "seeds": [run["seed"] for run in runs], "paper_acc": paper_acc,
+            "acc_mean": statistics.fmean(accs) if accs else None,
+            "acc_std": statistics.stdev(accs) if len(accs) > 1 else None,
+            "params_x": runs[0]["params_x"] if runs else None,
+            "devices": sorted({run["device"] for run in runs}), "git_commits": sorted({run["git_commit"] for run in runs})}
+
+
+def render(table):
+    data = "full data" if table["subset"] is None else f"subset {table['subset']} training images"
+    lines = ["# Table 6b (Multi-MNIST columns): ablations and the use of image content", "",
+             f"- Protocol: {table['epochs']} epochs, {data}, seeds {', '.join(map(str, table['seeds']))}; runs in "
+             f"`{table['runs_dir']}`.", f"- Generated by: `{table['command']}`.", "",
+             "Test accuracy (%) at the best-validation epoch, mean over tasks, mean ± sample std over seeds; "
+             "in brackets the paper's value. #P: parameters as a multiple of one LeNet.", "",
+             "| method | uses image | #P | 9 digits by loc | #P | 9 digits by ref |", "|---|---|---|---|---|---|"]
+    for method, row in table["rows"].items():
+        uses_image = "yes" if PAPER["rows"][method][0] else "no"
+        cells = []
+        for setting in SETTINGS:
+            cell = row[setting]
+            if cell["n"] == 0:
+                cells += ["–", f"– ({cell['paper_acc']:.2f})"]
+                continue
+            std = " (n=1)" if cell["acc_std"] is None else f" ± {cell['acc_std']:.2f}"
+            cells += [f"{cell['params_x']:.3f}", f"{cell['acc_mean']:.2f}{std} ({cell['paper_acc']:.2f})"]
+        lines.append(f"| {method} | {uses_image} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
