@@ -2,16 +2,22 @@
 
 A param file is a JSON object. ``method`` names the Table 2 row; it picks a model and a loss weighting
 (``METHODS``), which ``model`` / ``weighting`` may override to pair any weighting with any multi-branch
-model. Every problem is reported as one ``ParamError`` line naming the file, the key and what is allowed.
+model. ``dataset`` picks the data set (paper §4.1) and with it the default backbone and input size; on a
+larger backbone (CLEVR, CELEB-A, CUB-200) the method's model is its ``backbone_*`` counterpart (``ON_BACKBONE``).
+Every problem is reported as one ``ParamError`` line naming the file, the key and what is allowed.
 """
 import difflib
 import inspect
 import json
 from pathlib import Path
 
+import torch
+
 from loaders import LOADERS, NUM_TASKS, SETTINGS
+from loaders.clevr import RULES
 from loaders.multi_mnist import RESIZES
-from models import MODELS
+from models import BACKBONE_OPTIONS, MODELS, ON_BACKBONE
+from models.backbones import BACKBONES, build_backbone
 from models.gumbel_matrix import router_parameters
 from weighting import WEIGHTINGS, build_weighting
 
@@ -48,9 +54,11 @@ ROUTER_OPTIONS = {
 REQUIRED = object()
 SCHEMA = {
     "exp_id": (str, REQUIRED, None, "experiment name; default output dir is runs/<exp_id>/seed<k>"),
-    "method": (str, REQUIRED, tuple(METHODS), "Table 2 row; picks the model and the loss weighting"),
-    "setting": (str, REQUIRED, SETTINGS, "data set and task set (Multi-MNIST generator kind)"),
-    "dataset": (str, "multi_mnist", tuple(LOADERS), "loader"),
+    "method": (str, REQUIRED, tuple(METHODS), "row of Tables 2, 3 and 6a; picks the model (on a larger backbone its backbone_* counterpart) and the loss weighting"),
+    "setting": (str, REQUIRED, SETTINGS, "task set of the data set: a Multi-MNIST generator kind, clevr_<number of "
+                "tasks> (clevr, clevr_like), celeba or cub"),
+    "dataset": (str, "multi_mnist", tuple(LOADERS), "data set (paper §4.1; clevr_like: CLEVR-like scenes generated "
+                "offline, loaders/clevr_like.py)"),
     "model": (str, None, tuple(MODELS), "override the method's model"),
     "weighting": (str, None, tuple(WEIGHTINGS), "override the method's loss weighting (multi-branch models only)"),
     "model_options": (dict, {}, None, "keyword arguments of the model (e.g. sigma for task_routing, c1/c2 widths)"),
@@ -63,10 +71,19 @@ SCHEMA = {
     "momentum": (float, 0.9, (0.0, 0.999), "SGD momentum (SGD only)"),
     "lr_schedule": (str, "halve_30_60_90", LR_SCHEDULES, "the authors' lr halving at 30/60/90% of the epochs, or none"),
     "batch_size": (int, 512, (1, 1_000_000), "training batch size (paper Table 1: 512)"),
-    "eval_batch_size": (int, 0, (0, 10_000_000), "image-task pairs per evaluation pass; 0 = auto (512 on CPU, 32768 on GPU)"),
+    "eval_batch_size": (int, 0, (0, 10_000_000), "image-task pairs per evaluation pass; 0 = auto (512 on CPU and for the larger backbones, 32768 for LeNet on GPU)"),
     "memory_format": (str, "channels_last", ("channels_last", "contiguous"), "conv memory layout (same maths; channels_last is ~2x faster on CPU)"),
     "resize": (str, "nearest", RESIZES, "Multi-MNIST resize filter to 28x28"),
-    "data_seed": (int, 0, (0, 2**31 - 1), "seed of the Multi-MNIST generation (the data is the same for every run seed)"),
+    "data_seed": (int, 0, (0, 2**31 - 1), "seed of the data: the Multi-MNIST and CLEVR-like generation and the held-out validation split (the same data for every run seed)"),
+    "data_root": (str, None, None, "data directory (--data_root overrides it); null = $MTL_DATA_ROOT or ./data (multi_mnist, clevr_like), $MTL_CLEVR_ROOT, $MTL_CELEBA_ROOT or $MTL_CUB_ROOT (the unpacked data set)"),
+    "backbone": (str, None, ("lenet",) + tuple(BACKBONES), "BU backbone (paper §4.2); null = the data set's: lenet (multi_mnist), vgg11_clevr (clevr, clevr_like), vgg7 (celeba), resnet18 (cub)"),
+    "input_size": (int, 0, (0, 4096), "side S of the square model input (images resized to S x S); 0 = the data set's: 28 (multi_mnist, the only choice), 224 (clevr, cub), 64 (celeba, clevr_like)"),
+    "spatial_loss_weight": (float, 0.0, (0.0, 1000.0), "weight of the auxiliary localisation loss at the bottom of TD (paper §4.2, 'loc' in Tables 3 and 6a; ControlNet on multi_mnist, clevr, clevr_like, cub); 0 = off"),
+    "eval_every": (int, 1, (1, 100_000), "evaluate val and test every k epochs and after the last (the best epoch is chosen among those; for large task sets)"),
+    "val_fraction": (float, 0.1, (0.0, 0.5), "share of the training split held out for validation (clevr, clevr_like, cub)"),
+    "relation_rule": (str, "pixel_cone", RULES, "CLEVR relations: the authors' cones in the image or CLEVR's own scene relationships (loaders/clevr.py)"),
+    "clevr_like_train": (int, 4000, (1, 10_000_000), "clevr_like: scenes generated as CLEVR's train split (train and val)"),
+    "clevr_like_test": (int, 1000, (1, 10_000_000), "clevr_like: scenes generated as CLEVR's val split (the test split)"),
 }
 
 
@@ -107,11 +124,13 @@ def validate(raw, source):
             if default is REQUIRED:
                 raise ParamError(f"{source}: missing key '{key}' ({SCHEMA[key][3]}); allowed: {_allowed(key)}")
             params[key] = default
+    _complete_data(params, source)
     model, weighting = METHODS[params["method"]]
-    params["model"] = params["model"] or model
+    params["model"] = params["model"] or _model_on_backbone(model, params, source)
     params["weighting"] = params["weighting"] or weighting
     _check_pairing(params, source)
     model = _check_options(params, source)
+    _check_spatial_loss(params, source)
     params["router_options"] = _check_router_options(params, model, source)
     return params
 
@@ -135,6 +154,69 @@ def check_value(key, value, source):
     return value
 
 
+def _complete_data(params, source):
+    """The data set's default backbone and input size, and the checks that tie the setting, the backbone and the
+    input size to the data set."""
+    loader = LOADERS[params["dataset"]]
+    if params["setting"] not in loader.num_tasks:
+        raise ParamError(f"{source}: key 'setting': '{params['setting']}' is not a task set of data set "
+                         f"'{params['dataset']}'; allowed: {', '.join(loader.num_tasks)}")
+    params["backbone"] = params["backbone"] or loader.backbone
+    params["input_size"] = params["input_size"] or loader.input_size
+    if (params["backbone"] == "lenet") != (loader.backbone == "lenet"):
+        allowed = "lenet" if loader.backbone == "lenet" else ", ".join(BACKBONES)
+        raise ParamError(f"{source}: key 'backbone': '{params['backbone']}' does not take the images of data set "
+                         f"'{params['dataset']}'; allowed: {allowed}")
+    if params["backbone"] == "lenet" and params["input_size"] != loader.input_size:
+        raise ParamError(f"{source}: key 'input_size': LeNet takes {loader.input_size} x {loader.input_size} images; "
+                         f"allowed: 0 or {loader.input_size}")
+    if params["backbone"] != "lenet":
+        try:
+            with torch.device("meta"):
+                build_backbone(params["backbone"], input_size=params["input_size"])
+        except ValueError as err:
+            raise ParamError(f"{source}: key 'input_size': {err}") from None
+
+
+def _model_on_backbone(model, params, source):
+    """The method's model on the param file's backbone: the LeNet model itself, or its ``backbone_*`` counterpart."""
+    if params["backbone"] == "lenet":
+        return model
+    if model not in ON_BACKBONE:
+        available = [method for method, (lenet_model, _) in METHODS.items() if lenet_model in ON_BACKBONE]
+        raise ParamError(f"{source}: key 'method': '{params['method']}' is not implemented on backbone "
+                         f"'{params['backbone']}'; allowed: {', '.join(available)}")
+    return ON_BACKBONE[model]
+
+
+def _check_spatial_loss(params, source):
+    if params["spatial_loss_weight"] == 0:
+        return
+    if not LOADERS[params["dataset"]].has_locations:
+        raise ParamError(f"{source}: key 'spatial_loss_weight': data set '{params['dataset']}' has no object or part "
+                         f"locations to train it on; allowed: 0")
+    if params["model"] not in ("controlnet", ON_BACKBONE["controlnet"]):
+        raise ParamError(f"{source}: key 'spatial_loss_weight': model '{params['model']}' has no TD stream whose "
+                         f"bottom map it trains (only controlnet, {ON_BACKBONE['controlnet']}); allowed: 0")
+
+
+def backbone_kwargs(params):
+    """The plain backbone of the param file (the unit of the paper's #P): its name and, on a larger backbone, the
+    data set's classes, the input size and the model's width (``models.unit_counts``)."""
+    if params["backbone"] == "lenet":
+        return {"backbone": "lenet"}
+    return {"backbone": params["backbone"], "num_classes": LOADERS[params["dataset"]].num_classes,
+            "input_size": params["input_size"], "width": params["model_options"].get("width", 1.0)}
+
+
+def model_kwargs(params):
+    """The model's keyword arguments: ``model_options``, on a larger backbone with the backbone's name, the data
+    set's classes and the input size."""
+    if params["backbone"] == "lenet":
+        return dict(params["model_options"])
+    return {**backbone_kwargs(params), **params["model_options"]}
+
+
 def _check_pairing(params, source):
     paradigm = MODELS[params["model"]].paradigm
     if paradigm == "multi_branch" and params["weighting"] is None:
@@ -146,9 +228,15 @@ def _check_pairing(params, source):
 
 
 def _check_options(params, source):
-    """Builds the model and the weighting once (cheap, no data) so that their own checks run now."""
+    """Builds the model (on the meta device: no memory, no data) and the weighting once, so that their own checks
+    run now."""
+    if (params["model"] in ON_BACKBONE.values()) != (params["backbone"] != "lenet"):
+        allowed = ON_BACKBONE.values() if params["backbone"] != "lenet" else \
+            [name for name in MODELS if name not in ON_BACKBONE.values()]
+        raise ParamError(f"{source}: key 'model': '{params['model']}' does not run on backbone '{params['backbone']}' "
+                         f"(data set '{params['dataset']}'); allowed: {', '.join(allowed)}")
     signature = inspect.signature(MODELS[params["model"]]).parameters
-    valid = [name for name in signature if name != "num_tasks"]
+    valid = [name for name in signature if name not in ("num_tasks",) + BACKBONE_OPTIONS]
     for name, value in params["model_options"].items():
         if name not in valid:
             raise ParamError(f"{source}: unknown key 'model_options.{name}' for model '{params['model']}'; "
@@ -164,7 +252,8 @@ def _check_options(params, source):
                          f"loss weighting; allowed: {{}}")
     num_tasks = NUM_TASKS[params["setting"]]
     try:
-        model = MODELS[params["model"]](num_tasks, **params["model_options"])
+        with torch.device("meta"):
+            model = MODELS[params["model"]](num_tasks, **model_kwargs(params))
     except (TypeError, ValueError, RuntimeError) as err:
         raise ParamError(f"{source}: key 'model_options': {err}") from None
     if params["weighting"] in NEEDS_TRUNK and not hasattr(model, "trunk"):

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+from provenance import git_commit
 from loaders.rotated_mnist import TASKS, load_rotated_mnist
 from models.gumbel_matrix import (ALLOCATIONS, GumbelMatrixMNISTNet, allocation_matrix, budget_penalty,
                                   router_parameters, set_temperature, temperature_schedule, weight_parameters)
@@ -85,8 +86,9 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def load_params(path):
-    """Reads and validates a param file; returns it completed with the defaults. Raises ParamError."""
+def load_params(path, schema=SCHEMA):
+    """Reads and validates a param file against ``schema`` (this script's, or another trainer's of the same form);
+    returns it completed with the defaults. Raises ParamError."""
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"{path}: param file not found")
@@ -98,15 +100,15 @@ def load_params(path):
         raise ParamError(f"{path}: expected a JSON object at the top level, got {type(raw).__name__}")
     params = {}
     for key, value in raw.items():
-        if key not in SCHEMA:
-            raise ParamError(f"{path}: unknown key '{key}'; valid keys: {', '.join(SCHEMA)}")
-        kind, _, check, allowed = SCHEMA[key]
+        if key not in schema:
+            raise ParamError(f"{path}: unknown key '{key}'; valid keys: {', '.join(schema)}")
+        kind, _, check, allowed = schema[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or isinstance(value, bool) or not check(value):
             raise ParamError(f"{path}: key '{key}' has invalid value {json.dumps(value)}; allowed: {allowed}")
         params[key] = value
-    for key, (_, default, _, allowed) in SCHEMA.items():
+    for key, (_, default, _, allowed) in schema.items():
         if key not in params:
             if default is None:
                 raise ParamError(f"{path}: missing key '{key}'; allowed: {allowed}")
@@ -194,24 +196,6 @@ def evaluate(model, tasks_data):
         accuracies.append(100.0 * correct / len(labels))
     model.train()
     return accuracies
-
-
-def git_commit():
-    """HEAD's commit, read from ``.git`` without running git (no dirty flag); "unknown" outside a checkout."""
-    git = REPO / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head
-        ref = head[5:]
-        if (git / ref).is_file():
-            return (git / ref).read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0]
-    except OSError:
-        pass
-    return "unknown"
 
 
 def run(args, command):

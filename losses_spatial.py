@@ -41,16 +41,17 @@ def blurred_targets(xy, height, width, sigma=SIGMA, radius=RADIUS):
     return F.conv2d(padded, kernel)[:, 0]
 
 
-def spatial_classification_loss(td_map, xy, sigma=SIGMA):
+def spatial_classification_loss(td_map, xy, sigma=SIGMA, num_valid=None):
     """td_map [B, 1, H, W] (logits), xy [B, 2] target pixels in map coordinates (negative or outside = none).
-    Returns a scalar; 0 with a zero gradient when no sample has a target."""
+    Returns a scalar; 0 with a zero gradient when no sample has a target. ``num_valid`` replaces the divisor (the
+    number of samples with a target), as in ``losses.per_task_cross_entropy``."""
     batch, _, height, width = td_map.shape
     valid = has_location(xy, height, width)
     if not valid.any():
         return td_map.sum() * 0.0
     log_p = F.log_softmax(td_map[valid].reshape(int(valid.sum()), height * width), dim=1)
     target = blurred_targets(xy[valid].float(), height, width, sigma).reshape(len(log_p), -1)
-    return (torch.xlogy(target, target) - target * log_p).sum() / len(log_p)
+    return (torch.xlogy(target, target) - target * log_p).sum() / (len(log_p) if num_valid is None else num_valid)
 
 
 def location_regression_loss(predicted, xy, size):

@@ -17,6 +17,11 @@ class TaskAccuracy:
         self.correct += ((predictions == labels) & valid).sum(dim=1)
         self.count += valid.sum(dim=1)
 
+    def update_pairs(self, tasks, predictions, labels):
+        """One (image, task) pair per entry, all with a valid label: tasks, predictions, labels [P]."""
+        self.correct.index_add_(0, tasks, (predictions == labels).long())
+        self.count.index_add_(0, tasks, torch.ones_like(tasks))
+
     def per_task(self):
         """Accuracy per task in percent; NaN for a task with no valid image."""
         count = self.count.double()

@@ -11,7 +11,6 @@ digit's centre), the peak should find the digit; trained without it, the map is 
 ``td_maps.json`` (rates overall and per task, chance, the run's command and commit) and ``td_maps.png`` (the map
 over the image for a few test images and tasks) to --out.
 """
-import argparse
 import json
 import sys
 from pathlib import Path

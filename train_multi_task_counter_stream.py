@@ -1,11 +1,16 @@
-"""Train a multi-task model on Multi-MNIST from a JSON param file (paper §3-4, Table 1 protocol).
+"""Train a multi-task model from a JSON param file (paper §3-4, Table 1 protocol): Multi-MNIST (Table 2) on
+LeNet, CLEVR, CELEB-A and CUB-200 (Tables 3 and 6a) on VGG-11, VGG-7 and ResNet-18.
 
     python train_multi_task_counter_stream.py --param_file=params/mmnist_counter_9tasks_params.json --epochs 100
+    python train_multi_task_counter_stream.py --param_file=params/clevr_40tasks_controlnet.json --data_root DIR
 
-The param file picks the setting (data and tasks), the method (model + loss weighting), the optimiser and
-the schedule (see config.py). Single-branch models (ControlNet, ch-mod, task routing) get one task drawn per
-training sample; multi-branch models see every task label of an image in one pass. Every epoch evaluates
-every task on every validation and test image; the kept model is the best-validation one. Outputs in --out:
+The param file picks the data set and its task set, the method (model + loss weighting), the optimiser and
+the schedule (see config.py). Every split is held in memory as uint8 images, moved to the device once and
+normalised there with the data set's mean and std; batches are index slices. Single-branch models (ControlNet,
+ch-mod, task routing) get one task drawn per training sample, among the tasks valid for it; multi-branch models
+see every task label of an image in one pass. ControlNet on CLEVR and CUB-200 can add the localisation loss at
+the bottom of TD (``spatial_loss_weight``). Every epoch (or every ``eval_every``) evaluates every task on every
+validation and test image where it is defined; the kept model is the best-validation one. Outputs in --out:
 metrics.jsonl, results.json, checkpoint.pt (resume state) and best_model.pt, all written atomically.
 
 Started by torchrun (``torchrun --nproc_per_node=N train_multi_task_counter_stream.py ...``), it trains one model
@@ -15,7 +20,6 @@ task draws and gradients as one process (see distributed.py); rank 0 writes the 
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,15 +33,18 @@ import config
 import distributed
 import gumbel_experiment
 import losses
+from provenance import git_commit
+import losses_spatial
 from loaders import LOADERS, NUM_TASKS
+from loaders.image_sets import MissingDatasetError
 from loaders.mnist import MNISTUnavailable
 from metrics import TaskAccuracy
-from models import LENET_PARAMS, LENET_WEIGHTS, build_model, count_parameters
+from models import build_model, count_parameters, unit_counts
 from models.gumbel_matrix import add_budget_gradient, allocation_matrix, router_parameters, set_temperature, \
     temperature_schedule
 from weighting import build_weighting
 
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+MNIST_STATS = (LOADERS["multi_mnist"].mean, LOADERS["multi_mnist"].std)
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 REPO = Path(__file__).resolve().parent
 
@@ -52,7 +59,9 @@ def parse_args(argv):
     parser.add_argument("--subset", type=positive_int, help="use only N training and N/5 val/test images (smoke runs)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--force", action="store_true", help="resume even if the param file changed")
-    parser.add_argument("--data_root", help="data directory (default $MTL_DATA_ROOT or ./data)")
+    parser.add_argument("--data_root", help="data directory (default: the param data_root, else for Multi-MNIST and "
+                        "CLEVR-like $MTL_DATA_ROOT or ./data, for CLEVR, CELEB-A, CUB-200 $MTL_CLEVR_ROOT, "
+                        "$MTL_CELEBA_ROOT, $MTL_CUB_ROOT)")
     parser.add_argument("--dry_run", action="store_true", help="build the model, print its parameter counts, exit")
     return parser.parse_args(argv)
 
@@ -106,7 +115,8 @@ def run(args):
     epochs = args.epochs or params["epochs"]
     num_tasks = NUM_TASKS[params["setting"]]
     if args.dry_run:
-        model = build_model(params["model"], num_tasks, **params["model_options"])
+        with torch.device("meta"):  # counts only: no memory (uniform scaling on 1645 CLEVR tasks has 12G parameters)
+            model = build_model(params["model"], num_tasks, **config.model_kwargs(params))
         print(json.dumps(parameter_counts(params, model)))
         return 0
     device = resolve_device(args.device)
@@ -116,9 +126,11 @@ def run(args):
     distributed.on_main(prepare_output_dir, out, args.resume)
 
     torch.manual_seed(args.seed)
-    model = build_model(params["model"], num_tasks, **params["model_options"])
+    model = build_model(params["model"], num_tasks, **config.model_kwargs(params))
     model = model.to(device, memory_format=MEMORY_FORMATS[params["memory_format"]])
     rows = eval_rows(params, device)
+    stats = (LOADERS[params["dataset"]].mean, LOADERS[params["dataset"]].std)
+    pairs = params["dataset"] != "multi_mnist"  # evaluate only the defined (image, task) pairs (see evaluate)
     weighting = None
     if params["weighting"] is not None:
         weighting = build_weighting(params["weighting"], num_tasks, params["weighting_options"]).to(device)
@@ -130,8 +142,9 @@ def run(args):
         state = resume(saved, out / "checkpoint.pt", params, model, weighting, optimizer)
     trained = distributed.wrap(model, device)  # the forward whose backward averages the gradients over the ranks
 
-    data = {split: (images.to(device), labels.to(device)) for split, (images, labels)
-            in distributed.local_main_first(load_data, params, args.subset, args.data_root).items()}
+    splits = distributed.local_main_first(load_data, params, args.subset, args.data_root or params["data_root"])
+    data = {split: (images.to(device), labels.to(device)) for split, (images, labels, _) in splits.items()}
+    locations = splits["train"][2].to(device) if params["spatial_loss_weight"] > 0 else None
     info = {"command": args.command,
             "git_commit": git_commit(), "device": describe_device(device), "world_size": distributed.world_size(),
             "seed": args.seed, "epochs": epochs, "method": params["method"], "setting": params["setting"],
@@ -144,26 +157,30 @@ def run(args):
         start = time.perf_counter()
         for group, base_lr in zip(optimizer.param_groups, base_learning_rates(params)):
             group["lr"] = base_lr * lr_factor(params, epoch, epochs)
-        train_loss = train_epoch(trained, weighting, optimizer, data["train"], params, args.seed, epoch, out, state)
-        val, test = (evaluate(model, *data[split], num_tasks, rows, MEMORY_FORMATS[params["memory_format"]])
-                     for split in ("val", "test"))
+        train_loss = train_epoch(trained, weighting, optimizer, data["train"], params, args.seed, epoch, out, state,
+                                 stats, locations)
+        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss}
+        evaluated = (epoch + 1) % params["eval_every"] == 0 or epoch + 1 == epochs
+        if evaluated:
+            val, test = (evaluate(model, *data[split], num_tasks, rows, MEMORY_FORMATS[params["memory_format"]], stats,
+                                  pairs) for split in ("val", "test"))
+            record.update({"val_acc_mean": float(val.nanmean()), "test_acc_mean": float(test.nanmean()),
+                           "val_acc_per_task": val.tolist(), "test_acc_per_task": test.tolist()})
         state["wall_time_s"] += time.perf_counter() - start
-        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
-                  "val_acc_mean": float(val.nanmean()), "test_acc_mean": float(test.nanmean()),
-                  "val_acc_per_task": val.tolist(), "test_acc_per_task": test.tolist()}
         if weighting is not None:
             record["task_weights"] = weighting.weights().detach().cpu().tolist()
         if router_parameters(model):
             record["active_fraction_per_task"] = allocation_matrix(model).mean(dim=1).cpu().tolist()
         state["history"].append(record)
-        best = state["best"] is None or record["val_acc_mean"] > state["best"]["val_acc_mean"]
+        best = evaluated and (state["best"] is None or record["val_acc_mean"] > state["best"]["val_acc_mean"])
         if best:
             state["best"] = record
         state["epoch"] = epoch + 1
         distributed.on_main(save_epoch, out, model, weighting, optimizer, params, args, epochs, state, best)
-        log(f"epoch {epoch + 1}/{epochs}  loss {train_loss:.4f}  val {record['val_acc_mean']:.2f}  "
-            f"test {record['test_acc_mean']:.2f}  (best val {state['best']['val_acc_mean']:.2f} at epoch "
-            f"{state['best']['epoch']})  {time.perf_counter() - start:.1f}s")
+        scores = f"val {record['val_acc_mean']:.2f}  test {record['test_acc_mean']:.2f}  (best val " \
+                 f"{state['best']['val_acc_mean']:.2f} at epoch {state['best']['epoch']})" if evaluated else \
+                 f"(evaluated every {params['eval_every']} epochs)"
+        log(f"epoch {epoch + 1}/{epochs}  loss {train_loss:.4f}  {scores}  {time.perf_counter() - start:.1f}s")
 
     results = {**info, "best_epoch": state["best"]["epoch"], "val_acc_mean": state["best"]["val_acc_mean"],
                "test_acc_mean": state["best"]["test_acc_mean"], "test_acc_per_task": state["best"]["test_acc_per_task"],
@@ -197,22 +214,34 @@ def log(message):
 
 
 def load_data(params, subset, root):
+    """{split: (images, labels, locations)} in memory (``loaders.LOADERS``), cut to ``subset``."""
     try:
-        data = LOADERS[params["dataset"]](params["setting"], params, root)
+        data = LOADERS[params["dataset"]].load(params["setting"], params, root)
+    except (MissingDatasetError, MNISTUnavailable, ValueError) as err:  # ValueError: a malformed data file
+        raise RunError(" ".join(str(err).split())) from None
     except OSError as err:
         raise RunError(f"cannot read or write the data cache: {err}; choose another data root with --data_root") \
             from None
-    except MNISTUnavailable as err:
-        raise RunError(str(err)) from None
+    found, expected = data["train"][1].shape[1], NUM_TASKS[params["setting"]]
+    if found != expected:
+        raise RunError(f"the {params['dataset']} data has {found} tasks, setting '{params['setting']}' has {expected}; "
+                       f"check the data set's files (--data_root)")
     if subset:
         sizes = {"train": subset, "val": max(subset // 5, 1), "test": max(subset // 5, 1)}
-        data = {split: (images[:sizes[split]], labels[:sizes[split]]) for split, (images, labels) in data.items()}
+        data = {split: tuple(None if array is None else array[:sizes[split]] for array in arrays)
+                for split, arrays in data.items()}
     return data
 
 
-def normalize(images, memory_format=torch.contiguous_format):
-    """uint8 [B, H, W] on the device -> float [B, 1, H, W], MNIST mean/std (as ToTensor + Normalize)."""
-    x = images.unsqueeze(1).float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
+def normalize(images, memory_format=torch.contiguous_format, stats=MNIST_STATS):
+    """uint8 images on the device -> float [B, C, H, W] with the data set's per-channel ``stats`` (mean, std), as
+    ToTensor + Normalize: [B, H, W] grey (Multi-MNIST, C = 1) or [B, 3, H, W] RGB."""
+    if images.dim() == 3:
+        (mean,), (std,) = stats
+        x = images.unsqueeze(1).float().div_(255.0).sub_(mean).div_(std)
+    else:
+        mean, std = (torch.tensor(value, device=images.device).view(1, -1, 1, 1) for value in stats)
+        x = images.float().div_(255.0).sub_(mean).div_(std)
     return x.contiguous(memory_format=memory_format)
 
 
@@ -232,9 +261,12 @@ def draw_tasks(valid, generator):
     return scores.argmax(dim=1)
 
 
-def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, state):
+def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, state, stats=MNIST_STATS,
+                locations=None):
     """One epoch; ``model`` is the DDP wrapper in a distributed run, where each rank trains on its part of every
-    global batch and the logged losses are averaged over the ranks: the global batch's, as in one process."""
+    global batch and the logged losses are averaged over the ranks: the global batch's, as in one process.
+    ``locations`` (float [N, T, 2], single-branch ControlNet only) adds the localisation loss at the bottom of TD,
+    weighted by ``spatial_loss_weight``."""
     images, labels = train
     device, n, batch_size = images.device, len(images), params["batch_size"]
     memory_format = MEMORY_FORMATS[params["memory_format"]]
@@ -253,18 +285,25 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
     for step, begin in enumerate(progress):
         batch = order[begin:begin + batch_size]  # the global batch, the same for any number of processes
         index = distributed.shard(batch)  # this rank's part of it
-        x = normalize(images[index], memory_format)
+        x = normalize(images[index], memory_format, stats)
         optimizer.zero_grad(set_to_none=True)
         if routing:  # Gumbel-softmax temperature, counted in task-updates as the original (spec gumbel_matrix.md §5)
             update = (epoch * len(steps) + step) * labels.shape[1]
             set_temperature(routed, temperature_schedule(update, routing["temperature_init"], routing["temperature_min"]))
         if weighting is None:
             t = tasks[index]
-            loss = losses.masked_cross_entropy(model(x, t), labels[index, t], loss_divisor(labels[batch, tasks[batch]]))
+            if locations is None:
+                loss = losses.masked_cross_entropy(model(x, t), labels[index, t].long(),
+                                                   loss_divisor(labels[batch, tasks[batch]]))
+            else:
+                logits, td_map = model(x, t, with_td_map=True)
+                loss = losses.masked_cross_entropy(logits, labels[index, t].long(),
+                                                   loss_divisor(labels[batch, tasks[batch]])) + \
+                    params["spatial_loss_weight"] * spatial_loss(td_map, locations[index, t], locations[batch, tasks[batch]])
             loss.backward()
             task_losses = loss.detach()
         else:
-            task_losses = weighting.backward(model, x, labels[index], loss_divisor(labels[batch]))
+            task_losses = weighting.backward(model, x, labels[index].long(), loss_divisor(labels[batch]))
             distributed.average_gradients(weighting.parameters())
         if routing and routing["budget_penalty"] > 0:
             add_budget_gradient(routed, routing["budget"], routing["budget_penalty"])
@@ -290,6 +329,13 @@ def loss_divisor(labels):
     return (labels >= 0).sum(0).clamp(min=1) / distributed.world_size()
 
 
+def spatial_loss(td_map, xy, batch_xy):
+    """The localisation loss at the bottom of TD (paper §4.2, ``losses_spatial``) of this rank's samples, divided
+    as ``loss_divisor`` does: by the targets of the whole global batch (``batch_xy``) over the number of ranks."""
+    num_valid = losses_spatial.has_location(batch_xy, *td_map.shape[-2:]).sum().clamp(min=1) / distributed.world_size()
+    return losses_spatial.spatial_classification_loss(td_map, xy, num_valid=num_valid)
+
+
 def report_nonfinite(step, epoch, params, order, tasks, batch_size, out, state, bad_losses):
     if tasks is not None:
         which = sorted(set(tasks[order[step * batch_size:(step + 1) * batch_size]].tolist()))
@@ -305,29 +351,39 @@ def report_nonfinite(step, epoch, params, order, tasks, batch_size, out, state, 
 
 
 @torch.inference_mode()
-def evaluate(model, images, labels, num_tasks, rows, memory_format):
-    """Accuracy per task [T] (percent): every task applied to every image (paper §3), all tasks of a chunk of
-    images in one pass (``rows`` image-task pairs per pass; single-branch models see each image T times).
+def evaluate(model, images, labels, num_tasks, rows, memory_format, stats=MNIST_STATS, pairs=False):
+    """Accuracy per task [T] (percent): every task applied to every image where it is defined (paper §3), all
+    tasks of a chunk of images in one pass (``rows`` image-task pairs per pass; single-branch models see each
+    image T times). With ``pairs`` (CLEVR, CELEB-A, CUB-200), single-branch models see only the pairs with a valid
+    label, ``rows`` per pass, and multi-branch models ``rows`` images per pass: the same accuracies (invalid pairs
+    are never counted), without the ~90% of CLEVR's by-reference pairs that are undefined.
     In a distributed run each rank evaluates its part of the images and the counts are summed over the ranks."""
     model.eval()
     images, labels = distributed.shard(images), distributed.shard(labels)
     accuracy = TaskAccuracy(num_tasks, images.device)
-    per_pass = max(1, rows // num_tasks)
-    for begin in range(0, len(images), per_pass):
-        x, y = normalize(images[begin:begin + per_pass], memory_format), labels[begin:begin + per_pass]
-        accuracy.update(all_task_logits(model, x, num_tasks).argmax(dim=2), y.t())
+    if pairs and model.paradigm == "single_branch":
+        image, task = (labels >= 0).nonzero(as_tuple=True)
+        for begin in range(0, len(task), rows):
+            i, t = image[begin:begin + rows], task[begin:begin + rows]
+            accuracy.update_pairs(t, model(normalize(images[i], memory_format, stats), t).argmax(dim=1), labels[i, t])
+    else:
+        per_pass = rows if pairs else max(1, rows // num_tasks)
+        for begin in range(0, len(images), per_pass):
+            x, y = normalize(images[begin:begin + per_pass], memory_format, stats), labels[begin:begin + per_pass]
+            accuracy.update(all_task_logits(model, x, num_tasks).argmax(dim=2), y.t())
     distributed.sum_(accuracy.correct)
     distributed.sum_(accuracy.count)
     return accuracy.per_task()
 
 
 def eval_rows(params, device):
-    """Image-task pairs per evaluation pass: the param, else 512 on CPU (larger passes are slower there), 32768 on GPU."""
-    return params["eval_batch_size"] or (512 if device.type == "cpu" else 32768)
+    """Image-task pairs per evaluation pass: the param, else 512 on CPU (larger passes are slower there) and for the
+    larger backbones (their activations at 224 px), 32768 for LeNet on GPU."""
+    return params["eval_batch_size"] or (512 if device.type == "cpu" or params["backbone"] != "lenet" else 32768)
 
 
 def all_task_logits(model, x, num_tasks):
-    """Logits of every task on every image, [T, B, 10]."""
+    """Logits of every task on every image, [T, B, C]."""
     if model.paradigm == "multi_branch":
         return model(x).transpose(0, 1)
     if hasattr(model, "forward_all_tasks"):
@@ -370,10 +426,13 @@ def make_optimizer(params, groups):
 
 
 def parameter_counts(params, model):
+    """Parameters and weights (parameters without biases), also as multiples of the plain backbone: the paper's #P
+    (one LeNet in Table 2; "the corresponding BU architecture" in Table 3)."""
     num_params, num_weights = count_parameters(model)
+    unit_params, unit_weights = unit_counts(**config.backbone_kwargs(params))
     return {"method": params["method"], "setting": params["setting"], "num_params": num_params,
-            "num_weights": num_weights, "params_x": round(num_params / LENET_PARAMS, 4),
-            "weights_x": round(num_weights / LENET_WEIGHTS, 4)}
+            "num_weights": num_weights, "params_x": round(num_params / unit_params, 4),
+            "weights_x": round(num_weights / unit_weights, 4)}
 
 
 def resolve_device(name):
@@ -405,16 +464,6 @@ def describe_device(device):
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def git_commit():
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return sha.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def prepare_output_dir(out, resume):

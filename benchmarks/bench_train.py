@@ -274,7 +274,7 @@ def load_split_data(params, sizes, device):
     """{split: (uint8 images, int64 labels)} on ``device``, cut to ``sizes``."""
     data = train.load_data(params, None, None)
     out = {"num_tasks": NUM_TASKS[params["setting"]]}
-    for split, (images, labels) in data.items():
+    for split, (images, labels, _) in data.items():
         out[split] = (images[:sizes[split]].to(device), labels[:sizes[split]].to(device))
     return out
 

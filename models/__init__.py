@@ -1,13 +1,23 @@
 """Model registry and parameter counting.
 
-Every model is either ``single_branch`` (``forward(images, tasks) -> [B, 10]``, one task per sample) or
-``multi_branch`` (``forward(images) -> [B, T, 10]``, all tasks in one pass); see ``paradigm``.
+Every model is either ``single_branch`` (``forward(images, tasks) -> [B, C]``, one task per sample) or
+``multi_branch`` (``forward(images) -> [B, T, C]``, all tasks in one pass); see ``paradigm``.
+
+The LeNet family (Multi-MNIST, Table 2) takes [1, 28, 28] images and has C = 10 classes. The ``backbone_*``
+models are the same methods on the larger backbones of paper §4.2 (VGG-11 for CLEVR, VGG-7 for CELEB-A,
+ResNet-18 for CUB-200; ``models.backbones``), built with ``backbone``, ``num_classes`` and ``input_size``; their
+``input_shape`` is [3, S, S] (``input_shape(model)``).
 """
+import torch
+
 from .ablations import BUOnlyLeNet, TDOnlyControlNet
+from .backbones import build_backbone
 from .controlnet import ControlNet
+from .controlnet_backbones import BackboneControlNet
 from .gumbel_matrix import GumbelMatrixLeNet
 from .lenet import MultiBranchLeNet, SingleTaskLeNets
 from .modulation import ChannelModulatedLeNet, ExtendedChannelModulatedLeNet, TaskRoutedLeNet
+from .modulation_backbones import ChannelModulatedBackbone, MultiBranchBackbone, TaskRoutedBackbone
 
 MODELS = {
     "controlnet": ControlNet,
@@ -19,7 +29,16 @@ MODELS = {
     "td_only": TDOnlyControlNet,
     "bu_only": BUOnlyLeNet,
     "gumbel_matrix": GumbelMatrixLeNet,
+    "backbone_controlnet": BackboneControlNet,
+    "backbone_ch_mod": ChannelModulatedBackbone,
+    "backbone_task_routing": TaskRoutedBackbone,
+    "backbone_multi_branch": MultiBranchBackbone,
 }
+# The LeNet-family model -> the same method on a larger backbone (paper §4.3: same places, one head).
+ON_BACKBONE = {"controlnet": "backbone_controlnet", "ch_mod": "backbone_ch_mod",
+               "task_routing": "backbone_task_routing", "multi_branch": "backbone_multi_branch"}
+BACKBONE_OPTIONS = ("backbone", "num_classes", "input_size")  # set from the param file's data set, not model_options
+LENET_INPUT = (1, 28, 28)
 
 LENET_PARAMS = 24_390   # one LeNet, weights and biases (spec §3)
 LENET_WEIGHTS = 24_250  # one LeNet, weights only: the unit of the paper's Figure 3 axis
@@ -27,6 +46,21 @@ LENET_WEIGHTS = 24_250  # one LeNet, weights only: the unit of the paper's Figur
 
 def build_model(name, num_tasks, **options):
     return MODELS[name](num_tasks, **options)
+
+
+def input_shape(model):
+    """[C, H, W] of one input image: the model's ``input_shape``, else LeNet's [1, 28, 28]."""
+    return tuple(getattr(model, "input_shape", LENET_INPUT))
+
+
+def unit_counts(backbone="lenet", **options):
+    """``(num_params, num_weights)`` of one plain backbone, the unit of the paper's #P multiples (Table 2: one
+    LeNet; Table 3: "the corresponding BU architecture"); ``options`` as ``build_backbone``'s. Counted on the meta
+    device (no memory)."""
+    if backbone == "lenet":
+        return LENET_PARAMS, LENET_WEIGHTS
+    with torch.device("meta"):
+        return count_parameters(build_backbone(backbone, **options))
 
 
 def count_parameters(model):

@@ -32,11 +32,18 @@ def last_conv(module):
     return [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1]
 
 
+def normal_(tensor, std):
+    """``nn.init.normal_(tensor, 0, std)``, skipped on the meta device (models built there only to count their
+    parameters: no values to draw, and torch would load its compiler for it, seconds per process)."""
+    if not tensor.is_meta:
+        nn.init.normal_(tensor, 0.0, std)
+
+
 def init_convs(module):
     """The authors' initialisation of every conv (He, fan-out) and batch norm in ``module``."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+            normal_(m.weight, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
@@ -99,7 +106,7 @@ class VGGHead(nn.Module):
         self.num_features = in_features
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
+                normal_(m.weight, 0.01)
                 nn.init.zeros_(m.bias)
 
     def forward(self, z):
@@ -129,15 +136,19 @@ def vgg11_clevr(num_classes=8, width=1.0, input_size=224):
     """The authors' CLEVR backbone (``BUTD_comp_CLEVR_vgg``): VGG-11's eight 3x3 convs 64, M, 128, M, 256, 256, M,
     512, 512, M, 512, 128, M (the last conv narrowed to 128), the stem ReLU'd, later stages ending before their
     ReLU; classifier: average pool to 7x7, FC 128*49 -> 1024 -> 1024 -> classes with dropout 0.5, and no ReLU
-    before it (as released). 8 classes: the largest CLEVR attribute (colour)."""
+    before it (as released). 8 classes: the largest CLEVR attribute (colour). Below 224 px the top map is smaller
+    than 7x7 and the pooling keeps its size (our choice for reduced inputs: a 7x7 pool would only repeat values,
+    e.g. 2x2 at 64 px, and multiply the first FC layer by 49/4)."""
     c = [scaled(v, width) for v in (64, 128, 256, 512, 128)]
+    side = min(7, input_size // 32)
     stages = [VGGStage([3, c[0]], relu_in=False, relu_out=True),
               VGGStage([c[0], c[1]], relu_in=False),
               VGGStage([c[1], c[2], c[2]], relu_in=True),
               VGGStage([c[2], c[3], c[3]], relu_in=True),
               VGGStage([c[3], c[3], c[4]], relu_in=True)]
     hidden = scaled(1024, width)
-    head = dict(in_features=c[4] * 49, hidden=(hidden, hidden), num_classes=num_classes, pool=(7, 7), dropout=0.5)
+    head = dict(in_features=c[4] * side * side, hidden=(hidden, hidden), num_classes=num_classes, pool=(side, side),
+                dropout=0.5)
     return VGG(stages, 32, input_size, head)
 
 

@@ -67,8 +67,10 @@ class ControlNet(nn.Module):
         td_map, td24, td8 = self.td(self.task_embedding(tasks), taps)
         return ControlNetOutput(self.bu2(images, td_map, td24, td8), bu1_logits, td_map)
 
-    def forward(self, images, tasks):
-        return self.streams(images, tasks).bu2_logits
+    def forward(self, images, tasks, with_td_map=False):
+        """BU2 logits, and with ``with_td_map`` also the TD bottom map (the localisation loss's input, §4.2)."""
+        out = self.streams(images, tasks)
+        return (out.bu2_logits, out.td_map) if with_td_map else out.bu2_logits
 
     def forward_all_tasks(self, images):
         """BU2 logits of every task on every image, [T, B, 10]; the same function as ``forward`` per task.

@@ -26,7 +26,8 @@ from .controlnet import ControlNetOutput
 
 
 class BackboneControlNet(nn.Module):
-    """``forward(images [B,3,S,S], tasks [B] int64) -> bu2 logits``; ``streams`` returns all three outputs."""
+    """``forward(images [B,3,S,S], tasks [B] int64) -> bu2 logits``; ``streams`` returns all three outputs;
+    ``input_shape`` is (3, S, S)."""
 
     paradigm = "single_branch"
 
@@ -34,6 +35,7 @@ class BackboneControlNet(nn.Module):
         super().__init__()
         self.num_tasks = num_tasks
         self.bu = build_backbone(backbone, num_classes, width, input_size)
+        self.input_shape = (3, self.bu.input_size, self.bu.input_size)
         channels, n = self.bu.channels, len(self.bu.channels)
         top = self.bu.input_size // self.bu.stride
         self.emb_shape = (scaled(32, width), top, top)
@@ -68,5 +70,8 @@ class BackboneControlNet(nn.Module):
         td_map, gates = self.td_stream(tasks, taps, images.shape[-2:])
         return ControlNetOutput(self.bu(images, gates), self.bu.head(taps[-1]), td_map)
 
-    def forward(self, images, tasks):
-        return self.streams(images, tasks).bu2_logits
+    def forward(self, images, tasks, with_td_map=False):
+        """BU2 logits [B, C]; with ``with_td_map`` the pair (logits, TD bottom map [B, 1, S, S]), for the
+        localisation loss through a DistributedDataParallel wrapper (which only calls ``forward``)."""
+        out = self.streams(images, tasks)
+        return (out.bu2_logits, out.td_map) if with_td_map else out.bu2_logits

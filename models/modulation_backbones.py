@@ -30,6 +30,7 @@ class _ModulatedBackbone(nn.Module):
         super().__init__()
         self.num_tasks = num_tasks
         self.bu = build_backbone(backbone, num_classes, width, input_size)
+        self.input_shape = (3, self.bu.input_size, self.bu.input_size)
         self.gated = tuple(range(len(self.bu.channels) - 1))
         self.locator = nn.Linear(self.bu.head.num_features, 2) if location_head else None
 
@@ -85,6 +86,7 @@ class MultiBranchBackbone(nn.Module):
         super().__init__()
         self.num_tasks = num_tasks
         bu = build_backbone(backbone, num_classes, width, input_size)
+        self.input_shape = (3, bu.input_size, bu.input_size)
         self.stages = bu.stages
         self.branches = nn.ModuleList(bu.make_head() for _ in range(num_tasks))
         self.locators = nn.ModuleList(nn.Linear(bu.head.num_features, 2) for _ in range(num_tasks)) \

@@ -3,27 +3,45 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import LENET_PARAMS, MODELS, build_model, count_parameters
+from models import LENET_PARAMS, MODELS, build_model, count_parameters, input_shape
 from models.lenet import LeNet
 from models.modulation import GATED
 
 torch.set_num_threads(1)
 
 
-def images(batch=6, seed=0):
-    return torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+def images(batch=6, seed=0, shape=(1, 28, 28)):
+    return torch.randn(batch, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+# The larger backbones (paper §4.2) at width 1/8 and 64 px, small enough for a fast test; 5 classes.
+BACKBONE_TEST_OPTIONS = {"backbone": "vgg11_clevr", "width": 1 / 8, "input_size": 64, "num_classes": 5}
+
+
+def build(name, num_tasks):
+    """A registered model: the LeNet family as registered (10 classes), the ``backbone_*`` models small."""
+    return build_model(name, num_tasks, **(BACKBONE_TEST_OPTIONS if name.startswith("backbone_") else {}))
 
 
 @pytest.mark.parametrize("num_tasks", [1, 2, 9, 10, 40])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_output_shapes_for_any_number_of_tasks(name, num_tasks):
-    model = build_model(name, num_tasks)
-    x = images()
+    model = build(name, num_tasks)
+    classes = BACKBONE_TEST_OPTIONS["num_classes"] if name.startswith("backbone_") else 10
+    x = images(shape=input_shape(model))
     if model.paradigm == "single_branch":
         out = model(x, torch.arange(6) % num_tasks)
-        assert out.shape == (6, 10)
+        assert out.shape == (6, classes)
     else:
-        assert model(x).shape == (6, num_tasks, 10)
+        assert model(x).shape == (6, num_tasks, classes)
+
+
+@pytest.mark.parametrize("backbone,size", [("vgg11_clevr", 64), ("vgg7", 32), ("resnet18", 64)])
+def test_backbone_models_declare_their_input_shape(backbone, size):
+    for name in [n for n in MODELS if n.startswith("backbone_")]:
+        model = build_model(name, 3, backbone=backbone, width=1 / 8, input_size=size)
+        assert input_shape(model) == (3, size, size), name
+    assert input_shape(build_model("controlnet", 3)) == (1, 28, 28)
 
 
 def test_controlnet_streams_shapes():

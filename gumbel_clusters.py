@@ -1,0 +1,172 @@
+"""The three-task-clusters experiment of "Flexible Multi-task Networks by Learning Parameter Allocation" (Maziarz et
+al., arXiv 1910.04915, Sec. 5.3; spec ``gumbel_matrix.md`` §3), reduced to its MNIST and Fashion-MNIST clusters.
+
+    python gumbel_clusters.py --param_file params/gumbel_clusters/gumbel_matrix.json --out runs/gc
+
+20 leave-one-class-out tasks (``loaders.task_clusters``: 10 MNIST, 10 Fashion-MNIST, 9-way each, 32x32, pad-and-
+crop augmentation) on the routed network of ``models.gumbel_clusters`` (3 routed layers x 16 components). Training
+as ``gumbel_experiment.py`` (whose loop this script reuses): every step shuffles the task order and makes one update
+per task on a batch of that task; Adam for the weights and a second Adam for the allocation logits; Gumbel
+temperature max(min, init / sqrt(update + 1)); budget penalty. The original runs 20,000 steps and no validation
+split; here ``val_size`` training images per dataset are held out, and after the last step the greedy allocation is
+evaluated on the validation and test split of every task. Writes ``results.json`` and ``allocation.json`` (the
+format ``plot_allocation.py`` plots) to ``--out``. Param-file or CLI mistakes: one line, exit code 2; missing data:
+one message, exit code 1.
+"""
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import checkpoint
+import gumbel_experiment
+from gumbel_experiment import ArgumentParser, ParamError, evaluate, positive_int, train
+from provenance import git_commit
+from loaders.fashion_mnist import FashionMNISTUnavailable
+from loaders.mnist import MNISTUnavailable
+from loaders.task_clusters import DATASETS, NUM_CLASSES, TASKS, load_task_clusters
+from models.gumbel_clusters import GumbelClustersNet
+from models.gumbel_matrix import allocation_matrix, router_parameters, weight_parameters
+from plot_allocation import task_similarity
+
+REPO = Path(__file__).resolve().parent
+METHODS = ("gumbel_matrix", "shared_bottom")  # the two methods the original runs (clusters_train.py --method)
+
+# key: (type, default (None = required), check(value) -> True if valid, allowed (for the message)); defaults are
+# the original's flags and constants (clusters_train.py)
+SCHEMA = {
+    "exp_id": (str, None, lambda v: bool(v), "a non-empty name"),
+    "method": (str, None, lambda v: v in METHODS, ", ".join(METHODS)),
+    "steps": (int, 20_000, lambda v: v >= 1, "an integer >= 1 (each step = one update per task)"),
+    "batch_size": (int, 32, lambda v: v >= 1, "an integer >= 1"),
+    "lr": (float, 3e-4, lambda v: 0 < v <= 10, "0 < lr <= 10"),
+    "router_lr": (float, 6e-3, lambda v: 0 < v <= 10, "0 < router_lr <= 10"),
+    "probs_init": (float, 0.5, lambda v: 0 < v < 1, "0 < probs_init < 1"),
+    "temperature_init": (float, 50.0, lambda v: v > 0, "a number > 0"),
+    "temperature_min": (float, 0.5, lambda v: v > 0, "a number > 0"),
+    "budget": (float, 0.5, lambda v: 0 <= v <= 1, "0 to 1 (fraction of the routed components)"),
+    "budget_penalty": (float, 1.0, lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "dropout": (float, 0.5, lambda v: 0 <= v < 1, "0 <= dropout < 1"),
+    "val_size": (int, 10_000, lambda v: 0 < v < 60_000, "1 to 59999 (held-out training images per dataset)"),
+    "data_seed": (int, 0, lambda v: v >= 0, "an integer >= 0 (seed of the train / val split)"),
+}
+
+
+def parse_args(argv):
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--param_file", required=True, help="JSON param file, e.g. params/gumbel_clusters/*.json")
+    parser.add_argument("--steps", type=positive_int, help="training steps, each = one update per task "
+                                                           "(default: param file)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of init, dropout, Gumbel noise, data order and "
+                                                            "augmentation")
+    parser.add_argument("--out", help="output dir (default runs/gumbel_clusters/<exp_id>/seed<k>)")
+    parser.add_argument("--subset", type=positive_int, help="use only N training images per dataset (seeded)")
+    parser.add_argument("--eval_subset", type=positive_int,
+                        help="evaluate each task on N random images (seeded by data_seed) of its val and test split "
+                             "(default: all)")
+    parser.add_argument("--data_root", help="data directory (default $MTL_DATA_ROOT or ./data)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
+    return parser.parse_args(argv)
+
+
+def load_params(path):
+    """Reads and validates a param file against this script's ``SCHEMA`` (``gumbel_experiment.load_params``)."""
+    return gumbel_experiment.load_params(path, SCHEMA)
+
+
+def build_model(params):
+    return GumbelClustersNet(len(TASKS), NUM_CLASSES, params["method"], params["probs_init"],
+                             dropout=params["dropout"])
+
+
+def cluster_similarity(greedy):
+    """Mean cosine similarity of the tasks' binary allocation rows (``plot_allocation.task_similarity``) over the
+    pairs of distinct tasks within each dataset cluster and across the two: the block structure of the paper's
+    similarity figure in three numbers."""
+    similarity = torch.as_tensor(task_similarity(greedy))
+    cluster = torch.arange(len(TASKS)) // 10  # 0 = MNIST, 1 = Fashion
+    same = cluster[:, None] == cluster[None, :]
+    distinct = ~torch.eye(len(TASKS), dtype=torch.bool)
+    summary = {f"within_{name}": similarity[same & distinct & (cluster[:, None] == c)].mean().item()
+               for c, name in enumerate(DATASETS)}
+    summary["across"] = similarity[~same].mean().item()
+    return summary
+
+
+def cluster_means(accuracies):
+    return {name: sum(accuracies[c * 10:(c + 1) * 10]) / 10 for c, name in enumerate(DATASETS)}
+
+
+def run(args, command):
+    params = load_params(args.param_file)
+    torch.set_num_threads(args.threads)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    try:
+        data = load_task_clusters(args.data_root, params["val_size"], params["data_seed"], args.subset, args.seed,
+                                  args.eval_subset)
+    except ValueError as err:
+        raise ParamError(f"--subset / val_size: {err}") from None
+    sizes = [len(labels) for _, labels in data["train"]]
+    if params["batch_size"] > min(sizes):
+        raise ParamError(f"{args.param_file}: key 'batch_size' ({params['batch_size']}) exceeds the {min(sizes)} "
+                         f"training images of the smallest task")
+    steps = args.steps or params["steps"]
+    out = Path(args.out or REPO / "runs" / "gumbel_clusters" / params["exp_id"] / f"seed{args.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(args.seed)
+    model = build_model(params)
+    print(f"{params['exp_id']}: method {params['method']}, {steps} steps x {len(TASKS)} tasks, "
+          f"{min(sizes)}-{max(sizes)} training images per task, out {out}", flush=True)
+    train_start = time.perf_counter()
+    snapshots = train(model, data["train"], params, steps, args.seed, log=lambda line: print(line, flush=True))
+    train_time = time.perf_counter() - train_start
+    val, test = evaluate(model, data["val"]), evaluate(model, data["test"])
+    greedy = allocation_matrix(model)
+    results = {
+        "command": command, "git_commit": git_commit(), "seed": args.seed,
+        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "method": params["method"], "subset": args.subset,
+        "eval_subset": args.eval_subset, "steps": steps, "updates": steps * len(TASKS),
+        "epochs": round(steps * params["batch_size"] * sum(1 / n for n in sizes) / len(sizes), 4),
+        "tasks": list(TASKS), "num_eval_images": {split: [len(labels) for _, labels in data[split]]
+                                                  for split in ("val", "test")},
+        "val_acc_per_task": val, "val_acc_mean": sum(val) / len(val),
+        "test_acc_per_task": test, "test_acc_mean": sum(test) / len(test),
+        "test_acc_mean_per_cluster": cluster_means(test), "val_acc_mean_per_cluster": cluster_means(val),
+        "allocation": greedy.tolist(), "active_fraction_per_task": greedy.mean(dim=1).tolist(),
+        "allocation_similarity": cluster_similarity(greedy.tolist()),
+        "num_weights": sum(p.numel() for p in weight_parameters(model)),
+        "num_logits": sum(p.numel() for p in router_parameters(model)),
+        "train_time_s": round(train_time, 2), "wall_time_s": round(time.perf_counter() - start, 2),
+        "cpu_time_s": round(time.process_time() - start_cpu, 2), "params": params,
+    }
+    allocation = {"tasks": list(TASKS), "layers": ["Layer 1", "Layer 2", "Layer 3"],
+                  "num_components": greedy.shape[1] // len(model.layers), "greedy": greedy.tolist(),
+                  "probabilities": allocation_matrix(model, greedy=False).tolist(), "snapshots": snapshots}
+    checkpoint.write_json(allocation, out / "allocation.json")
+    checkpoint.write_json(results, out / "results.json")
+    print(f"test accuracy per task {[round(a, 2) for a in test]}, mean {results['test_acc_mean']:.2f} "
+          f"{ {k: round(v, 2) for k, v in results['test_acc_mean_per_cluster'].items()} }; allocation similarity "
+          f"{ {k: round(v, 3) for k, v in results['allocation_similarity'].items()} }; results in "
+          f"{out / 'results.json'}", flush=True)
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        return run(args, " ".join(["python", Path(__file__).name, *argv]))
+    except ParamError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (MNISTUnavailable, FashionMNISTUnavailable) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

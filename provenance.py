@@ -1,0 +1,16 @@
+"""What made a result: the git commit of the code (``-dirty`` when tracked files differ from it)."""
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+
+
+def git_commit():
+    """HEAD's commit, with ``-dirty`` if tracked files are modified; "unknown" outside a git checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
