@@ -126,22 +126,7 @@ def main(argv=None):
 # ----------------------------------------------------------------------------------------------------- params
 def load_params(path):
     """Reads, validates and completes a param file; raises ParamError on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ParamError(f"{path}: param file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ParamError(f"{path}: not UTF-8 text (byte {err.start}); save the param file as UTF-8 JSON") from None
-    if not text.strip():
-        raise ParamError(f"{path}: param file is empty; expected a JSON object with keys {', '.join(_required())}")
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ParamError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-    if not isinstance(raw, dict):
-        raise ParamError(f"{path}: expected a JSON object at the top level, got {type(raw).__name__}")
-    return validate(raw, str(path))
+    return validate(trainer.config.read_param_file(path, _required()), str(Path(path)))
 
 
 def validate(raw, source):
@@ -296,11 +281,9 @@ def run(args):
 
 def prepare_output_dir(out, force):
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_text("ok", out / ".write_probe")
-        (out / ".write_probe").unlink()
-    except OSError as err:
-        raise RunError(f"output dir {out} is not writable: {err.strerror or err}; choose another with --out") from None
+        trainer.check_writable(out)
+    except trainer.RunError as err:
+        raise RunError(str(err)) from None
     if (out / "results.json").exists() and not force:
         raise ParamError(f"--out: {out} already holds results (results.json); pass --force to overwrite them, or "
                          f"choose another --out")

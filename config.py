@@ -93,6 +93,11 @@ class ParamError(ValueError):
 
 def load_params(path):
     """Reads, validates and completes a param file; raises ParamError on any problem."""
+    return validate(read_param_file(path, _required()), str(Path(path)))
+
+
+def read_param_file(path, required=()):
+    """The JSON object of a param file (any script's); ParamError, one line naming the file, on any problem."""
     path = Path(path)
     if not path.is_file():
         raise ParamError(f"{path}: param file not found")
@@ -101,14 +106,14 @@ def load_params(path):
     except UnicodeDecodeError as err:
         raise ParamError(f"{path}: not UTF-8 text (byte {err.start}); save the param file as UTF-8 JSON") from None
     if not text.strip():
-        raise ParamError(f"{path}: param file is empty; expected a JSON object with keys {', '.join(_required())}")
+        raise ParamError(f"{path}: param file is empty; expected a JSON object with keys {', '.join(required)}")
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as err:
         raise ParamError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
     if not isinstance(raw, dict):
         raise ParamError(f"{path}: expected a JSON object at the top level, got {type(raw).__name__}")
-    return validate(raw, str(path))
+    return raw
 
 
 def validate(raw, source):

@@ -466,14 +466,19 @@ def describe_device(device):
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def prepare_output_dir(out, resume):
-    """Fails at start, not after hours of training, when the output dir is unusable or already in use."""
+def check_writable(out):
+    """Creates ``out`` and writes a probe file into it; RunError (one line) if it cannot."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.write_text("ok", out / ".write_probe")
         (out / ".write_probe").unlink()
     except OSError as err:
         raise RunError(f"output dir {out} is not writable: {err.strerror or err}; choose another with --out") from None
+
+
+def prepare_output_dir(out, resume):
+    """Fails at start, not after hours of training, when the output dir is unusable or already in use."""
+    check_writable(out)
     if (out / "checkpoint.pt").exists() and not resume:
         raise config.ParamError(f"--out: {out} already holds a run (checkpoint.pt); pass --resume to continue it, "
                                 f"or choose another --out")
