@@ -79,6 +79,16 @@ def non_negative_int(text):
     return _int_at_least(text, 0)
 
 
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def _int_at_least(text, low):
     try:
         value = int(text)
@@ -94,16 +104,22 @@ def main(argv=None):
         return gumbel_experiment.main(argv, prog=Path(__file__).name)
     args = parse_args(argv)
     args.command = " ".join(["python", Path(__file__).name] + list(sys.argv[1:] if argv is None else argv))
-    try:
-        code = run(args)
-    except config.ParamError as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = 2
-    except RunError as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = 1
+    code = exit_code(run, args)
     distributed.shutdown()  # the ranks end together: every error above is raised on all of them (distributed.py)
     return code
+
+
+def exit_code(run, args):
+    """``run(args)``'s exit code; a user mistake (ParamError) is one line on stderr and code 2, a fault during the
+    run (RunError) one line and code 1. Shared by the scripts built on this one."""
+    try:
+        return run(args)
+    except config.ParamError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 class RunError(RuntimeError):
