@@ -24,7 +24,6 @@ over images. The kept epoch is the best on validation by the mean of (accuracy, 
 Outputs in --out: results.json, metrics.jsonl (one line per epoch) and best_model.pt, written atomically.
 Param-file or command-line mistakes: one line naming the file, the key and what is allowed, exit code 2.
 """
-import difflib
 import inspect
 import json
 import math
@@ -52,7 +51,7 @@ PAPER_TABLES = REPO / "paper" / "paper_tables.json"
 SETTINGS = ("9digits", "9digits_byref", "4digits", "2digits")
 SETTING_COLUMNS = {"9digits": "by_loc", "9digits_byref": "by_ref"}  # the paper's Table 5 columns
 
-REQUIRED = object()
+REQUIRED = trainer.config.REQUIRED
 # key: (type, default (REQUIRED = must be given), allowed: tuple of strings or (min, max), meaning)
 SCHEMA = {
     "exp_id": (str, REQUIRED, None, "experiment name; default output dir is runs/cls_seg/<exp_id>/seed<k>"),
@@ -76,8 +75,7 @@ SCHEMA = {
 }
 
 
-class ParamError(ValueError):
-    """A mistake in the param file or on the command line: one line, exit code 2."""
+ParamError = trainer.config.ParamError  # a mistake in the param file or on the command line: one line, exit code 2
 
 
 class RunError(RuntimeError):
@@ -115,7 +113,7 @@ def main(argv=None):
             print(write_table(Path(args.table)))
             return 0
         return run(args)
-    except (ParamError, trainer.config.ParamError) as err:
+    except ParamError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RunError as err:
@@ -126,46 +124,13 @@ def main(argv=None):
 # ----------------------------------------------------------------------------------------------------- params
 def load_params(path):
     """Reads, validates and completes a param file; raises ParamError on any problem."""
-    return validate(trainer.config.read_param_file(path, _required()), str(Path(path)))
+    return validate(trainer.config.read_param_file(path, trainer.config.required_keys(SCHEMA)), str(Path(path)))
 
 
 def validate(raw, source):
-    params = {}
-    for key, value in raw.items():
-        if key not in SCHEMA:
-            close = difflib.get_close_matches(key, SCHEMA, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise ParamError(f"{source}: unknown key '{key}'; {hint}valid keys: {', '.join(SCHEMA)}")
-        params[key] = check_value(key, value, source)
-    for key, (_, default, _, meaning) in SCHEMA.items():
-        if key not in params:
-            if default is REQUIRED:
-                raise ParamError(f"{source}: missing key '{key}' ({meaning}); allowed: {_allowed(key)}")
-            params[key] = default
+    params = trainer.config.check_keys(raw, source, SCHEMA)
     _check_model_options(params, source)
     return params
-
-
-def check_value(key, value, source):
-    kind, default, allowed, _ = SCHEMA[key]
-    if value is None and default is None:
-        return None
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ParamError(f"{source}: key '{key}' must be {kind.__name__}, got {json.dumps(value)}; "
-                         f"allowed: {_allowed(key)}")
-    if kind is str and default is REQUIRED and not value:
-        raise ParamError(f"{source}: key '{key}' is empty; allowed: {_allowed(key)}")
-    if isinstance(allowed, tuple) and allowed and isinstance(allowed[0], str) and value not in allowed:
-        close = difflib.get_close_matches(value, allowed, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ParamError(f"{source}: key '{key}' has unknown value {json.dumps(value)}{hint}; allowed: {', '.join(allowed)}")
-    if isinstance(allowed, tuple) and len(allowed) == 2 and not isinstance(allowed[0], str):
-        low, high = allowed
-        if not low <= value <= high:
-            raise ParamError(f"{source}: key '{key}' = {value} is out of range; allowed: {low} to {high}")
-    return value
 
 
 def _check_model_options(params, source):
@@ -185,19 +150,6 @@ def _check_model_options(params, source):
         elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ParamError(f"{source}: key 'model_options.{key}' must be an integer >= 1, got {json.dumps(value)}; "
                              f"allowed: an integer >= 1 (default {default})")
-
-
-def _required():
-    return [key for key, spec in SCHEMA.items() if spec[1] is REQUIRED]
-
-
-def _allowed(key):
-    kind, _, allowed, _ = SCHEMA[key]
-    if isinstance(allowed, tuple) and allowed and isinstance(allowed[0], str):
-        return ", ".join(allowed)
-    if isinstance(allowed, tuple):
-        return f"{kind.__name__} from {allowed[0]} to {allowed[1]}"
-    return kind.__name__
 
 
 # ------------------------------------------------------------------------------------------------------ run

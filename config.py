@@ -93,7 +93,7 @@ class ParamError(ValueError):
 
 def load_params(path):
     """Reads, validates and completes a param file; raises ParamError on any problem."""
-    return validate(read_param_file(path, _required()), str(Path(path)))
+    return validate(read_param_file(path, required_keys()), str(Path(path)))
 
 
 def read_param_file(path, required=()):
@@ -117,18 +117,7 @@ def read_param_file(path, required=()):
 
 
 def validate(raw, source):
-    params = {}
-    for key, value in raw.items():
-        if key not in SCHEMA:
-            close = difflib.get_close_matches(key, SCHEMA, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise ParamError(f"{source}: unknown key '{key}'; {hint}valid keys: {', '.join(SCHEMA)}")
-        params[key] = check_value(key, value, source)
-    for key, (_, default, _, _) in SCHEMA.items():
-        if key not in params:
-            if default is REQUIRED:
-                raise ParamError(f"{source}: missing key '{key}' ({SCHEMA[key][3]}); allowed: {_allowed(key)}")
-            params[key] = default
+    params = check_keys(raw, source)
     _complete_data(params, source)
     model, weighting = METHODS[params["method"]]
     params["model"] = params["model"] or _model_on_backbone(model, params, source)
@@ -140,14 +129,35 @@ def validate(raw, source):
     return params
 
 
-def check_value(key, value, source):
-    kind, _, allowed, _ = SCHEMA[key]
-    if value is None and SCHEMA[key][1] is None:
+def check_keys(raw, source, schema=SCHEMA):
+    """Every key of ``raw`` known to ``schema`` (this script's, or another script's of the same form) and of the
+    right type and range, the missing ones filled with their defaults; ParamError (one line) otherwise."""
+    params = {}
+    for key, value in raw.items():
+        if key not in schema:
+            close = difflib.get_close_matches(key, schema, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ParamError(f"{source}: unknown key '{key}'; {hint}valid keys: {', '.join(schema)}")
+        params[key] = check_value(key, value, source, schema)
+    for key, (_, default, _, meaning) in schema.items():
+        if key not in params:
+            if default is REQUIRED:
+                raise ParamError(f"{source}: missing key '{key}' ({meaning}); allowed: {_allowed(key, schema)}")
+            params[key] = default
+    return params
+
+
+def check_value(key, value, source, schema=SCHEMA):
+    kind, default, allowed, _ = schema[key]
+    if value is None and default is None:
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise ParamError(f"{source}: key '{key}' must be {kind.__name__}, got {json.dumps(value)}; allowed: {_allowed(key)}")
+        raise ParamError(f"{source}: key '{key}' must be {kind.__name__}, got {json.dumps(value)}; "
+                         f"allowed: {_allowed(key, schema)}")
+    if kind is str and default is REQUIRED and not value:
+        raise ParamError(f"{source}: key '{key}' is empty; allowed: {_allowed(key, schema)}")
     if isinstance(allowed, tuple) and allowed and isinstance(allowed[0], str) and value not in allowed:
         close = difflib.get_close_matches(value, allowed, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -307,12 +317,12 @@ def _check_option_type(key, value, default, source):
                          f"allowed: {kind.__name__} (default {json.dumps(default)})")
 
 
-def _required():
-    return [key for key, spec in SCHEMA.items() if spec[1] is REQUIRED]
+def required_keys(schema=SCHEMA):
+    return [key for key, spec in schema.items() if spec[1] is REQUIRED]
 
 
-def _allowed(key):
-    kind, _, allowed, _ = SCHEMA[key]
+def _allowed(key, schema=SCHEMA):
+    kind, _, allowed, _ = schema[key]
     if isinstance(allowed, tuple) and allowed and isinstance(allowed[0], str):
         return ", ".join(allowed)
     if isinstance(allowed, tuple):
