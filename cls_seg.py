@@ -78,8 +78,7 @@ SCHEMA = {
 ParamError = trainer.config.ParamError  # a mistake in the param file or on the command line: one line, exit code 2
 
 
-class RunError(RuntimeError):
-    """A fault during the run (non-finite loss, data, a failing write): one line, exit code 1."""
+RunError = trainer.RunError  # a fault during the run (non-finite loss, data, a failing write): one line, exit code 1
 
 
 def parse_args(argv):
@@ -108,17 +107,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     args.command = " ".join(["python", Path(__file__).name] + argv)
-    try:
-        if args.table:
-            print(write_table(Path(args.table)))
-            return 0
-        return run(args)
-    except ParamError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except RunError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return trainer.exit_code(table if args.table else run, args)
+
+
+def table(args):
+    print(write_table(Path(args.table)))
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------------- params
@@ -232,10 +226,7 @@ def run(args):
 
 
 def prepare_output_dir(out, force):
-    try:
-        trainer.check_writable(out)
-    except trainer.RunError as err:
-        raise RunError(str(err)) from None
+    trainer.check_writable(out)
     if (out / "results.json").exists() and not force:
         raise ParamError(f"--out: {out} already holds results (results.json); pass --force to overwrite them, or "
                          f"choose another --out")

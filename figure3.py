@@ -30,16 +30,10 @@ LENET_WIDTHS = {"c1": 10, "c2": 20, "hidden": 50}
 
 
 def parse_args(argv):
-    parser = reproduce_table2.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=reproduce_table2.positive_int, default=100)
-    parser.add_argument("--seeds", type=reproduce_table2.seed_list, default=[0, 1, 2, 3, 4],
-                        help="a count (5 = seeds 0..4) or a comma list")
-    parser.add_argument("--subset", type=reproduce_table2.positive_int, help="train on N images (smoke runs)")
+    parser = reproduce_table2.protocol_arguments(reproduce_table2.ArgumentParser(description=__doc__.split("\n")[0]),
+                                                 "runs/figure3", "results/figure3")
     parser.add_argument("--widths", type=float_list, default=[0.5, 1.0, 2.0], help="channel multipliers m")
     parser.add_argument("--td_channels", type=int_list, default=[1, 4, 6], help="ControlNet TD stream widths")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--runs_dir", default="runs/figure3")
-    parser.add_argument("--out_dir", default="results/figure3")
     return parser.parse_args(argv)
 
 

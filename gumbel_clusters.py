@@ -13,7 +13,6 @@ evaluated on the validation and test split of every task. Writes ``results.json`
 format ``plot_allocation.py`` plots) to ``--out``. Param-file or CLI mistakes: one line, exit code 2; missing data:
 one message, exit code 1.
 """
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 import checkpoint
 import gumbel_experiment
 from gumbel_experiment import ArgumentParser, ParamError, evaluate, positive_int, train
-from provenance import git_commit
+from provenance import describe_device, git_commit
 from loaders.fashion_mnist import FashionMNISTUnavailable
 from loaders.mnist import MNISTUnavailable
 from loaders.task_clusters import DATASETS, NUM_CLASSES, TASKS, load_task_clusters
@@ -127,7 +126,7 @@ def run(args, command):
     greedy = allocation_matrix(model)
     results = {
         "command": command, "git_commit": git_commit(), "seed": args.seed,
-        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": describe_device(),
         "torch": torch.__version__, "method": params["method"], "subset": args.subset,
         "eval_subset": args.eval_subset, "steps": steps, "updates": steps * len(TASKS),
         "epochs": round(steps * params["batch_size"] * sum(1 / n for n in sizes) / len(sizes), 4),

@@ -16,7 +16,6 @@ exit code 2.
 """
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
-from provenance import git_commit
+from provenance import describe_device, git_commit
 from loaders.rotated_mnist import TASKS, load_rotated_mnist
 from models.gumbel_matrix import (ALLOCATIONS, GumbelMatrixMNISTNet, allocation_matrix, budget_penalty,
                                   router_parameters, set_temperature, temperature_schedule, weight_parameters)
@@ -224,7 +223,7 @@ def run(args, command):
     greedy = allocation_matrix(model)
     results = {
         "command": command, "git_commit": git_commit(), "seed": args.seed,
-        "device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": describe_device(),
         "torch": torch.__version__, "method": params["method"], "subset": args.subset, "steps": steps,
         "updates": steps * len(TASKS), "epochs": round(steps * params["batch_size"] / num_train, 4),
         "tasks": list(TASKS), "test_acc_per_task": test, "test_acc_mean": sum(test) / len(test),

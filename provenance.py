@@ -1,6 +1,9 @@
-"""What made a result: the git commit of the code (``-dirty`` when tracked files differ from it)."""
+"""What made a result: the git commit of the code (``-dirty`` when tracked files differ from it) and the device."""
+import platform
 import subprocess
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parent
 
@@ -14,3 +17,10 @@ def git_commit():
         return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def describe_device(device=torch.device("cpu")):
+    """The device in words: the GPU's name, or the CPU and its torch thread count."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

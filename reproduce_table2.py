@@ -39,6 +39,17 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 
+def protocol_arguments(parser, runs_dir, out_dir):
+    """The options every runner of training-script cells shares (figure3.py, table6b.py)."""
+    parser.add_argument("--epochs", type=positive_int, default=100)
+    parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2, 3, 4], help="a count (5 = seeds 0..4) or a comma list")
+    parser.add_argument("--subset", type=positive_int, help="train on N images (smoke runs)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--runs_dir", default=runs_dir)
+    parser.add_argument("--out_dir", default=out_dir)
+    return parser
+
+
 def comma_list(valid, what):
     def parse(text):
         names = [name for name in text.split(",") if name]

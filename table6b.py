@@ -26,14 +26,8 @@ PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table6b_
 
 
 def parse_args(argv):
-    parser = reproduce_table2.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=reproduce_table2.positive_int, default=100)
-    parser.add_argument("--seeds", type=reproduce_table2.seed_list, default=[0, 1, 2, 3, 4],
-                        help="a count (5 = seeds 0..4) or a comma list")
-    parser.add_argument("--subset", type=reproduce_table2.positive_int, help="train on N images (smoke runs)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--runs_dir", default="runs/table2")
-    parser.add_argument("--out_dir", default="results/table6b")
+    parser = reproduce_table2.protocol_arguments(reproduce_table2.ArgumentParser(description=__doc__.split("\n")[0]),
+                                                 "runs/table2", "results/table6b")
     return parser.parse_args(argv)
 
 

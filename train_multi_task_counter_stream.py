@@ -19,7 +19,6 @@ task draws and gradients as one process (see distributed.py); rank 0 writes the 
 """
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import config
 import distributed
 import gumbel_experiment
 import losses
-from provenance import git_commit
+from provenance import describe_device, git_commit
 import losses_spatial
 from loaders import LOADERS, NUM_TASKS
 from loaders.image_sets import MissingDatasetError
@@ -474,12 +473,6 @@ def resolve_device(name):
                                 f"({torch.cuda.device_count()} here); start at most that many per node "
                                 f"(--nproc_per_node)")
     return torch.device("cuda", distributed.local_rank())
-
-
-def describe_device(device):
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def check_writable(out):

@@ -19,12 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"optimizer": "Adam", "lr": 0.05, "momentum": 0.9}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 OPTIMIZERS = {

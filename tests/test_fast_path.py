@@ -22,13 +22,7 @@ SINGLE_BRANCH = ("controlnet", "ch_mod", "task_routing")
 MULTI_BRANCH = ("multi_branch", "single_task")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: faster and steadier on a small shared CPU; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.cache

@@ -20,12 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {"model_options": {"width": 0.125}, "batch_size": 4, "epochs": 1, "lr": 0.001}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def param_file(directory, **params):
