@@ -16,10 +16,11 @@ import torch
 from loaders import LOADERS, NUM_TASKS, SETTINGS
 from loaders.clevr import RULES
 from loaders.multi_mnist import RESIZES
-from models import BACKBONE_OPTIONS, MODELS, ON_BACKBONE
+from models import BACKBONE_OPTIONS, LOCATION_HEAD_MODELS, MODELS, ON_BACKBONE, TD_MAP_MODELS
 from models.backbones import BACKBONES, build_backbone
 from models.gumbel_matrix import router_parameters
 from weighting import WEIGHTINGS, build_weighting
+from weighting.base import Weighting
 
 # method -> (model, weighting); weighting None = single-branch training, one task drawn per sample.
 METHODS = {
@@ -78,7 +79,7 @@ SCHEMA = {
     "data_root": (str, None, None, "data directory (--data_root overrides it); null = $MTL_DATA_ROOT or ./data (multi_mnist, clevr_like), $MTL_CLEVR_ROOT, $MTL_CELEBA_ROOT or $MTL_CUB_ROOT (the unpacked data set)"),
     "backbone": (str, None, ("lenet",) + tuple(BACKBONES), "BU backbone (paper §4.2); null = the data set's: lenet (multi_mnist), vgg11_clevr (clevr, clevr_like), vgg7 (celeba), resnet18 (cub)"),
     "input_size": (int, 0, (0, 4096), "side S of the square model input (images resized to S x S); 0 = the data set's: 28 (multi_mnist, the only choice), 224 (clevr, cub), 64 (celeba, clevr_like)"),
-    "spatial_loss_weight": (float, 0.0, (0.0, 1000.0), "weight of the auxiliary localisation loss at the bottom of TD (paper §4.2, 'loc' in Tables 3 and 6a; ControlNet on multi_mnist, clevr, clevr_like, cub); 0 = off"),
+    "spatial_loss_weight": (float, 0.0, (0.0, 1000.0), "weight of the localisation loss ('loc' in Tables 3 and 6a, paper §4.2): ControlNet's loss on the map at the bottom of TD (multi_mnist, clevr, clevr_like, cub); the baselines' FC regression of (x, y) at the top of the network (ch_mod, task_routing and multi-branch models with weighting uniform, sum or kendall, on clevr, clevr_like, cub); 0 = off"),
     "eval_every": (int, 1, (1, 100_000), "evaluate val and test every k epochs and after the last (the best epoch is chosen among those; for large task sets)"),
     "val_fraction": (float, 0.1, (0.0, 0.5), "share of the training split held out for validation (clevr, clevr_like, cub)"),
     "relation_rule": (str, "pixel_cone", RULES, "CLEVR relations: the authors' cones in the image or CLEVR's own scene relationships (loaders/clevr.py)"),
@@ -210,9 +211,15 @@ def _check_spatial_loss(params, source):
     if not LOADERS[params["dataset"]].has_locations:
         raise ParamError(f"{source}: key 'spatial_loss_weight': data set '{params['dataset']}' has no object or part "
                          f"locations to train it on; allowed: 0")
-    if params["model"] not in ("controlnet", ON_BACKBONE["controlnet"]):
-        raise ParamError(f"{source}: key 'spatial_loss_weight': model '{params['model']}' has no TD stream whose "
-                         f"bottom map it trains (only controlnet, {ON_BACKBONE['controlnet']}); allowed: 0")
+    located = TD_MAP_MODELS + LOCATION_HEAD_MODELS
+    if params["model"] not in located:
+        raise ParamError(f"{source}: key 'spatial_loss_weight': model '{params['model']}' has neither a TD map nor a "
+                         f"location head to train (models: {', '.join(located)}); allowed: 0")
+    weighting = params["weighting"]
+    if weighting is not None and WEIGHTINGS[weighting].backward is not Weighting.backward:
+        allowed = [name for name, cls in WEIGHTINGS.items() if cls.backward is Weighting.backward]
+        raise ParamError(f"{source}: key 'spatial_loss_weight': weighting '{weighting}' combines the classification "
+                         f"losses only; with a localisation loss use one of: {', '.join(allowed)} (or set 0)")
 
 
 def backbone_kwargs(params):
@@ -226,10 +233,12 @@ def backbone_kwargs(params):
 
 def model_kwargs(params):
     """The model's keyword arguments: ``model_options``, on a larger backbone with the backbone's name, the data
-    set's classes and the input size."""
+    set's classes and the input size, and ``location_head`` when a baseline trains the localisation loss."""
+    located = {"location_head": True} if params["spatial_loss_weight"] > 0 and params["model"] in LOCATION_HEAD_MODELS \
+        else {}
     if params["backbone"] == "lenet":
-        return dict(params["model_options"])
-    return {**backbone_kwargs(params), **params["model_options"]}
+        return {**params["model_options"], **located}
+    return {**backbone_kwargs(params), **params["model_options"], **located}
 
 
 def _check_pairing(params, source):
@@ -251,7 +260,7 @@ def _check_options(params, source):
         raise ParamError(f"{source}: key 'model': '{params['model']}' does not run on backbone '{params['backbone']}' "
                          f"(data set '{params['dataset']}'); allowed: {', '.join(allowed)}")
     signature = inspect.signature(MODELS[params["model"]]).parameters
-    valid = [name for name in signature if name not in ("num_tasks",) + BACKBONE_OPTIONS]
+    valid = [name for name in signature if name not in ("num_tasks", "location_head") + BACKBONE_OPTIONS]
     for name, value in params["model_options"].items():
         if name not in valid:
             raise ParamError(f"{source}: unknown key 'model_options.{name}' for model '{params['model']}'; "

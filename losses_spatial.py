@@ -54,13 +54,15 @@ def spatial_classification_loss(td_map, xy, sigma=SIGMA, num_valid=None):
     return (torch.xlogy(target, target) - target * log_p).sum() / (len(log_p) if num_valid is None else num_valid)
 
 
-def location_regression_loss(predicted, xy, size):
-    """predicted, xy: [..., 2] in pixels of a ``size`` x ``size`` image (xy negative = none). Mean squared
-    error of the coordinates divided by ``size``, over the locations present; 0 (zero gradient) if none."""
+def location_regression_loss(predicted, xy, size, num_valid=None):
+    """The baselines' 'loc' loss: predicted, xy [B, 2] or [B, T, 2] (x, y) in pixels of a ``size`` x ``size`` input,
+    xy negative = no target. Squared error of the coordinates divided by ``size``, averaged over x and y and over
+    the samples with a target (per task for [B, T, 2]: a [T] result); 0 with a zero gradient where none has one.
+    ``num_valid`` replaces the divisor (the number of samples with a target), as in ``spatial_classification_loss``."""
     valid = (xy >= 0).all(dim=-1)
-    if not valid.any():
-        return predicted.sum() * 0.0
-    return F.mse_loss(predicted[valid] / size, xy[valid].to(predicted.dtype) / size)
+    squared = ((predicted - xy.to(predicted.dtype)) / size).pow(2).mean(dim=-1)
+    total = torch.where(valid, squared, torch.zeros_like(squared)).sum(dim=0)
+    return total / (valid.sum(dim=0).clamp(min=1) if num_valid is None else num_valid)
 
 
 def map_argmax(td_map):

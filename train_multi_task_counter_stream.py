@@ -8,8 +8,9 @@ The param file picks the data set and its task set, the method (model + loss wei
 the schedule (see config.py). Every split is held in memory as uint8 images, moved to the device once and
 normalised there with the data set's mean and std; batches are index slices. Single-branch models (ControlNet,
 ch-mod, task routing) get one task drawn per training sample, among the tasks valid for it; multi-branch models
-see every task label of an image in one pass. ControlNet on CLEVR and CUB-200 can add the localisation loss at
-the bottom of TD (``spatial_loss_weight``). Every epoch (or every ``eval_every``) evaluates every task on every
+see every task label of an image in one pass. On CLEVR and CUB-200 a run can add the localisation loss
+(``spatial_loss_weight``, the 'loc' of Table 3): at the bottom of TD for ControlNet, on an FC location head at
+the top of the network for the baselines. Every epoch (or every ``eval_every``) evaluates every task on every
 validation and test image where it is defined; the kept model is the best-validation one. Outputs in --out:
 metrics.jsonl, results.json, checkpoint.pt (resume state) and best_model.pt, all written atomically.
 
@@ -38,7 +39,7 @@ from loaders import LOADERS, NUM_TASKS
 from loaders.image_sets import MissingDatasetError
 from loaders.mnist import MNISTUnavailable
 from metrics import TaskAccuracy
-from models import build_model, count_parameters, unit_counts
+from models import LOCATION_HEAD_MODELS, TD_MAP_MODELS, build_model, count_parameters, unit_counts
 from models.gumbel_matrix import add_budget_gradient, allocation_matrix, router_parameters, set_temperature, \
     temperature_schedule
 from weighting import build_weighting
@@ -46,6 +47,9 @@ from weighting import build_weighting
 MNIST_STATS = (LOADERS["multi_mnist"].mean, LOADERS["multi_mnist"].std)
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 REPO = Path(__file__).resolve().parent
+# the forward keyword that returns a model's localisation output along with its logits
+LOCATION_OUTPUT = {**{name: "with_td_map" for name in TD_MAP_MODELS},
+                   **{name: "with_location" for name in LOCATION_HEAD_MODELS}}
 
 
 def parse_args(argv):
@@ -280,8 +284,8 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
                 locations=None):
     """One epoch; ``model`` is the DDP wrapper in a distributed run, where each rank trains on its part of every
     global batch and the logged losses are averaged over the ranks: the global batch's, as in one process.
-    ``locations`` (float [N, T, 2], single-branch ControlNet only) adds the localisation loss at the bottom of TD,
-    weighted by ``spatial_loss_weight``."""
+    ``locations`` (float [N, T, 2]) adds the localisation loss ('loc', ``location_loss``), weighted by
+    ``spatial_loss_weight``: on ControlNet's TD map, or on a baseline's location head."""
     images, labels = train
     device, n, batch_size = images.device, len(images), params["batch_size"]
     memory_format = MEMORY_FORMATS[params["memory_format"]]
@@ -307,18 +311,22 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
             set_temperature(routed, temperature_schedule(update, routing["temperature_init"], routing["temperature_min"]))
         if weighting is None:
             t = tasks[index]
+            divisor = loss_divisor(labels[batch, tasks[batch]])
             if locations is None:
-                loss = losses.masked_cross_entropy(model(x, t), labels[index, t].long(),
-                                                   loss_divisor(labels[batch, tasks[batch]]))
+                loss = losses.masked_cross_entropy(model(x, t), labels[index, t].long(), divisor)
             else:
-                logits, td_map = model(x, t, with_td_map=True)
-                loss = losses.masked_cross_entropy(logits, labels[index, t].long(),
-                                                   loss_divisor(labels[batch, tasks[batch]])) + \
-                    params["spatial_loss_weight"] * spatial_loss(td_map, locations[index, t], locations[batch, tasks[batch]])
+                logits, where = model(x, t, **{LOCATION_OUTPUT[params["model"]]: True})
+                xy, batch_xy = locations[index, t], locations[batch, tasks[batch]]
+                loss = losses.masked_cross_entropy(logits, labels[index, t].long(), divisor) + \
+                    params["spatial_loss_weight"] * location_loss(where, xy, batch_xy, x.shape[-1])
             loss.backward()
             task_losses = loss.detach()
         else:
-            task_losses = weighting.backward(model, x, labels[index].long(), loss_divisor(labels[batch]))
+            located = {}
+            if locations is not None:
+                located["location_loss"] = lambda where: params["spatial_loss_weight"] * location_loss(
+                    where, locations[index], locations[batch], x.shape[-1])
+            task_losses = weighting.backward(model, x, labels[index].long(), loss_divisor(labels[batch]), **located)
             distributed.average_gradients(weighting.parameters())
         if routing and routing["budget_penalty"] > 0:
             add_budget_gradient(routed, routing["budget"], routing["budget_penalty"])
@@ -344,11 +352,16 @@ def loss_divisor(labels):
     return (labels >= 0).sum(0).clamp(min=1) / distributed.world_size()
 
 
-def spatial_loss(td_map, xy, batch_xy):
-    """The localisation loss at the bottom of TD (paper §4.2, ``losses_spatial``) of this rank's samples, divided
-    as ``loss_divisor`` does: by the targets of the whole global batch (``batch_xy``) over the number of ranks."""
-    num_valid = losses_spatial.has_location(batch_xy, *td_map.shape[-2:]).sum().clamp(min=1) / distributed.world_size()
-    return losses_spatial.spatial_classification_loss(td_map, xy, num_valid=num_valid)
+def location_loss(where, xy, batch_xy, size):
+    """The localisation loss ('loc', paper §4.2) of this rank's samples, divided as ``loss_divisor`` does: by the
+    targets of the whole global batch (``batch_xy``) over the number of ranks. ``where`` is ControlNet's TD bottom
+    map [B, 1, S, S] (the spatial classification loss) or a baseline's regressed (x, y) [B, 2] (one task per image;
+    a scalar) or [B, T, 2] (every task; [T] losses) in pixels of the ``size`` x ``size`` input (``losses_spatial``)."""
+    if where.dim() == 4:
+        num_valid = losses_spatial.has_location(batch_xy, *where.shape[-2:]).sum().clamp(min=1)
+        return losses_spatial.spatial_classification_loss(where, xy, num_valid=num_valid / distributed.world_size())
+    num_valid = (batch_xy >= 0).all(dim=-1).sum(dim=0).clamp(min=1)
+    return losses_spatial.location_regression_loss(where, xy, size, num_valid / distributed.world_size())
 
 
 def report_nonfinite(step, epoch, params, order, tasks, batch_size, out, state, bad_losses):

@@ -17,7 +17,7 @@ from .controlnet_backbones import BackboneControlNet
 from .gumbel_matrix import GumbelMatrixLeNet
 from .lenet import MultiBranchLeNet, SingleTaskLeNets
 from .modulation import ChannelModulatedLeNet, ExtendedChannelModulatedLeNet, TaskRoutedLeNet
-from .modulation_backbones import ChannelModulatedBackbone, MultiBranchBackbone, TaskRoutedBackbone
+from .modulation_backbones import ChannelModulatedBackbone, MultiBranchBackbone, SingleTaskBackbones, TaskRoutedBackbone
 
 MODELS = {
     "controlnet": ControlNet,
@@ -33,10 +33,15 @@ MODELS = {
     "backbone_ch_mod": ChannelModulatedBackbone,
     "backbone_task_routing": TaskRoutedBackbone,
     "backbone_multi_branch": MultiBranchBackbone,
+    "backbone_single_task": SingleTaskBackbones,
 }
 # The LeNet-family model -> the same method on a larger backbone (paper §4.3: same places, one head).
 ON_BACKBONE = {"controlnet": "backbone_controlnet", "ch_mod": "backbone_ch_mod",
-               "task_routing": "backbone_task_routing", "multi_branch": "backbone_multi_branch"}
+               "task_routing": "backbone_task_routing", "multi_branch": "backbone_multi_branch",
+               "single_task": "backbone_single_task"}
+# The localisation loss ('loc', Tables 3 and 6a) trains ControlNet's TD map or a baseline's location head.
+TD_MAP_MODELS = ("controlnet", "backbone_controlnet")
+LOCATION_HEAD_MODELS = ("backbone_ch_mod", "backbone_task_routing", "backbone_multi_branch")
 BACKBONE_OPTIONS = ("backbone", "num_classes", "input_size")  # set from the param file's data set, not model_options
 LENET_INPUT = (1, 28, 28)
 

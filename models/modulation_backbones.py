@@ -1,5 +1,6 @@
 """The baselines of Table 3 / Table 6a on the larger backbones (paper §4.3): channel modulation (ch-mod, Zhao
-et al. 2018), task routing (Strezoski et al. 2019) and uniform scaling (multi-branch, equal loss weights).
+et al. 2018), task routing (Strezoski et al. 2019), uniform scaling (multi-branch, equal loss weights) and
+single task (one whole backbone per task, Table 3c).
 
 ch-mod and task routing multiply the output of every stage but the last by a per-task channel vector, at the
 places where ControlNet's TD->BU2 laterals act (§4.3: "in the same recognition network locations"), with a
@@ -10,8 +11,9 @@ and gives every task its own head (for CLEVR the VGG classifier, the split that 
 
 ``location_head=True`` adds the baselines' localisation variant (Table 3, 'loc' column): "an additional
 regression loss, calculated by a FC layer at the top of the network" -- a Linear(F, 2) on the head's
-penultimate features (one per task for uniform scaling), read by ``forward_with_location`` and trained with
-``losses_spatial.location_regression_loss``.
+penultimate features (one per task for uniform scaling), returned by ``forward(..., with_location=True)`` and
+trained with ``losses_spatial.location_regression_loss``. The training script sets it when ``spatial_loss_weight``
+is positive.
 """
 import torch
 import torch.nn as nn
@@ -37,11 +39,10 @@ class _ModulatedBackbone(nn.Module):
     def gates(self, tasks):
         raise NotImplementedError
 
-    def forward(self, images, tasks):
-        return self.bu(images, self.gates(tasks))
-
-    def forward_with_location(self, images, tasks):
-        """``(logits [B, C], location [B, 2])``; needs ``location_head=True``."""
+    def forward(self, images, tasks, with_location=False):
+        """Logits [B, C]; with ``with_location`` (needs ``location_head=True``) the pair (logits, (x, y) [B, 2])."""
+        if not with_location:
+            return self.bu(images, self.gates(tasks))
         features = self.bu.head.features(self.bu.taps(images, self.gates(tasks))[-1])
         return self.bu.head.out(features), self.locator(features)
 
@@ -105,12 +106,28 @@ class MultiBranchBackbone(nn.Module):
     def heads(self, z):
         return torch.stack([head(z) for head in self.branches], dim=1)
 
-    def forward(self, x):
-        return self.heads(self.trunk(x))
-
-    def forward_with_location(self, x):
-        """``(logits [B, T, C], locations [B, T, 2])``; needs ``location_head=True``."""
+    def forward(self, x, with_location=False):
+        """Logits [B, T, C]; with ``with_location`` (needs ``location_head=True``) the pair (logits, (x, y) [B, T, 2])."""
+        if not with_location:
+            return self.heads(self.trunk(x))
         z = self.trunk(x)
         features = [head.features(z) for head in self.branches]
         logits = torch.stack([head.out(f) for head, f in zip(self.branches, features)], dim=1)
         return logits, torch.stack([loc(f) for loc, f in zip(self.locators, features)], dim=1)
+
+
+class SingleTaskBackbones(nn.Module):
+    """Table 3c 'Single task': T independent backbones, each with its own head, ``forward(images) -> [B, T, C]``.
+    No weight is shared, so training them with the summed loss (weighting 'sum') is training T separate networks;
+    #P = T x the backbone."""
+
+    paradigm = "multi_branch"
+
+    def __init__(self, num_tasks, backbone="resnet18", num_classes=None, width=1.0, input_size=None):
+        super().__init__()
+        self.num_tasks = num_tasks
+        self.networks = nn.ModuleList(build_backbone(backbone, num_classes, width, input_size) for _ in range(num_tasks))
+        self.input_shape = (3, self.networks[0].input_size, self.networks[0].input_size)
+
+    def forward(self, x):
+        return torch.stack([network(x) for network in self.networks], dim=1)

@@ -427,7 +427,7 @@ def test_modulated_baselines_training_step(cls, backbone, size):
     classes = model.bu.head.out.out_features
     images, tasks, labels, xy = batch(size, classes)
     assert model(images, tasks).shape == (4, classes)
-    logits, where = model.forward_with_location(images, tasks)
+    logits, where = model(images, tasks, with_location=True)
     loss = F.cross_entropy(logits, labels) + losses_spatial.location_regression_loss(where, xy, size)
     loss.backward()
     assert torch.isfinite(loss)
@@ -444,9 +444,9 @@ def test_multi_branch_training_step(backbone, size):
     assert model(images).shape == (4, 3, classes)
     torch.testing.assert_close(model.heads(model.trunk(images)).shape, model(images).shape)
     assert model.last_shared_layer.weight.dim() == 4
-    logits, where = model.forward_with_location(images)
+    logits, where = model(images, with_location=True)
     loss = per_task_cross_entropy(logits, targets).sum() + \
-        losses_spatial.location_regression_loss(where, xy[:, None].expand(-1, 3, -1), size)
+        losses_spatial.location_regression_loss(where, xy[:, None].expand(-1, 3, -1), size).sum()
     loss.backward()
     assert torch.isfinite(loss)
     assert_every_parameter_has_a_gradient(model)
