@@ -2,11 +2,12 @@
 batches, resume exactly, and stop together on a bad setting.
 
 Each run trains on the first 256 images for 2 epochs (8 global batches of 64, 32 per rank), on the by-reference
-tasks, whose valid labels differ between the ranks' halves of a batch. The weights must match the single-process
-run to 1e-5. The optimiser is SGD: the ranks' gradients equal the single-process ones up to float rounding (~1e-8),
-which Adam's division by the running gradient RMS can enlarge beyond 1e-5 within a few steps on parameters whose
-gradient nearly vanishes, while SGD keeps it near 1e-6. The distributed runs start at once, and the single-process
-runs are made in this process meanwhile, to overlap the processes' start-up.
+tasks, whose valid labels (and, for ``controlnet_loc``, the localisation loss's targets) differ between the ranks'
+halves of a batch. The weights must match the single-process run to 1e-5. The optimiser is SGD: the ranks' gradients
+equal the single-process ones up to float rounding (~1e-8), which Adam's division by the running gradient RMS can
+enlarge beyond 1e-5 within a few steps on parameters whose gradient nearly vanishes, while SGD keeps it near 1e-6.
+The distributed runs start at once, and the single-process runs are made in this process meanwhile, to overlap the
+processes' start-up.
 """
 import json
 import os
@@ -28,7 +29,7 @@ PARAMS = {"setting": "9digits_byref", "optimizer": "SGD", "lr": 0.05, "momentum"
           "lr_schedule": "none"}
 RUN = ["--subset", 256, "--device", "cpu"]
 METHODS = {"controlnet": {}, "uniform_scaling": {}, "mgda": {"weighting_options": {"normalization": "loss+"}},
-           "gradnorm": {}}
+           "gradnorm": {}, "controlnet_loc": {"method": "controlnet", "spatial_loss_weight": 1.0}}  # name -> params
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
