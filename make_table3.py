@@ -103,7 +103,8 @@ def markdown(groups, command):
         used = [run for runs in rows.values() for run in runs]
         if used:
             lines += ["", "Runs: " + ", ".join(sorted({run["device"] for run in used})) + "; commits " +
-                      ", ".join(f"`{c[:12]}`" for c in sorted({run["git_commit"] for run in used})) + "; seeds " +
+                      ", ".join(f"`{c[:12]}{'-dirty' if c.endswith('-dirty') else ''}`"
+                                for c in sorted({run["git_commit"] for run in used})) + "; seeds " +
                       ", ".join(map(str, sorted({run["seed"] for run in used}))) +
                       (f"; subset {sorted({run['subset'] for run in used}, key=str)}" if any(run.get("subset")
                                                                                          for run in used) else "")]
