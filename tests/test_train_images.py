@@ -174,3 +174,19 @@ def test_evaluating_valid_pairs_gives_the_dense_accuracies():
     dense = train_script.evaluate(model, images, labels, 7, 512, torch.contiguous_format, stats)
     pairs = train_script.evaluate(model, images, labels, 7, 4, torch.contiguous_format, stats, pairs=True)
     torch.testing.assert_close(pairs, dense, equal_nan=True)
+
+
+def test_cub_single_task_and_ch_mod_loc_train_an_epoch(tmp_path, capsys):
+    write_cub_all_tasks(tmp_path / "CUB_200_2011")
+    got = {}
+    for name, extra in {"single_task": {"method": "single_task"},
+                        "ch_mod_loc": {"method": "ch_mod", "spatial_loss_weight": 1.0}}.items():
+        params = param_file(tmp_path, dataset="cub", setting="cub", input_size=64, val_fraction=0.25, **extra)
+        code, _, err = run(capsys, "--param_file", params, "--data_root", tmp_path / "CUB_200_2011", "--out",
+                           tmp_path / name, "--device", "cpu")
+        assert code == 0, err
+        got[name] = results(tmp_path / name)
+    assert got["single_task"]["params"]["model"] == "backbone_single_task"
+    assert round(got["single_task"]["params_x"], 6) == 13.0  # one ResNet-18 per colour task
+    saved = torch.load(tmp_path / "ch_mod_loc" / "best_model.pt", weights_only=True)["model"]
+    assert saved["locator.weight"].shape == (2, 64)  # ResNet-18 at width 1/8: 64 features -> (x, y)
