@@ -205,9 +205,9 @@ def run(args):
         if is_best:
             best = record
             if not args.no_model_file:
-                write(checkpoint.save, {"epoch": epoch + 1, "model": model.state_dict(), "params": params},
-                      out / "best_model.pt")
-        write(checkpoint.write_text, "".join(json.dumps(r) + "\n" for r in history), out / "metrics.jsonl")
+                trainer.write(checkpoint.save, {"epoch": epoch + 1, "model": model.state_dict(), "params": params},
+                              out / "best_model.pt")
+        trainer.write(checkpoint.write_text, "".join(json.dumps(r) + "\n" for r in history), out / "metrics.jsonl")
         scores = (f"val acc {record['val_acc_mean']:.2f} iou {record['val_iou_mean']:.2f}  test acc "
                   f"{record['test_acc_mean']:.2f} iou {record['test_iou_mean']:.2f}") if evaluated else ""
         print(f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f} (cls {record['train_cls_loss']:.4f}, seg "
@@ -219,7 +219,7 @@ def run(args):
                "test_acc_per_task_last": history[-1]["test_acc_per_task"],
                "test_iou_per_task_last": history[-1]["test_iou_per_task"],
                "wall_time_s": round(wall, 2), "params": params}
-    write(checkpoint.write_json, results, out / "results.json")
+    trainer.write(checkpoint.write_json, results, out / "results.json")
     print(f"test at the best-validation epoch {best['epoch']}: accuracy {results['test_acc_mean']:.2f}, IoU "
           f"{results['test_iou_mean']:.2f}; results in {out / 'results.json'}", flush=True)
     return 0
@@ -230,14 +230,6 @@ def prepare_output_dir(out, force):
     if (out / "results.json").exists() and not force:
         raise ParamError(f"--out: {out} already holds results (results.json); pass --force to overwrite them, or "
                          f"choose another --out")
-
-
-def write(writer, obj, path):
-    try:
-        writer(obj, path)
-    except OSError as err:
-        raise RunError(f"cannot write {path}: {err.strerror or err}; the previous version of that file is intact") \
-            from None
 
 
 def load_data(params, subset, root, eval_subset=None):

@@ -2,14 +2,14 @@
 
     python make_table3.py --runs_dir runs --out results/table3.md
 
-Reads every results.json under --runs_dir (the training script writes runs/<exp_id>/seed<k>/results.json) and
-keeps Table 3's experiments: CLEVR at 40 tasks, CELEB-A and CUB-200; runs on the generated CLEVR-like data
-(clevr_like, 40 tasks) get a section of their own, labelled as a different data set, with the accuracy of
-answering without the image (each task's most frequent training answer; the data is generated if missing). A row is a method and its
-'loc' (``spatial_loss_weight`` > 0: ControlNet's TD-map loss or a baseline's location regression). Accuracy is
-the test accuracy at the best-validation evaluation averaged over tasks, then mean ± sample std over seeds (ddof
-1; none for one seed). A row whose runs differ in epochs, subset or data size is marked: its seeds are not
-repetitions of one protocol.
+Reads every results.json under --runs_dir (the training script writes runs/<exp_id>/seed<k>/results.json) and keeps
+Table 3's experiments: CLEVR at 40 tasks, CELEB-A and CUB-200; runs on the generated CLEVR-like data (clevr_like,
+40 tasks) get a section of their own, labelled as a different data set, with the accuracy of answering without the
+image (each task's most frequent training answer; the data is generated if missing). A row is a method and its
+'loc' (``spatial_loss_weight`` > 0: ControlNet's TD-map loss or a baseline's location regression). Accuracy is the
+test accuracy at the best-validation evaluation averaged over tasks, then mean ± sample std over seeds (ddof 1;
+none for one seed). A row whose runs differ in protocol (epochs, subset, data size, input size, width, lr, batch) is
+marked: its seeds are not repetitions of one protocol.
 """
 import argparse
 import json
@@ -92,7 +92,8 @@ def markdown(groups, command):
         rows = groups.get(key, {})
         if not rows and key[0] == "clevr_like":
             continue
-        lines += [f"## {title}", "", "| Method | loc | Acc (ours) | n | epochs | #P (ours) | #P (paper) | Acc (paper) |",
+        lines += [f"## {title}", "",
+                  "| Method | loc | Acc (ours) | n | epochs | #P (ours) | #P (paper) | Acc (paper) |",
                   "|---|---|---|---|---|---|---|---|"]
         listed = paper_rows(table)
         for method, loc, *paper in listed:

@@ -107,7 +107,8 @@ class MultiBranchBackbone(nn.Module):
         return torch.stack([head(z) for head in self.branches], dim=1)
 
     def forward(self, x, with_location=False):
-        """Logits [B, T, C]; with ``with_location`` (needs ``location_head=True``) the pair (logits, (x, y) [B, T, 2])."""
+        """Logits [B, T, C]; with ``with_location`` (needs ``location_head=True``) the pair
+        (logits, (x, y) [B, T, 2])."""
         if not with_location:
             return self.heads(self.trunk(x))
         z = self.trunk(x)
@@ -126,7 +127,8 @@ class SingleTaskBackbones(nn.Module):
     def __init__(self, num_tasks, backbone="resnet18", num_classes=None, width=1.0, input_size=None):
         super().__init__()
         self.num_tasks = num_tasks
-        self.networks = nn.ModuleList(build_backbone(backbone, num_classes, width, input_size) for _ in range(num_tasks))
+        self.networks = nn.ModuleList(build_backbone(backbone, num_classes, width, input_size)
+                                      for _ in range(num_tasks))
         self.input_shape = (3, self.networks[0].input_size, self.networks[0].input_size)
 
     def forward(self, x):
