@@ -25,7 +25,7 @@ schedule of phase 1; phase 2 uses its optimiser and batch), --epochs (phase 1, d
 and start from the phase1_model.pt of an earlier run), --seed, --subset, --device, --data_root, --out. A bad
 flag or param file is one line on stderr with the allowed values, exit code 2.
 
-Outputs in --out (default results/add_task): results.json (command, commit, device, seed, both phases' epochs,
+Outputs in --out (default runs/add_task): results.json (command, commit, device, seed, both phases' epochs,
 subset, the four numbers and the paper's), metrics.jsonl (one line per epoch of either phase), phase1_model.pt
 (the 9-task model: best_model.pt's format plus its phase 1 record) and extended_model.pt (a plain 10-task
 ControlNet state dict, in best_model.pt's format).
@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
+import cli
 import config
 from models import build_model
 from train_multi_task_counter_stream import (
@@ -64,7 +65,7 @@ def parse_args(argv):
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--subset", type=positive_int, help="use only N training and N/5 val/test images")
     parser.add_argument("--data_root", help="data directory (default $MTL_DATA_ROOT or ./data)")
-    parser.add_argument("--out", default=str(REPO / "results" / "add_task"), help="output dir")
+    parser.add_argument("--out", default=str(REPO / "runs" / "add_task"), help="output dir (default runs/add_task)")
     return parser.parse_args(argv)
 
 
@@ -138,7 +139,7 @@ def run(args):
     device = resolve_device(args.device)
     saved = read_phase1_model(args.phase1_model) if args.phase1_model else None
     out = Path(args.out)
-    prepare_output_dir(out, resume=False)
+    prepare_output_dir(out, False, args.command)
     data = {split: (arrays[0].to(device), arrays[1].to(device))  # images, labels
             for split, arrays in load_data(params, args.subset, args.data_root).items()}
     log(f"add a task: {METHOD} on {SETTING}, {len(data['train'][0])} train images, {describe_device(device)}, "
@@ -274,4 +275,4 @@ def accuracy(model, tasks, split, params, device):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import cli
 import losses
 import train_multi_task_counter_stream as trainer
 from loaders.mnist import MNISTUnavailable
@@ -482,4 +483,4 @@ def write_table(runs_dir):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

@@ -92,9 +92,44 @@ class ParamError(ValueError):
     """A user mistake in a param file or on the command line: printed as one line, exit code 2."""
 
 
-def load_params(path):
-    """Reads, validates and completes a param file; raises ParamError on any problem."""
-    return validate(read_param_file(path, required_keys()), str(Path(path)))
+def load_params(path, overrides=()):
+    """Reads a param file, applies the ``--set KEY=VALUE`` ``overrides``, validates and completes it; raises
+    ParamError on any problem."""
+    raw = apply_overrides(read_param_file(path, required_keys()), overrides)
+    return validate(raw, str(Path(path)) + (" with --set " + " ".join(overrides) if overrides else ""))
+
+
+def apply_overrides(raw, overrides, schema=SCHEMA):
+    """``raw`` with each ``KEY=VALUE`` of ``overrides`` set: VALUE is read as JSON (0.01, true, null, "x", {...}),
+    else taken as a string; a dotted KEY sets one entry of a dict-valued key (``weighting_options.alpha=1.0``).
+    Each value is checked by the schema like a param file's; ParamError (one line naming --set) otherwise."""
+    raw = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ParamError(f"--set {item}: expected KEY=VALUE (e.g. --set lr=0.01 or "
+                             f"--set weighting_options.alpha=1.0)")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        top, dot, entry = key.partition(".")
+        if top not in schema:
+            close = difflib.get_close_matches(top, schema, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ParamError(f"--set {item}: unknown key '{top}'; {hint}valid keys: {', '.join(schema)}")
+        if dot:
+            if schema[top][0] is not dict or not entry:
+                dicts = [name for name, spec in schema.items() if spec[0] is dict]
+                raise ParamError(f"--set {item}: only dict keys take a dotted entry; allowed: "
+                                 f"{', '.join(name + '.NAME' for name in dicts)}")
+            current = raw.get(top) or {}
+            if not isinstance(current, dict):
+                raise ParamError(f"--set {item}: key '{top}' is not a JSON object in the param file")
+            raw[top] = {**current, entry: value}
+        else:
+            raw[top] = check_value(top, value, f"--set {item}", schema)
+    return raw
 
 
 def read_param_file(path, required=()):

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
+import cli
 import gumbel_experiment
 from gumbel_experiment import ArgumentParser, ParamError, evaluate, positive_int, train
 from provenance import describe_device, git_commit
@@ -168,4 +169,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import cli
 from provenance import describe_device, git_commit
 from loaders.rotated_mnist import TASKS, load_rotated_mnist
 from models.gumbel_matrix import (ALLOCATIONS, GumbelMatrixMNISTNet, allocation_matrix, budget_penalty,
@@ -268,4 +269,4 @@ def main(argv=None, prog=Path(__file__).name):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

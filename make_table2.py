@@ -1,12 +1,14 @@
 """Aggregate the Table 2 runs (every results.json under --runs_dir) into mean ± std over seeds, beside the paper.
 
-    python make_table2.py --runs_dir runs/table2 --out_dir results
+    python make_table2.py --runs_dir runs/table2 --out_dir runs/tables
 
-Writes <out_dir>/table2.json and <out_dir>/table2.md. Accuracy is the test accuracy at the best-validation
-epoch, averaged over tasks (percent); std is the sample std over seeds (ddof=1, none for n=1). Runs are grouped
-by (method, setting) and by protocol (epochs, subset). The table shows one protocol, the same in every cell:
---epochs/--subset if given, else the protocol with the most runs; runs under other protocols are never mixed
-in, they are listed below the table.
+Writes <out_dir>/table2.json and <out_dir>/table2.md (default runs/tables: a committed table is only replaced when
+its folder is named), never an empty table. Accuracy is the test accuracy at the best-validation epoch, averaged
+over tasks (percent); std is the sample std over seeds (ddof=1, none for n=1). Runs are grouped by (method,
+setting) and by protocol: epochs, subset and every param that is not the method's own (lr, batch size, schedule,
+data, ...). The table shows one protocol, the same in every cell: the one --protocol K names, else the one with
+the most runs (among those of --epochs/--subset if given); runs under other protocols are never mixed in, each
+other protocol is listed in one line below the table. A seed is counted once per cell.
 """
 import argparse
 import json
@@ -15,6 +17,10 @@ import statistics
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
+
+import checkpoint
+import cli
+import config
 
 REPO = Path(__file__).resolve().parent
 PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table2_multi_mnist"]
@@ -27,15 +33,21 @@ SETTINGS = {"2digits": "2_digits", "4digits": "4_digits", "9digits": "9_digits_b
 TITLES = {"2digits": "2 digits", "4digits": "4 digits", "9digits": "9 digits by loc",
           "9digits_byref": "9 digits by ref"}
 MARK = "†"
+# param keys that belong to the method (a row), not to the protocol; and keys that do not change the numbers
+METHOD_KEYS = ("exp_id", "method", "setting", "model", "weighting", "model_options", "weighting_options",
+               "router_options")
+NEUTRAL_KEYS = ("memory_format", "eval_batch_size", "data_root")
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs_dir", default="runs/table2", help="searched recursively for results.json")
-    parser.add_argument("--out_dir", default="results", help="where table2.json and table2.md go")
+    parser.add_argument("--out_dir", default="runs/tables", help="where table2.json and table2.md go")
     parser.add_argument("--epochs", type=int,
                         help="show the runs of this many epochs (default: the protocol with the most runs)")
     parser.add_argument("--subset", type=int, help="with --epochs: the runs with this --subset (default: full data)")
+    parser.add_argument("--protocol", type=int, metavar="K",
+                        help="show the K-th protocol of the list printed (1 = the one with the most runs)")
     args = parser.parse_args(argv)
     if args.subset is not None and args.epochs is None:
         parser.error("--subset needs --epochs (together they pick the protocol)")
@@ -48,7 +60,17 @@ def main(argv=None):
         print(f"error: --runs_dir {args.runs_dir} is not a directory", file=sys.stderr)
         return 2
     protocol = None if args.epochs is None else (args.epochs, args.subset)
-    table = aggregate(args.runs_dir, protocol)
+    try:
+        table = aggregate(args.runs_dir, protocol, args.protocol)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for index, found in enumerate(table["protocols_found"], 1):
+        print(f"protocol {index}: {found['runs']} runs, {found['description']}" +
+              ("  <- shown" if found["shown"] else ""))
+    if table["num_runs"] == 0:
+        print(f"error: no Table 2 run under {args.runs_dir} for this protocol; nothing written", file=sys.stderr)
+        return 1
     for path in write_tables(table, args.out_dir):
         print(f"wrote {path}")
     return 0
@@ -58,33 +80,71 @@ def load_runs(runs_dir):
     runs, unreadable = [], []
     for path in sorted(Path(runs_dir).rglob("results.json")):
         try:
-            runs.append(json.loads(path.read_text()))
+            runs.append({**json.loads(path.read_text()), "path": str(path.parent)})
         except (OSError, json.JSONDecodeError):
             unreadable.append(str(path))
     return runs, unreadable
+
+
+def protocol_of(run):
+    """What must be equal for two runs to share a table: epochs, subset and every param that is not the method's
+    own, missing keys (runs older than a key) read as the schema's default."""
+    params = run.get("params", {})
+    keys = [key for key in config.SCHEMA if key not in METHOD_KEYS + NEUTRAL_KEYS + ("epochs",)]  # the run's epochs
+    values = {key: params.get(key, config.SCHEMA[key][1]) for key in keys}
+    return json.dumps({"epochs": run.get("epochs"), "subset": run.get("subset"), **values}, sort_keys=True)
+
+
+def describe_protocol(protocol, reference=None):
+    """'100 epochs, full data' and, beside the ``reference`` protocol, the keys in which it differs."""
+    values = json.loads(protocol)
+    text = f"{values['epochs']} epochs, " + ("full data" if values["subset"] is None else f"subset {values['subset']}")
+    if reference is not None and reference != protocol:
+        other = json.loads(reference)
+        diff = [f"{key} {json.dumps(values[key])} (shown: {json.dumps(other.get(key))})"
+                for key in sorted(values) if values[key] != other.get(key) and key not in ("epochs", "subset")]
+        text += ("; differs from the shown protocol in " + ", ".join(diff)) if diff else ""
+    return text
 
 
 def mean_std(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def aggregate(runs_dir, protocol=None):
-    """All results.json under runs_dir -> the table as a dict (see table2.json). protocol: (epochs, subset)
-    to show, subset None = full data; default: the protocol with the most runs (ties: more epochs, full data)."""
+def aggregate(runs_dir, protocol=None, choice=None):
+    """All results.json under runs_dir -> the table as a dict (see table2.json). protocol: (epochs, subset) to
+    consider (subset None = full data), default all; choice: the 1-based index of the protocol to show among
+    those (ordered by number of runs, then more epochs, full data), default the first. ValueError for a choice
+    out of range."""
     found, unreadable = load_runs(runs_dir)
     runs = [run for run in found if run.get("method") in METHODS and run.get("setting") in SETTINGS]
-    counts = Counter((run["epochs"], run["subset"]) for run in runs)
-    if protocol is None and counts:
-        protocol = max(counts, key=lambda p: (counts[p], p[0], p[1] is None, p[1] or 0))
-    shown = [run for run in runs if (run["epochs"], run["subset"]) == protocol]
+    counts = Counter(protocol_of(run) for run in runs)
 
-    groups = defaultdict(list)
+    def rank(key):
+        values = json.loads(key)
+        matches = protocol is None or (values["epochs"], values["subset"]) == protocol
+        return (matches, counts[key], values["epochs"], values["subset"] is None, values["subset"] or 0)
+    ordered = sorted(counts, key=rank, reverse=True)
+    candidates = [key for key in ordered if rank(key)[0]]
+    if choice is not None and not 1 <= choice <= len(candidates):
+        raise ValueError(f"--protocol {choice}: {runs_dir} holds {len(candidates)} protocol(s) of these epochs and "
+                         f"subset; allowed: 1 to {len(candidates)}")
+    chosen = candidates[(choice or 1) - 1] if candidates else None
+    shown = [run for run in runs if protocol_of(run) == chosen]
+
+    groups, duplicates = defaultdict(list), []
     for run in shown:
-        groups[run["method"], run["setting"]].append(run)
-    others = defaultdict(lambda: defaultdict(list))  # (method, setting) -> (epochs, subset) -> accuracies
+        cell = groups[run["method"], run["setting"]]
+        twin = next((other for other in cell if other["seed"] == run["seed"]), None)
+        if twin is None:
+            cell.append(run)
+        else:
+            duplicates.append(f"{run['setting']}/{run['method']}: seed {run['seed']} of {run['path']} already counted "
+                              f"from {twin['path']}; counted once")
+    others = defaultdict(lambda: defaultdict(list))  # (method, setting) -> protocol -> accuracies
     for run in runs:
-        if (run["epochs"], run["subset"]) != protocol:
-            others[run["method"], run["setting"]][run["epochs"], run["subset"]].append(run["test_acc_mean"])
+        if protocol_of(run) != chosen:
+            others[run["method"], run["setting"]][protocol_of(run)].append(run["test_acc_mean"])
 
     rows, notes = {}, []
     for method in METHODS:
@@ -92,12 +152,12 @@ def aggregate(runs_dir, protocol=None):
         for index, setting in enumerate(SETTINGS):
             paper = PAPER["rows"].get(method, {"acc": [None] * len(SETTINGS), "params_x": [None] * len(SETTINGS)})
             cell = make_cell(groups[method, setting], paper["acc"][index], paper["params_x"][index])
-            cell["other_protocols"] = [{"epochs": e, "subset": s, "n": len(accs), "acc_mean": statistics.fmean(accs)}
-                                       for (e, s), accs in sorted(others[method, setting].items(), key=str)]
-            duplicated = sorted(seed for seed, n in Counter(cell["seeds"]).items() if n > 1)
-            if duplicated:
-                notes.append(f"{setting}/{method}: seed(s) {duplicated} found in more than one run dir; all counted")
+            cell["other_protocols"] = [{"protocol": ordered.index(key) + 1, "n": len(accs),
+                                        "acc_mean": statistics.fmean(accs)}
+                                       for key, accs in sorted(others[method, setting].items(),
+                                                              key=lambda item: ordered.index(item[0]))]
             rows[method][setting] = cell
+    notes += duplicates
     notes += [f"unreadable, skipped: {path}" for path in unreadable]
     if len(found) > len(runs):
         notes.append(f"{len(found) - len(runs)} results.json of another method or setting than Table 2's, skipped")
@@ -114,8 +174,9 @@ def aggregate(runs_dir, protocol=None):
                     f"lr schedule {r['params']['lr_schedule']}" for r in shown)
     return {
         "runs_dir": str(runs_dir),
-        "protocol": None if protocol is None else {"epochs": protocol[0], "subset": protocol[1]},
-        "protocols_found": [{"epochs": e, "subset": s, "runs": n} for (e, s), n in sorted(counts.items(), key=str)],
+        "protocol": None if chosen is None else {**json.loads(chosen), "index": ordered.index(chosen) + 1},
+        "protocols_found": [{**json.loads(key), "runs": counts[key], "shown": key == chosen,
+                             "description": describe_protocol(key, chosen)} for key in ordered],
         "num_runs": len(shown),
         "seeds": sorted({run["seed"] for run in shown}),
         "optimisation": dict(optim),
@@ -215,11 +276,10 @@ def render_markdown(table, command):
         values = ["–" if row[s]["n"] == 0 else f"{row[s]['acc_last_mean']:.2f}" for s in SETTINGS]
         lines.append(f"| {method} | " + " | ".join(values) + " |")
 
-    other = [f"- {s}/{m}: epochs {o['epochs']}, " + ("full data" if o["subset"] is None else f"subset {o['subset']}")
-             + f", n={o['n']}, acc {o['acc_mean']:.2f}"
-             for m, row in table["rows"].items() for s, cell in row.items() for o in cell["other_protocols"]]
+    other = [f"- protocol {index}: {found['runs']} runs, {found['description']}"
+             for index, found in enumerate(table["protocols_found"], 1) if not found["shown"]]
     if other:
-        lines += ["", "Runs under other protocols, kept apart (not in the table above):", ""] + other
+        lines += ["", "Runs under other protocols in this runs dir, kept apart (`--protocol K` shows one):", ""] + other
     if table["notes"]:
         lines += ["", "Notes:", ""] + [f"- {note}" for note in table["notes"]]
     return "\n".join(lines) + "\n"
@@ -234,12 +294,16 @@ def write_tables(table, out_dir):
         command += f" --epochs {table['protocol']['epochs']}"
         if table["protocol"]["subset"] is not None:
             command += f" --subset {table['protocol']['subset']}"
+        same = [found for found in table["protocols_found"] if (found["epochs"], found["subset"]) ==
+                (table["protocol"]["epochs"], table["protocol"]["subset"])]
+        if len(same) > 1:
+            command += f" --protocol {[found['shown'] for found in same].index(True) + 1}"
     table = {**table, "command": command}
     paths = out_dir / "table2.json", out_dir / "table2.md"
-    paths[0].write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n")
-    paths[1].write_text(render_markdown(table, command))
+    checkpoint.write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n", paths[0])
+    checkpoint.write_text(render_markdown(table, command), paths[1])
     return paths
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

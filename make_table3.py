@@ -17,6 +17,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import checkpoint
+import cli
 from make_table2 import load_runs, mean_std
 from make_table6a import majority_accuracy
 
@@ -36,7 +38,8 @@ DATA_KEYS = ("input_size", "clevr_like_train", "clevr_like_test", "val_fraction"
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs_dir", default="runs", help="searched recursively for results.json")
-    parser.add_argument("--out", default="results/table3.md", help="the Markdown table to write")
+    parser.add_argument("--out", default="runs/tables/table3.md", help="the Markdown table to write (default "
+                        "runs/tables/table3.md: a committed table is only replaced when it is named)")
     return parser.parse_args(argv)
 
 
@@ -126,13 +129,16 @@ def main(argv=None):
     runs, unreadable = load_runs(args.runs_dir)
     for path in unreadable:
         print(f"warning: skipped unreadable {path}", file=sys.stderr)
-    command = "python make_table3.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
+    if not runs and out.exists():
+        print(f"error: no results.json under {args.runs_dir}: {out} is not replaced by an empty table", file=sys.stderr)
+        return 1
+    command = "python make_table3.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(markdown(group(runs), command.strip()))
+    checkpoint.write_text(markdown(group(runs), command.strip()), out)
     print(f"wrote {out}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.exit_with(main)

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+import cli
+
 SETTING = "9digits"
 
 
@@ -70,4 +72,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
+
 
 def task_similarity(allocation):
     """Cosine similarity ``[T, T]`` of the rows of a binary allocation ``[T, N]``; 0 for a task using nothing."""
@@ -90,4 +92,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import cli
 import make_table2
 
 REPO = Path(__file__).resolve().parent
@@ -41,12 +42,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def protocol_arguments(parser, runs_dir, out_dir):
     """The options every runner of training-script cells shares (figure3.py, table6b.py)."""
-    parser.add_argument("--epochs", type=positive_int, default=100)
+    parser.add_argument("--epochs", type=positive_int, default=100, help="epochs per run (default 100)")
     parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2, 3, 4], help="a count (5 = seeds 0..4) or a comma list")
     parser.add_argument("--subset", type=positive_int, help="train on N images (smoke runs)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--runs_dir", default=runs_dir)
-    parser.add_argument("--out_dir", default=out_dir)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--runs_dir", default=runs_dir, help=f"where the runs go (default {runs_dir})")
+    parser.add_argument("--out_dir", default=out_dir, help=f"where the table goes (default {out_dir}: a committed "
+                        f"table is only replaced when its folder is named)")
     return parser
 
 
@@ -89,12 +91,15 @@ def parse_args(argv):
     parser.add_argument("--settings", type=comma_list(SETTINGS, "setting"), default=list(SETTINGS),
                         help=f"comma list (default all): {','.join(SETTINGS)}")
     parser.add_argument("--subset", type=positive_int, help="train on N images (N/5 val/test): smoke sweeps only")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to every cell's training run (e.g. --set eval_every=10), repeatable")
     parser.add_argument("--workers", type=positive_int,
                         help=f"training processes at once: on CPU (default 1) each gets cores // N threads; "
                              f"on a GPU (default {GPU_WORKERS}) they share it")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--runs_dir", default="runs/table2", help="cells go to <runs_dir>/<setting>/<method>/seed<k>")
-    parser.add_argument("--out_dir", default="results", help="where make_table2.py writes table2.{json,md}")
+    parser.add_argument("--out_dir", default="runs/tables", help="where make_table2.py writes table2.{json,md} "
+                        "(default runs/tables: a committed table is only replaced when its folder is named)")
     parser.add_argument("--no_table", action="store_true", help="only train, do not build the table")
     parser.add_argument("--dry_run", action="store_true", help="list the cells and their state, train nothing")
     args = parser.parse_args(argv)
@@ -132,6 +137,8 @@ def run_cell(cell, args, env):
                "--seed", str(cell["seed"]), "--out", str(cell["out"]), "--device", args.device]
     if args.subset:
         command += ["--subset", str(args.subset)]
+    for setting in args.set:
+        command += ["--set", setting]
     if cell["state"] == "resume":
         command.append("--resume")
     proc = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -214,7 +221,9 @@ def main(argv=None):
           f"skipped, {num_done} were already done")
     if not args.no_table:
         table = make_table2.aggregate(args.runs_dir, (args.epochs, args.subset))
-        for path in make_table2.write_tables(table, args.out_dir):
+        if table["num_runs"] == 0:
+            print(f"no finished run of this protocol under {args.runs_dir}: no table written", file=sys.stderr)
+        for path in make_table2.write_tables(table, args.out_dir) if table["num_runs"] else ():
             print(f"wrote {path}")
     return 1 if failed or conflicts else 0
 
@@ -231,4 +240,4 @@ def log_invocation(runs_dir, entry):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

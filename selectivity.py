@@ -20,7 +20,7 @@ tasks (above chance level)", pooled over the selected tasks, with chance c = 10%
     SI = mean_t (A[t, t] - c) / mean_{t, l != t} (A[l, t] - c)
 
 (``per_task_index`` holds the same ratio for each selected task alone). Outputs in --out (default
-results/selectivity/<setting>_<method>/): selectivity_<readout>.json (the matrix, the index, the paper's
+runs/selectivity/<setting>_<method>/): selectivity_<readout>.json (the matrix, the index, the paper's
 index, command, commit, device, seed, protocol) and selectivity_<readout>.png (the heat map). A bad flag or
 checkpoint is one line on stderr with the allowed values, exit code 2.
 """
@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
+import cli
 import config
 from loaders import NUM_TASKS
 from models import build_model
@@ -62,7 +63,7 @@ def parse_args(argv):
     parser.add_argument("--subset", type=positive_int, help="use only N training and N/5 test images")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--data_root", help="data directory (default $MTL_DATA_ROOT or ./data)")
-    parser.add_argument("--out", help="output dir (default results/selectivity/<setting>_<method>)")
+    parser.add_argument("--out", help="output dir (default runs/selectivity/<setting>_<method>)")
     return parser.parse_args(argv)
 
 
@@ -220,7 +221,7 @@ def run(args):
     params = saved["params"]
     setting, method = params["setting"], params["method"]
     device = resolve_device(args.device)
-    out = Path(args.out or REPO / "results" / "selectivity" / f"{setting}_{method}")
+    out = Path(args.out or REPO / "runs" / "selectivity" / f"{setting}_{method}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -293,4 +294,4 @@ def finite_or_none(value):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

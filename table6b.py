@@ -17,6 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import cli
 import reproduce_table2
 
 REPO = Path(__file__).resolve().parent
@@ -27,7 +28,7 @@ PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table6b_
 
 def parse_args(argv):
     parser = reproduce_table2.protocol_arguments(reproduce_table2.ArgumentParser(description=__doc__.split("\n")[0]),
-                                                 "runs/table2", "results/table6b")
+                                                 "runs/table2", "runs/tables/table6b")
     return parser.parse_args(argv)
 
 
@@ -99,4 +100,4 @@ def render(table):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
+import cli
 import train_multi_task_counter_stream as train_script
 from loaders.multi_mnist import LAYOUTS, NUM_TASKS, make_multi_mnist
 from losses_spatial import map_argmax
@@ -139,4 +140,4 @@ def plot(images, model, labels, locations, path):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

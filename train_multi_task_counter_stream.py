@@ -12,16 +12,21 @@ see every task label of an image in one pass. On CLEVR and CUB-200 a run can add
 (``spatial_loss_weight``, the 'loc' of Table 3): at the bottom of TD for ControlNet, on an FC location head at
 the top of the network for the baselines. Every epoch (or every ``eval_every``) evaluates every task on every
 validation and test image where it is defined; the kept model is the best-validation one. Outputs in --out:
-metrics.jsonl, results.json, checkpoint.pt (resume state) and best_model.pt, all written atomically.
+metrics.jsonl, results.json, checkpoint.pt (resume state) and best_model.pt, all written atomically, and train.log.
+An output dir takes one run at a time (``run_lock``); ``--resume`` continues a run only with the arguments that
+made it; ``--set KEY=VALUE`` changes one param-file key from the command line (recorded in results.json).
 
 Started by torchrun (``torchrun --nproc_per_node=N train_multi_task_counter_stream.py ...``), it trains one model
 with DistributedDataParallel over N processes (one GPU each, or CPU processes) with the same global batches,
 task draws and gradients as one process (see distributed.py); rank 0 writes the outputs.
 """
 import argparse
+import hashlib
 import json
+import shlex
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +40,7 @@ import gumbel_experiment
 import losses
 from provenance import describe_device, git_commit
 import losses_spatial
+import run_lock
 from loaders import LOADERS, NUM_TASKS
 from loaders.image_sets import MissingDatasetError
 from loaders.mnist import MNISTUnavailable
@@ -55,13 +61,18 @@ LOCATION_OUTPUT = {**{name: "with_td_map" for name in TD_MAP_MODELS},
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--param_file", required=True, help="JSON param file (see params/ and the README)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one param-file key, repeatable; VALUE is read as JSON, a dotted KEY sets one "
+                             "entry of a dict key (e.g. --set lr=0.01 --set weighting_options.alpha=1.0)")
     parser.add_argument("--epochs", type=positive_int, help="training epochs (default: the param file's, else 100)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="run seed: initialisation, order, tasks")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--out", help="output dir (default runs/<exp_id>/seed<k>)")
     parser.add_argument("--subset", type=positive_int, help="use only N training and N/5 val/test images (smoke runs)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    parser.add_argument("--force", action="store_true", help="resume even if the param file changed")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint (the "
+                        "same param file, --set, --epochs, --seed, --subset and data)")
+    parser.add_argument("--force", action="store_true", help="resume even if the param file, --set, --seed, --epochs, "
+                        "--subset or the data changed")
     parser.add_argument("--data_root", help="data directory (default: the param data_root, else for Multi-MNIST and "
                         "CLEVR-like $MTL_DATA_ROOT or ./data, for CLEVR, CELEB-A, CUB-200 $MTL_CLEVR_ROOT, "
                         "$MTL_CELEBA_ROOT, $MTL_CUB_ROOT)")
@@ -106,31 +117,52 @@ def main(argv=None):
     if gumbel_experiment.handles(sys.argv[1:] if argv is None else argv):  # Maziarz et al.'s MNIST protocol
         return gumbel_experiment.main(argv, prog=Path(__file__).name)
     args = parse_args(argv)
-    args.command = " ".join(["python", Path(__file__).name] + list(sys.argv[1:] if argv is None else argv))
+    args.command = shlex.join(["python", Path(__file__).name] + [str(a) for a in (sys.argv[1:] if argv is None else argv)])
     code = exit_code(run, args)
     distributed.shutdown()  # the ranks end together: every error above is raised on all of them (distributed.py)
     return code
 
 
 def exit_code(run, args):
-    """``run(args)``'s exit code; a user mistake (ParamError) is one line on stderr and code 2, a fault during the
-    run (RunError) one line and code 1. Shared by the scripts built on this one."""
+    """``run(args)``'s exit code; a user mistake (ParamError) or a busy output dir is one line on stderr and code 2,
+    a fault during the run (RunError) one line and code 1, Ctrl-C one line and code 130. Shared by the scripts
+    built on this one."""
     try:
         return run(args)
-    except config.ParamError as err:
+    except (config.ParamError, run_lock.RunDirBusy) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RunError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except Interrupted as err:
+        print(f"\ninterrupted: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted; every file written so far is complete (all writes are atomic)", file=sys.stderr)
+        return 130
 
 
 class RunError(RuntimeError):
     """A fault during the run (non-finite loss, failing write): reported as one line, exit code 1."""
 
 
+class Interrupted(RuntimeError):
+    """Ctrl-C during training: one line saying where the run stands and how to continue it, exit code 130."""
+
+
+def interrupted_message(out, epoch, epochs, command):
+    """Where an interrupted run stands: the epoch reached, the last checkpoint, the command that continues it."""
+    if epoch == 0:
+        kept = "no epoch finished, so no checkpoint was written; run the same command to start again"
+    else:
+        resume = command if " --resume" in f"{command} " else f"{command} --resume"
+        kept = f"the last checkpoint is {out / 'checkpoint.pt'}; continue with: {resume}"
+    return f"stopped in epoch {epoch + 1} of {epochs} ({epoch} finished); {kept}"
+
+
 def run(args):
-    params = config.load_params(args.param_file)
+    params = config.load_params(args.param_file, args.set)
     epochs = args.epochs or params["epochs"]
     num_tasks = NUM_TASKS[params["setting"]]
     if args.dry_run:
@@ -142,7 +174,17 @@ def run(args):
     if distributed.launched():
         distributed.init(device)
     out = Path(args.out or REPO / "runs" / params["exp_id"] / f"seed{args.seed}")
-    distributed.on_main(prepare_output_dir, out, args.resume)
+    distributed.on_main(prepare_output_dir, out, args.resume, args.command)
+    try:
+        return train(args, params, epochs, device, out)
+    finally:
+        LOG_FILES.clear()
+        distributed.on_main(run_lock.release, out)
+
+
+def train(args, params, epochs, device, out):
+    """The run in ``out`` (locked by this process): build, resume, train, evaluate, write."""
+    num_tasks = NUM_TASKS[params["setting"]]
 
     torch.manual_seed(args.seed)
     model = build_model(params["model"], num_tasks, **config.model_kwargs(params))
@@ -157,49 +199,42 @@ def run(args):
 
     state = {"epoch": 0, "history": [], "best": None, "wall_time_s": 0.0}
     saved = distributed.on_main(read_checkpoint, out / "checkpoint.pt", params, args, epochs) if args.resume else None
+    if saved is not None and saved["epoch"] >= epochs and (out / "results.json").exists():
+        log(f"{out} holds a finished run ({saved['epoch']} of {epochs} epochs); nothing to do, nothing changed")
+        return 0
+    distributed.on_main(open_log, out)
     if saved is not None:
         state = resume(saved, out / "checkpoint.pt", params, model, weighting, optimizer)
     trained = distributed.wrap(model, device)  # the forward whose backward averages the gradients over the ranks
 
     splits = distributed.local_main_first(load_data, params, args.subset, args.data_root or params["data_root"])
+    fingerprint = data_fingerprint(splits)
+    if saved is not None and saved.get("data_fingerprint", fingerprint) != fingerprint and not args.force:
+        raise config.ParamError(f"--resume: {out / 'checkpoint.pt'} was trained on other data (fingerprint "
+                                f"{saved['data_fingerprint']}, now {fingerprint}: another --data_root or data files); "
+                                f"pass --force to resume anyway, or choose another --out")
+    state["data_fingerprint"] = fingerprint
     data = {split: (images.to(device), labels.to(device)) for split, (images, labels, _) in splits.items()}
     locations = splits["train"][2].to(device) if params["spatial_loss_weight"] > 0 else None
     info = {"command": args.command,
             "git_commit": git_commit(), "device": describe_device(device), "world_size": distributed.world_size(),
             "seed": args.seed, "epochs": epochs, "method": params["method"], "setting": params["setting"],
-            "subset": args.subset, **parameter_counts(params, model)}
+            "subset": args.subset, "overrides": args.set, "data_fingerprint": fingerprint,
+            **parameter_counts(params, model)}
     processes = f" x {info['world_size']} processes" if distributed.is_distributed() else ""
     log(f"{params['exp_id']}: {params['method']} on {params['setting']}, {info['num_params']} params "
         f"(x{info['params_x']:.3f}), {len(data['train'][0])} train images, {info['device']}{processes}, out {out}")
+    log(f"{epochs} epochs from epoch {state['epoch'] + 1}, {params['optimizer']} lr {params['lr']:g}, "
+        f"batch {params['batch_size']}, {describe_schedule(params, epochs)}, seed {args.seed}"
+        + (f", overrides: {' '.join(args.set)}" if args.set else ""))
 
-    for epoch in range(state["epoch"], epochs):
-        start = time.perf_counter()
-        for group, base_lr in zip(optimizer.param_groups, base_learning_rates(params)):
-            group["lr"] = base_lr * lr_factor(params, epoch, epochs)
-        train_loss = train_epoch(trained, weighting, optimizer, data["train"], params, args.seed, epoch, out, state,
-                                 stats, locations)
-        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss}
-        evaluated = (epoch + 1) % params["eval_every"] == 0 or epoch + 1 == epochs
-        if evaluated:
-            val, test = (evaluate(model, *data[split], num_tasks, rows, MEMORY_FORMATS[params["memory_format"]], stats,
-                                  pairs) for split in ("val", "test"))
-            record.update({"val_acc_mean": float(val.nanmean()), "test_acc_mean": float(test.nanmean()),
-                           "val_acc_per_task": val.tolist(), "test_acc_per_task": test.tolist()})
-        state["wall_time_s"] += time.perf_counter() - start
-        if weighting is not None:
-            record["task_weights"] = weighting.weights().detach().cpu().tolist()
-        if router_parameters(model):
-            record["active_fraction_per_task"] = allocation_matrix(model).mean(dim=1).cpu().tolist()
-        state["history"].append(record)
-        best = evaluated and (state["best"] is None or record["val_acc_mean"] > state["best"]["val_acc_mean"])
-        if best:
-            state["best"] = record
-        state["epoch"] = epoch + 1
-        distributed.on_main(save_epoch, out, model, weighting, optimizer, params, args, epochs, state, best)
-        scores = f"val {record['val_acc_mean']:.2f}  test {record['test_acc_mean']:.2f}  (best val " \
-                 f"{state['best']['val_acc_mean']:.2f} at epoch {state['best']['epoch']})" if evaluated else \
-                 f"(evaluated every {params['eval_every']} epochs)"
-        log(f"epoch {epoch + 1}/{epochs}  loss {train_loss:.4f}  {scores}  {time.perf_counter() - start:.1f}s")
+    epoch = state["epoch"]
+    try:
+        for epoch in range(state["epoch"], epochs):
+            train_one(epoch, epochs, trained, model, weighting, optimizer, data, params, args, out, state, stats,
+                      locations, rows, pairs, num_tasks)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(out, state["epoch"], epochs, args.command)) from None
 
     results = {**info, "best_epoch": state["best"]["epoch"], "val_acc_mean": state["best"]["val_acc_mean"],
                "test_acc_mean": state["best"]["test_acc_mean"], "test_acc_per_task": state["best"]["test_acc_per_task"],
@@ -215,6 +250,51 @@ def run(args):
     return 0
 
 
+def train_one(epoch, epochs, trained, model, weighting, optimizer, data, params, args, out, state, stats, locations,
+              rows, pairs, num_tasks):
+    """Trains and evaluates epoch ``epoch`` (0-based), records it in ``state`` and writes the epoch's files."""
+    start = time.perf_counter()
+    for group, base_lr in zip(optimizer.param_groups, base_learning_rates(params)):
+        group["lr"] = base_lr * lr_factor(params, epoch, epochs)
+    train_loss = train_epoch(trained, weighting, optimizer, data["train"], params, args.seed, epoch, out, state,
+                             stats, locations)
+    record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss}
+    evaluated = (epoch + 1) % params["eval_every"] == 0 or epoch + 1 == epochs
+    if evaluated:
+        for split in ("val", "test"):
+            accuracy, loss = evaluate(model, *data[split], num_tasks, rows, MEMORY_FORMATS[params["memory_format"]],
+                                      stats, pairs, with_loss=True)
+            record.update({f"{split}_acc_mean": float(accuracy.nanmean()), f"{split}_loss": loss,
+                           f"{split}_acc_per_task": accuracy.tolist()})
+    seconds = time.perf_counter() - start
+    state["wall_time_s"] += seconds
+    record.update({"epoch_time_s": round(seconds, 3), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    if weighting is not None:
+        record["task_weights"] = weighting.weights().detach().cpu().tolist()
+    if router_parameters(model):
+        record["active_fraction_per_task"] = allocation_matrix(model).mean(dim=1).cpu().tolist()
+    state["history"].append(record)
+    best = evaluated and (state["best"] is None or record["val_acc_mean"] > state["best"]["val_acc_mean"])
+    if best:
+        state["best"] = record
+    state["epoch"] = epoch + 1
+    distributed.on_main(save_epoch, out, model, weighting, optimizer, params, args, epochs, state, best)
+    scores = f"val {record['val_acc_mean']:.2f}  test {record['test_acc_mean']:.2f}  (best val " \
+             f"{state['best']['val_acc_mean']:.2f} at epoch {state['best']['epoch']})" if evaluated else \
+             f"(evaluated every {params['eval_every']} epochs)"
+    log(f"epoch {epoch + 1}/{epochs}  loss {train_loss:.4f}  {scores}  {seconds:.1f}s")
+
+
+def data_fingerprint(splits):
+    """A short hash of every split's images and labels: ``--resume`` refuses other data than the run's."""
+    digest = hashlib.sha256()
+    for split in sorted(splits):
+        for array in splits[split][:2]:
+            digest.update(f"{split}{tuple(array.shape)}{array.dtype}".encode())
+            digest.update(array.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def save_epoch(out, model, weighting, optimizer, params, args, epochs, state, best):
     """The end-of-epoch files (rank 0): best_model.pt on a new best, checkpoint.pt, metrics.jsonl."""
     if best:
@@ -222,14 +302,25 @@ def save_epoch(out, model, weighting, optimizer, params, args, epochs, state, be
               out / "best_model.pt")
     write(checkpoint.save, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "weighting": weighting.state_dict() if weighting else {}, "params": params,
-                            "seed": args.seed, "epochs": epochs, **state}, out / "checkpoint.pt")
+                            "seed": args.seed, "epochs": epochs, "subset": args.subset, **state}, out / "checkpoint.pt")
     write(checkpoint.write_text, "".join(json.dumps(r) + "\n" for r in state["history"]), out / "metrics.jsonl")
 
 
+LOG_FILES = []  # train.log of the run in progress (rank 0)
+
+
 def log(message):
-    """One line on stdout, from rank 0 only."""
+    """One line on stdout and in the run's train.log, from rank 0 only."""
     if distributed.is_main():
         tqdm.write(message)
+        for path in LOG_FILES:
+            with open(path, "a", encoding="utf-8") as handle:
+                handle.write(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {message}\n")
+
+
+def open_log(out):
+    """From now on ``log`` also appends to ``out``/train.log (a resumed run appends to the same file)."""
+    LOG_FILES[:] = [out / "train.log"]
 
 
 def load_data(params, subset, root):
@@ -300,7 +391,8 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
     bad_losses = None
     steps = range(0, n, batch_size)
     routed, routing = distributed.unwrap(model), params.get("router_options")
-    progress = tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, unit="batch", disable=not distributed.is_main())
+    progress = tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, unit="batch",
+                    disable=not (distributed.is_main() and sys.stderr.isatty()))  # no bar frames in a log file
     for step, begin in enumerate(progress):
         batch = order[begin:begin + batch_size]  # the global batch, the same for any number of processes
         index = distributed.shard(batch)  # this rank's part of it
@@ -379,29 +471,44 @@ def report_nonfinite(step, epoch, params, order, tasks, batch_size, out, state, 
 
 
 @torch.inference_mode()
-def evaluate(model, images, labels, num_tasks, rows, memory_format, stats=MNIST_STATS, pairs=False):
+def evaluate(model, images, labels, num_tasks, rows, memory_format, stats=MNIST_STATS, pairs=False, with_loss=False):
     """Accuracy per task [T] (percent): every task applied to every image where it is defined (paper §3), all
     tasks of a chunk of images in one pass (``rows`` image-task pairs per pass; single-branch models see each
     image T times). With ``pairs`` (CLEVR, CELEB-A, CUB-200), single-branch models see only the pairs with a valid
     label, ``rows`` per pass, and multi-branch models ``rows`` images per pass: the same accuracies (invalid pairs
     are never counted), without the ~90% of CLEVR's by-reference pairs that are undefined.
-    In a distributed run each rank evaluates its part of the images and the counts are summed over the ranks."""
+    In a distributed run each rank evaluates its part of the images and the counts are summed over the ranks.
+    ``with_loss``: also the cross-entropy, mean over each task's valid pairs, then over tasks (a float)."""
     model.eval()
     images, labels = distributed.shard(images), distributed.shard(labels)
     accuracy = TaskAccuracy(num_tasks, images.device)
+    loss_sum = torch.zeros(num_tasks, dtype=torch.float64, device=images.device)
     if pairs and model.paradigm == "single_branch":
         image, task = (labels >= 0).nonzero(as_tuple=True)
         for begin in range(0, len(task), rows):
             i, t = image[begin:begin + rows], task[begin:begin + rows]
-            accuracy.update_pairs(t, model(normalize(images[i], memory_format, stats), t).argmax(dim=1), labels[i, t])
+            logits, y = model(normalize(images[i], memory_format, stats), t), labels[i, t].long()
+            accuracy.update_pairs(t, logits.argmax(dim=1), y)
+            if with_loss:
+                loss_sum.index_add_(0, t, torch.nn.functional.cross_entropy(logits.float(), y, reduction="none").double())
     else:
         per_pass = rows if pairs else max(1, rows // num_tasks)
         for begin in range(0, len(images), per_pass):
             x, y = normalize(images[begin:begin + per_pass], memory_format, stats), labels[begin:begin + per_pass]
-            accuracy.update(all_task_logits(model, x, num_tasks).argmax(dim=2), y.t())
+            logits = all_task_logits(model, x, num_tasks)  # [T, B, C]
+            accuracy.update(logits.argmax(dim=2), y.t())
+            if with_loss:
+                target = y.t().long()
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.clamp(min=0).flatten(),
+                                                         reduction="none").view_as(target)
+                loss_sum += loss.where(target >= 0, 0.0).sum(dim=1).double()
     distributed.sum_(accuracy.correct)
     distributed.sum_(accuracy.count)
-    return accuracy.per_task()
+    if not with_loss:
+        return accuracy.per_task()
+    distributed.sum_(loss_sum)
+    per_task_loss = (loss_sum / accuracy.count.double()).where(accuracy.count > 0, torch.nan)
+    return accuracy.per_task(), float(per_task_loss.nanmean())
 
 
 def eval_rows(params, device):
@@ -420,14 +527,28 @@ def all_task_logits(model, x, num_tasks):
     return model(x.repeat(num_tasks, 1, 1, 1), tasks).view(num_tasks, len(x), -1)
 
 
+SHORTEST_SCHEDULE = 7  # fewer epochs keep a constant lr (see lr_factor)
+
+
 def lr_factor(params, epoch, epochs):
     """The authors' schedule: halve the lr before every 0-based epoch e with (e + 1) % int(0.3 * epochs) == 0
-    (epochs 29, 59, 89 of 100), i.e. at 30/60/90% of training; at most three halvings (the original halves
-    every epoch when epochs < 4); constant when that period is 0."""
+    (epochs 29, 59, 89 of 100), i.e. at 30/60/90% of training; at most three halvings. Runs shorter than 7 epochs
+    (smoke runs) keep a constant lr: there the rule would halve before the first epoch (period 1 for 4-6 epochs;
+    the original halves every epoch below 4)."""
     period = int(epochs * 0.3)
-    if params["lr_schedule"] == "none" or period == 0:
+    if params["lr_schedule"] == "none" or epochs < SHORTEST_SCHEDULE:
         return 1.0
     return 0.5 ** min(3, (epoch + 1) // period)
+
+
+def describe_schedule(params, epochs):
+    """The schedule in words, with the (1-based) epochs that start at a halved lr, e.g. 'lr halved at epochs
+    30, 60, 90'."""
+    factors = [lr_factor(params, epoch, epochs) for epoch in range(epochs)]
+    halved = [epoch + 1 for epoch in range(epochs) if factors[epoch] < (factors[epoch - 1] if epoch else 1.0)]
+    if not halved:
+        return "constant lr" + (f" (fewer than {SHORTEST_SCHEDULE} epochs)" if params["lr_schedule"] != "none" else "")
+    return f"lr halved at epochs {', '.join(map(str, halved))}"
 
 
 def parameter_groups(params, model, weighting):
@@ -498,9 +619,13 @@ def check_writable(out):
         raise RunError(f"output dir {out} is not writable: {err.strerror or err}; choose another with --out") from None
 
 
-def prepare_output_dir(out, resume):
-    """Fails at start, not after hours of training, when the output dir is unusable or already in use."""
+def prepare_output_dir(out, resume, command):
+    """Fails at start, not after hours of training, when the output dir is unusable or already in use; locks it
+    for this process (``run_lock``: a second run into it exits 2 naming the holder)."""
     check_writable(out)
+    stale = run_lock.acquire(out, command)
+    if stale:
+        log(f"note: {out} was left locked by a run that no longer exists ({run_lock.describe(stale)}); taken over")
     if (out / "checkpoint.pt").exists() and not resume:
         raise config.ParamError(f"--out: {out} already holds a run (checkpoint.pt); pass --resume to continue it, "
                                 f"or choose another --out")
@@ -530,6 +655,8 @@ def read_checkpoint(path, params, args, epochs):
         changed.append(f"--seed ({saved['seed']} -> {args.seed})")
     if saved["epochs"] != epochs:
         changed.append(f"--epochs ({saved['epochs']} -> {epochs}, which changes the lr schedule)")
+    if saved.get("subset", args.subset) != args.subset:  # checkpoints before the subset was recorded: not checked
+        changed.append(f"--subset ({saved['subset']} -> {args.subset}, which changes the data)")
     if changed and not args.force:
         raise config.ParamError(f"--resume: {path} was made with other settings ({', '.join(changed)}); "
                                 f"pass --force to resume anyway, or choose another --out")

@@ -42,6 +42,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # train_epoch's progress bar; must b
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 import config  # noqa: E402
 import train_multi_task_counter_stream as train  # noqa: E402
 from loaders import NUM_TASKS  # noqa: E402
@@ -448,4 +449,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

@@ -49,3 +49,12 @@ def test_every_paper_row_is_listed(table, tmp_path):
     text = (tmp_path / "t.md").read_text()
     for method, loc, _, acc, std in make_table3.paper_rows(table):
         assert f"| {'√' if loc else '×'} | not run | | | |" in text and f"{acc:.2f} ± {std:.2f} |" in text
+
+
+def test_an_existing_table_is_never_replaced_by_an_empty_one(tmp_path, capsys):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "t.md").write_text("a good table")
+    assert make_table3.main(["--runs_dir", str(tmp_path / "runs"), "--out", str(tmp_path / "t.md")]) == 1
+    assert "is not replaced by an empty table" in capsys.readouterr().err
+    assert (tmp_path / "t.md").read_text() == "a good table"
+    assert make_table3.parse_args([]).out.startswith("runs/")

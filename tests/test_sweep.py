@@ -15,15 +15,16 @@ REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"optimizer": "Adam", "lr": 0.001, "batch_size": 512, "lr_schedule": "halve_30_60_90"}
 
 
-def fake_run(runs_dir, method, setting, seed, acc, epochs=100, subset=None, name=None):
-    """Writes a results.json as the training script does (only the keys the table reads)."""
+def fake_run(runs_dir, method, setting, seed, acc, epochs=100, subset=None, name=None, **params):
+    """Writes a results.json as the training script does (only the keys the table reads); ``params`` change the
+    param file's keys."""
     out = Path(runs_dir) / (name or f"{setting}/{method}/seed{seed}")
     out.mkdir(parents=True)
     results = {"command": "python train_multi_task_counter_stream.py", "git_commit": "abc123", "device": "cpu (test)",
                "seed": seed, "epochs": epochs, "method": method, "setting": setting, "subset": subset,
                "num_params": 24490, "num_weights": 24350, "params_x": 1.0041, "weights_x": 1.0041, "best_epoch": epochs,
                "val_acc_mean": acc, "test_acc_mean": acc, "test_acc_per_task": [acc, acc],
-               "test_acc_mean_last": acc - 1.0, "wall_time_s": 10.0, "params": PARAMS}
+               "test_acc_mean_last": acc - 1.0, "wall_time_s": 10.0, "params": {**PARAMS, **params}}
     (out / "results.json").write_text(json.dumps(results))
     return out
 
@@ -46,7 +47,7 @@ def sweep(*args):
 
 def test_aggregate_mean_sample_std_difference_and_mark(runs):
     table = make_table2.aggregate(runs)
-    assert table["protocol"] == {"epochs": 100, "subset": None} and table["num_runs"] == 7
+    assert table["protocol"]["epochs"] == 100 and table["protocol"]["subset"] is None and table["num_runs"] == 7
     cell = table["rows"]["ch_mod"]["2digits"]
     assert cell["n"] == 3 and cell["seeds"] == [0, 1, 2]
     assert cell["acc_mean"] == pytest.approx(96.0) and cell["acc_std"] == pytest.approx(1.0)  # ddof=1
@@ -68,13 +69,53 @@ def test_mixed_protocols_are_kept_apart(runs):
     table = make_table2.aggregate(runs)  # the protocol with most runs: 100 epochs, full data
     cell = table["rows"]["ch_mod"]["2digits"]
     assert cell["n"] == 3 and cell["acc_mean"] == pytest.approx(96.0)
-    assert cell["other_protocols"] == [{"epochs": 1, "subset": 300, "n": 1, "acc_mean": 50.0}]
-    assert {"epochs": 1, "subset": 300, "runs": 1} in table["protocols_found"]
+    assert cell["other_protocols"] == [{"protocol": 2, "n": 1, "acc_mean": 50.0}]
+    assert [(p["epochs"], p["subset"], p["runs"], p["shown"]) for p in table["protocols_found"]] == \
+        [(100, None, 7, True), (1, 300, 1, False)]
     chosen = make_table2.aggregate(runs, protocol=(1, 300))
     assert chosen["num_runs"] == 1 and chosen["rows"]["ch_mod"]["2digits"]["acc_mean"] == 50.0
     assert chosen["rows"]["uniform_scaling"]["2digits"]["n"] == 0
     markdown = make_table2.render_markdown(table, "cmd")
-    assert "other protocols" in markdown and "2digits/ch_mod: epochs 1, subset 300, n=1, acc 50.00" in markdown
+    assert "other protocols" in markdown and "- protocol 2: 1 runs, 1 epochs, subset 300" in markdown
+
+
+def test_a_run_with_another_lr_is_another_protocol_never_pooled(runs, tmp_path, capsys):
+    fake_run(runs, "ch_mod", "2digits", 3, 10.0, name="other_lr/seed3", lr=0.01)
+    table = make_table2.aggregate(runs)
+    cell = table["rows"]["ch_mod"]["2digits"]
+    assert cell["n"] == 3 and cell["acc_mean"] == pytest.approx(96.0)
+    other = table["protocols_found"][1]
+    assert other["runs"] == 1 and "differs from the shown protocol in lr 0.01 (shown: 0.001)" in other["description"]
+    assert make_table2.main(["--runs_dir", str(runs), "--out_dir", str(tmp_path / "t"), "--protocol", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "protocol 2: 1 runs, 100 epochs, full data  <- shown" in printed
+    assert "protocol 1: 7 runs, 100 epochs, full data; differs from the shown protocol in lr 0.001 (shown: 0.01)" \
+        in printed
+    chosen = json.loads((tmp_path / "t" / "table2.json").read_text())
+    assert chosen["rows"]["ch_mod"]["2digits"]["acc_mean"] == 10.0 and chosen["num_runs"] == 1
+    assert chosen["command"].endswith("--epochs 100 --protocol 2")
+    assert make_table2.main(["--runs_dir", str(runs), "--out_dir", str(tmp_path / "t"), "--protocol", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --protocol 3: ") and "allowed: 1 to 2" in err
+
+
+def test_a_seed_found_twice_is_counted_once(runs):
+    for copy in range(5):
+        fake_run(runs, "ch_mod", "2digits", 0, 95.0, name=f"copies/{copy}/seed0")
+    cell = make_table2.aggregate(runs)["rows"]["ch_mod"]["2digits"]
+    assert cell["n"] == 3 and cell["seeds"] == [0, 1, 2] and cell["acc_mean"] == pytest.approx(96.0)
+    notes = make_table2.aggregate(runs)["notes"]
+    assert sum("seed 0 of " in note and "counted once" in note for note in notes) == 5
+
+
+def test_no_table_is_written_from_no_runs_and_the_default_output_is_under_runs(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "table2.md").write_text("a good table")
+    assert make_table2.main(["--runs_dir", str(tmp_path / "empty"), "--out_dir", str(out)]) == 1
+    assert "nothing written" in capsys.readouterr().err and (out / "table2.md").read_text() == "a good table"
+    assert make_table2.parse_args([]).out_dir.startswith("runs/")
 
 
 def test_markdown_table_cells_and_header(runs, tmp_path):
@@ -153,14 +194,15 @@ def test_failing_cell_is_reported_and_the_exit_code_is_1(tmp_path):
 def test_tiny_real_sweep_end_to_end(tmp_path):
     runs_dir, out_dir = tmp_path / "runs", tmp_path / "results"
     args = ["--methods", "uniform_scaling,ch_mod", "--settings", "2digits", "--seeds", 1, "--epochs", 1,
-            "--subset", 300, "--runs_dir", runs_dir, "--out_dir", out_dir, "--device", "cpu"]
+            "--subset", 300, "--runs_dir", runs_dir, "--out_dir", out_dir, "--device", "cpu", "--set", "lr=0.002"]
     proc = sweep(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for method in ("uniform_scaling", "ch_mod"):
         results = json.loads((runs_dir / f"2digits/{method}/seed0/results.json").read_text())
         assert (results["method"], results["epochs"], results["subset"], results["seed"]) == (method, 1, 300, 0)
+        assert results["params"]["lr"] == 0.002 and results["overrides"] == ["lr=0.002"]
     table = json.loads((out_dir / "table2.json").read_text())
-    assert table["protocol"] == {"epochs": 1, "subset": 300} and table["num_runs"] == 2
+    assert (table["protocol"]["epochs"], table["protocol"]["subset"], table["num_runs"]) == (1, 300, 2)
     assert table["rows"]["ch_mod"]["2digits"]["note"] == "n=1, no std"
     assert "from sweep.json (1 invocation(s)" in (out_dir / "table2.md").read_text()
 

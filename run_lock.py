@@ -1,0 +1,66 @@
+"""One run per output dir at a time: an exclusive ``fcntl`` lock on ``<out>/.lock``, held until the process ends.
+
+The lock file also says who holds it (pid, host, start time, command). The kernel drops the lock when its process
+dies, however it dies, so a lock left by a killed run is never an obstacle: it is found stale (the file still names
+its holder but nobody holds the lock), reported and taken over.
+"""
+import fcntl
+import json
+import os
+import socket
+from datetime import datetime, timezone
+from pathlib import Path
+
+LOCK_NAME = ".lock"
+_held = {}  # out dir -> open lock file: kept open (and so locked) until release() or the end of the process
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process holds the run dir's lock."""
+
+
+def acquire(out, command):
+    """Locks ``out`` for this process; returns the holder record of a stale lock it took over (else None).
+    RunDirBusy (one line naming the holder) if a live process holds it."""
+    out = Path(out)
+    handle = open(out / LOCK_NAME, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read(handle)
+        handle.close()
+        raise RunDirBusy(f"{out} is in use by another run ({describe(holder)}); wait for it to end or choose "
+                         f"another --out") from None
+    stale = _read(handle)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                             "command": command}) + "\n")
+    handle.flush()
+    _held[out.resolve()] = handle
+    return stale
+
+
+def release(out):
+    """Clears the holder record and unlocks (a finished run leaves no stale record behind)."""
+    handle = _held.pop(Path(out).resolve(), None)
+    if handle is not None:
+        handle.seek(0)
+        handle.truncate()
+        handle.close()
+
+
+def describe(holder):
+    if not holder:
+        return "holder unknown"
+    return f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}: {holder.get('command')}"
+
+
+def _read(handle):
+    handle.seek(0)
+    text = handle.read().strip()
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return {"command": text[:200]}
