@@ -53,7 +53,7 @@ LOCATION_OUTPUT = {**{name: "with_td_map" for name in TD_MAP_MODELS},
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--param_file", required=True, help="JSON param file (see params/ and the README)")
     parser.add_argument("--epochs", type=positive_int, help="training epochs (default: the param file's, else 100)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="run seed: initialisation, order, tasks")
