@@ -54,7 +54,7 @@ EXISTING = list(range(NEW_TASK))
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--param_file", default="params/mmnist_9digits_byref_controlnet.json",
                         help="a 9digits_byref controlnet param file (phase 1's optimiser, lr, batch, schedule)")
     parser.add_argument("--epochs", type=positive_int, help="phase 1 epochs (default: the param file's)")

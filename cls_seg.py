@@ -83,7 +83,7 @@ RunError = trainer.RunError  # a fault during the run (non-finite loss, data, a 
 
 
 def parse_args(argv):
-    parser = trainer.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = trainer.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--param_file", help="JSON param file (params/cls_seg/*.json)")
     parser.add_argument("--epochs", type=trainer.positive_int, help="training epochs (default: the param file's)")
     parser.add_argument("--seed", type=trainer.non_negative_int, default=0, help="run seed: initialisation, order, draws")

@@ -55,7 +55,7 @@ SCHEMA = {
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--param_file", required=True, help="JSON param file, e.g. params/gumbel_clusters/*.json")
     parser.add_argument("--steps", type=positive_int, help="training steps, each = one update per task "
                                                            "(default: param file)")

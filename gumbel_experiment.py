@@ -73,7 +73,7 @@ def positive_int(text):
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--param_file", required=True, help="JSON param file, e.g. params/gumbel_mnist/*.json")
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=positive_int, help="passes over each task's training set (default: param file)")

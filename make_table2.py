@@ -40,7 +40,7 @@ NEUTRAL_KEYS = ("memory_format", "eval_batch_size", "data_root")
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs_dir", default="runs/table2", help="searched recursively for results.json")
     parser.add_argument("--out_dir", default="runs/tables", help="where table2.json and table2.md go")
     parser.add_argument("--epochs", type=int,

@@ -17,7 +17,7 @@ SETTING = "9digits"
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", default="results/table2.json", help="written by make_table2.py")
     parser.add_argument("--out", default="results/table2_9digits_acc_vs_params.png", help="output image")
     return parser.parse_args(argv)

@@ -63,7 +63,7 @@ def plot_similarity(plt, record, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="run directory holding allocation.json, or the file itself")
     parser.add_argument("--out", help="output directory (default: the run directory)")
     parser.add_argument("--probabilities", action="store_true", help="plot probabilities instead of the greedy mask")

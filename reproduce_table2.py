@@ -82,7 +82,7 @@ def positive_int(text):
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=positive_int, default=100, help="epochs per run (default 100, the paper's)")
     parser.add_argument("--seeds", type=seed_list, default=list(range(5)),
                         help="a count (default 5: seeds 0..4) or a comma list of seeds")

@@ -53,7 +53,7 @@ READOUTS = ("linear", "mlp")
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="a best_model.pt of train_multi_task_counter_stream.py")
     parser.add_argument("--readout", default="linear", choices=READOUTS, help="readout head (default linear)")
     parser.add_argument("--readout_epochs", type=positive_int, default=20, help="readout training epochs (20)")

@@ -27,8 +27,8 @@ PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table6b_
 
 
 def parse_args(argv):
-    parser = reproduce_table2.protocol_arguments(reproduce_table2.ArgumentParser(description=__doc__.split("\n")[0]),
-                                                 "runs/table2", "runs/tables/table6b")
+    parser = reproduce_table2.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = reproduce_table2.protocol_arguments(parser, "runs/table2", "runs/tables/table6b")
     return parser.parse_args(argv)
 
 

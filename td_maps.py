@@ -29,7 +29,7 @@ CHUNK = 2048
 
 
 def parse_args(argv):
-    parser = train_script.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = train_script.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="output dir of a ControlNet training run (holds best_model.pt)")
     parser.add_argument("--out", required=True, help="where td_maps.json and td_maps.png go")
     parser.add_argument("--images", type=train_script.positive_int, default=4, help="test images in the PNG")

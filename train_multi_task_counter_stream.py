@@ -59,7 +59,7 @@ LOCATION_OUTPUT = {**{name: "with_td_map" for name in TD_MAP_MODELS},
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--param_file", required=True, help="JSON param file (see params/ and the README)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one param-file key, repeatable; VALUE is read as JSON, a dotted KEY sets one "

@@ -406,6 +406,19 @@ def test_controlnet_training_step(backbone, size):
 
 
 @pytest.mark.parametrize("backbone,size", TINY)
+def test_controlnet_has_no_parameter_the_loss_cannot_train(backbone, size):
+    """A parameter whose gradient is only float32 rounding noise (a bias before the TD map's pixel softmax got
+    |grad| < 2e-7, exactly 0 on some builds) is never trained; every real one here gets more than 1e-3."""
+    torch.manual_seed(0)
+    model = BackboneControlNet(3, backbone, width=1 / 8, input_size=size)
+    images, tasks, labels, xy = batch(size, model.bu.head.out.out_features)
+    out = model.streams(images, tasks)
+    (F.cross_entropy(out.bu2_logits, labels) + losses_spatial.spatial_classification_loss(out.td_map, xy)).backward()
+    untrained = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().max() < 1e-5]
+    assert untrained == []
+
+
+@pytest.mark.parametrize("backbone,size", TINY)
 def test_controlnet_bu1_and_bu2_share_weights(backbone, size):
     torch.manual_seed(0)
     model = BackboneControlNet(3, backbone, width=1 / 8, input_size=size).eval()

