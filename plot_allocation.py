@@ -31,7 +31,7 @@ def run_title(source):
     if not results.is_file():
         return str(source.parent)
     info = json.loads(results.read_text())
-    return f"{source.parent}: {info['method']}, seed {info['seed']}, {info['steps']} steps"
+    return f"{source.parent}\n{info['method']}, seed {info['seed']}, {info['steps']} steps"
 
 
 def colour_key(fig, ax, image):
@@ -75,7 +75,7 @@ def plot_allocation(plt, record, probabilities, title):
 def plot_similarity(plt, record, title):
     similarity = task_similarity(record["greedy"])
     tasks = record["tasks"]
-    fig, ax = plt.subplots(figsize=(0.6 * len(tasks) + 3.5, 0.6 * len(tasks) + 2.0))
+    fig, ax = plt.subplots(figsize=(max(0.6 * len(tasks) + 3.5, 7.0), 0.6 * len(tasks) + 2.5))
     image = ax.imshow(similarity, cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
     ax.set_yticks(range(len(tasks)), tasks)

@@ -291,7 +291,7 @@ def test_allocation_plot_has_a_colour_key_labels_and_the_run_in_its_title(tmp_pa
     (tmp_path / "allocation.json").write_text(json.dumps(record))
     (tmp_path / "results.json").write_text(json.dumps({"method": "gumbel_matrix", "seed": 1, "steps": 300}))
     title = plot_allocation.run_title(tmp_path / "allocation.json")
-    assert title == f"{tmp_path}: gumbel_matrix, seed 1, 300 steps"
+    assert title == f"{tmp_path}\ngumbel_matrix, seed 1, 300 steps"
     fig = plot_allocation.plot_allocation(plt, record, probabilities, title)
     ax, key = fig.axes[0], fig.axes[-1]
     assert ax.get_title().startswith(title)
