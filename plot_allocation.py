@@ -6,7 +6,8 @@
 Writes ``allocation.png`` (tasks x components, routed layers side by side: the greedy binary allocation, or the
 connection probabilities with ``--probabilities``) and ``similarity.png`` (pairwise cosine similarity of the tasks'
 binary allocation rows, as ``clusters/plot``), each with a colour key and titled with the run (folder, method,
-seed and steps from the ``results.json`` beside the allocation). Needs matplotlib (exit code 2 with an install hint if missing).
+seed and steps from the ``results.json`` beside the allocation). Needs matplotlib (exit code 2 with an install
+hint if missing).
 """
 import argparse
 import json

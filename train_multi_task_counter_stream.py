@@ -12,7 +12,9 @@ see every task label of an image in one pass. On CLEVR and CUB-200 a run can add
 (``spatial_loss_weight``, the 'loc' of Table 3): at the bottom of TD for ControlNet, on an FC location head at
 the top of the network for the baselines. Every epoch (or every ``eval_every``) evaluates every task on every
 validation and test image where it is defined; the kept model is the best-validation one. Outputs in --out:
-metrics.jsonl, results.json, checkpoint.pt (resume state) and best_model.pt, all written atomically.
+metrics.jsonl, results.json, checkpoint.pt (resume state) and best_model.pt, all written atomically; with
+--tensorboard also TensorBoard scalars in tensorboard/ (tensorboard_log.py). ``--eval_only --out RUN`` evaluates
+RUN's best_model.pt (or a given .pt) without training into RUN/eval.json.
 
 Started by torchrun (``torchrun --nproc_per_node=N train_multi_task_counter_stream.py ...``), it trains one model
 with DistributedDataParallel over N processes (one GPU each, or CPU processes) with the same global batches,
@@ -35,6 +37,7 @@ import gumbel_experiment
 import losses
 from provenance import describe_device, git_commit
 import losses_spatial
+import tensorboard_log
 from loaders import LOADERS, NUM_TASKS
 from loaders.image_sets import MissingDatasetError
 from loaders.mnist import MNISTUnavailable
@@ -54,7 +57,8 @@ LOCATION_OUTPUT = {**{name: "with_td_map" for name in TD_MAP_MODELS},
 
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--param_file", required=True, help="JSON param file (see params/ and the README)")
+    parser.add_argument("--param_file", help="JSON param file (see params/ and the README); required unless "
+                        "--eval_only")
     parser.add_argument("--epochs", type=positive_int, help="training epochs (default: the param file's, else 100)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="run seed: initialisation, order, tasks")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
@@ -66,7 +70,20 @@ def parse_args(argv):
                         "CLEVR-like $MTL_DATA_ROOT or ./data, for CLEVR, CELEB-A, CUB-200 $MTL_CLEVR_ROOT, "
                         "$MTL_CELEBA_ROOT, $MTL_CUB_ROOT)")
     parser.add_argument("--dry_run", action="store_true", help="build the model, print its parameter counts, exit")
-    return parser.parse_args(argv)
+    parser.add_argument("--tensorboard", action="store_true", help="also log every epoch to <out>/tensorboard "
+                        "(needs pip install tensorboard)")
+    parser.add_argument("--eval_only", action="store_true", help="no training: evaluate the model of --out (a run "
+                        "dir's best_model.pt, or a .pt file) on the val and test splits, write eval.json beside it")
+    args = parser.parse_args(argv)
+    if args.eval_only:
+        training_only = [f"--{name}" for name in ("param_file", "epochs", "resume", "force", "dry_run", "tensorboard")
+                         if getattr(args, name)]
+        if training_only or not args.out:
+            parser.error(f"--eval_only takes the params saved with the model and needs --out (a run dir or a "
+                         f"best_model.pt)" + (f"; drop {', '.join(training_only)}" if training_only else ""))
+    elif not args.param_file:
+        parser.error("the following arguments are required: --param_file")
+    return args
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -107,7 +124,7 @@ def main(argv=None):
         return gumbel_experiment.main(argv, prog=Path(__file__).name)
     args = parse_args(argv)
     args.command = " ".join(["python", Path(__file__).name] + list(sys.argv[1:] if argv is None else argv))
-    code = exit_code(run, args)
+    code = exit_code(evaluate_only if args.eval_only else run, args)
     distributed.shutdown()  # the ranks end together: every error above is raised on all of them (distributed.py)
     return code
 
@@ -138,6 +155,7 @@ def run(args):
             model = build_model(params["model"], num_tasks, **config.model_kwargs(params))
         print(json.dumps(parameter_counts(params, model)))
         return 0
+    summary_writer = tensorboard_log.writer_class() if args.tensorboard else None  # missing package: stop now
     device = resolve_device(args.device)
     if distributed.launched():
         distributed.init(device)
@@ -171,6 +189,8 @@ def run(args):
     processes = f" x {info['world_size']} processes" if distributed.is_distributed() else ""
     log(f"{params['exp_id']}: {params['method']} on {params['setting']}, {info['num_params']} params "
         f"(x{info['params_x']:.3f}), {len(data['train'][0])} train images, {info['device']}{processes}, out {out}")
+    board = tensorboard_log.open_writer(summary_writer, out, state["epoch"]) \
+        if summary_writer and distributed.is_main() else None
 
     for epoch in range(state["epoch"], epochs):
         start = time.perf_counter()
@@ -196,6 +216,8 @@ def run(args):
             state["best"] = record
         state["epoch"] = epoch + 1
         distributed.on_main(save_epoch, out, model, weighting, optimizer, params, args, epochs, state, best)
+        if board:
+            tensorboard_log.log_epoch(board, record)
         scores = f"val {record['val_acc_mean']:.2f}  test {record['test_acc_mean']:.2f}  (best val " \
                  f"{state['best']['val_acc_mean']:.2f} at epoch {state['best']['epoch']})" if evaluated else \
                  f"(evaluated every {params['eval_every']} epochs)"
@@ -210,8 +232,59 @@ def run(args):
                   if "active_fraction_per_task" in state["best"] else {}),
                "wall_time_s": round(state["wall_time_s"], 2), "params": params}
     distributed.on_main(write, checkpoint.write_json, results, out / "results.json")
+    if board:
+        board.close()
     log(f"test accuracy at the best-validation epoch {results['best_epoch']}: {results['test_acc_mean']:.2f} "
         f"(last epoch: {results['test_acc_mean_last']:.2f}); results in {out / 'results.json'}")
+    return 0
+
+
+def evaluate_only(args):
+    """``--eval_only``: per-task accuracy (percent) of a saved model on the validation and test splits, without
+    training; printed and written to ``eval.json`` beside the model (results.json is left alone). The params are
+    the ones saved with the model; the data subset is --subset, else the run's (its results.json)."""
+    if distributed.launched():
+        raise config.ParamError("--eval_only runs in one process; start it with python, not torchrun")
+    model_file = Path(args.out) / "best_model.pt" if Path(args.out).is_dir() else Path(args.out)
+    if not model_file.is_file():
+        raise config.ParamError(f"--out: {model_file} not found; allowed: a run dir of this script holding "
+                                f"best_model.pt, or a best_model.pt / checkpoint.pt")
+    try:
+        saved = checkpoint.load(model_file)
+    except (checkpoint.CheckpointError, OSError) as err:
+        raise RunError(f"--eval_only: {err}") from None
+    if not isinstance(saved, dict) or not {"model", "params"} <= set(saved):
+        raise config.ParamError(f"--out: {model_file} is not a model of this script (it lacks 'model' and 'params'); "
+                                f"allowed: a best_model.pt or checkpoint.pt of train_multi_task_counter_stream.py")
+    params = config.validate(saved["params"], str(model_file))
+    run_results = model_file.parent / "results.json"
+    subset = args.subset or (json.loads(run_results.read_text()).get("subset") if run_results.is_file() else None)
+    device = resolve_device(args.device)
+    num_tasks = NUM_TASKS[params["setting"]]
+    memory_format = MEMORY_FORMATS[params["memory_format"]]
+    model = build_model(params["model"], num_tasks, **config.model_kwargs(params))
+    model = model.to(device, memory_format=memory_format)
+    try:
+        model.load_state_dict(saved["model"])
+    except RuntimeError as err:
+        raise RunError(f"--eval_only: {model_file} does not fit model '{params['model']}' "
+                       f"({' '.join(str(err).split())[:200]})") from None
+    splits = load_data(params, subset, args.data_root or params["data_root"])
+    stats = (LOADERS[params["dataset"]].mean, LOADERS[params["dataset"]].std)
+    result = {"command": args.command, "git_commit": git_commit(), "device": describe_device(device),
+              "model_file": str(model_file), "epoch": saved.get("epoch"), "method": params["method"],
+              "setting": params["setting"], "subset": subset}
+    for split in ("val", "test"):
+        if split in splits:
+            images, labels, _ = splits[split]
+            accuracy = evaluate(model, images.to(device), labels.to(device), num_tasks, eval_rows(params, device),
+                                memory_format, stats, params["dataset"] != "multi_mnist")
+            result.update({f"{split}_acc_mean": float(accuracy.nanmean()), f"{split}_acc_per_task": accuracy.tolist()})
+            log(f"{split} accuracy {result[f'{split}_acc_mean']:.2f}, per task "
+                f"{', '.join(f'{a:.2f}' for a in result[f'{split}_acc_per_task'])}")
+    write(checkpoint.write_json, {**result, "params": params}, model_file.parent / "eval.json")
+    log(f"{model_file} (epoch {result['epoch']}): evaluated without training; written to "
+        f"{model_file.parent / 'eval.json'}")
     return 0
 
 
