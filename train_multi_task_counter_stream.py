@@ -257,8 +257,7 @@ def evaluate_only(args):
         raise config.ParamError(f"--out: {model_file} is not a model of this script (it lacks 'model' and 'params'); "
                                 f"allowed: a best_model.pt or checkpoint.pt of train_multi_task_counter_stream.py")
     params = config.validate(saved["params"], str(model_file))
-    run_results = model_file.parent / "results.json"
-    subset = args.subset or (json.loads(run_results.read_text()).get("subset") if run_results.is_file() else None)
+    subset = args.subset or run_subset(model_file.parent / "results.json")
     device = resolve_device(args.device)
     num_tasks = NUM_TASKS[params["setting"]]
     memory_format = MEMORY_FORMATS[params["memory_format"]]
@@ -286,6 +285,17 @@ def evaluate_only(args):
     log(f"{model_file} (epoch {result['epoch']}): evaluated without training; written to "
         f"{model_file.parent / 'eval.json'}")
     return 0
+
+
+def run_subset(path):
+    """The --subset that the run of ``path`` (its results.json) trained with; None without a results.json."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["subset"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise RunError(f"--eval_only: cannot read the run's subset from {path} ({type(err).__name__}: {err}); "
+                       f"fix or move it, or pass --subset N") from None
 
 
 def save_epoch(out, model, weighting, optimizer, params, args, epochs, state, best):

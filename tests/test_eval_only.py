@@ -65,6 +65,8 @@ def damage(run, how):
         model.unlink()
     elif how == "truncated":
         model.write_bytes(model.read_bytes()[:500])
+    elif how == "results_json":
+        (run / "results.json").write_text('{"subset": ')
     elif how == "not_a_model":
         checkpoint.save({"weights": torch.zeros(2)}, model)
     else:  # another model's weights under this model's params
@@ -75,6 +77,7 @@ def damage(run, how):
 @pytest.mark.parametrize("how,code,expected", [
     ("missing", 2, "best_model.pt not found; allowed: a run dir of this script holding best_model.pt"),
     ("truncated", 1, "best_model.pt is corrupt or truncated"),
+    ("results_json", 1, "cannot read the run's subset from"),
     ("not_a_model", 2, "is not a model of this script (it lacks 'model' and 'params')"),
     ("wrong_weights", 1, "does not fit model 'multi_branch'"),
 ])
