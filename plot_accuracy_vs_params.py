@@ -1,10 +1,12 @@
-"""Plot mean accuracy against model size on 9 digits by location (as the paper's Figure 3), ours beside the paper.
+"""Plot mean test accuracy against #P for one Multi-MNIST setting (as the paper's Figure 3), ours beside the paper.
 
-    python plot_accuracy_vs_params.py            # reads results/table2.json (make_table2.py)
+    python plot_accuracy_vs_params.py --setting 9digits     # reads results/table2.json (make_table2.py)
 
-x: weights as a multiple of one LeNet's 24,250 weights (the paper's Figure 3 unit; the paper's points use its
-Table 2 #P), log scale; y: test accuracy (%) at the best-validation epoch, mean over seeds, ± 1 std bars.
-Needs matplotlib (pip install matplotlib), which nothing else in this repo needs.
+x: #P as in make_table2.py's table and the paper's Table 2 (parameters as a multiple of one LeNet's; the paper's
+points at its Table 2 #P), log scale; markers of methods whose #P are within 3% of each other (e.g. the four
+multi-branch rows) are spread sideways by a few percent so that each stays visible. y: test accuracy (%) at the
+best-validation epoch, mean over tasks and seeds, ± 1 std bars. Writes runs/table2_<setting>_acc_vs_params.png
+unless --out names another path. Needs matplotlib (pip install matplotlib), which nothing else in this repo needs.
 """
 import argparse
 import json
@@ -12,15 +14,82 @@ import sys
 from pathlib import Path
 
 import cli
+from make_table2 import SETTINGS, TITLES
 
-SETTING = "9digits"
+CLOSE = 1.03   # #P within this ratio of each other share a position: their markers are spread
+SPREAD = 0.02  # sideways step between such markers, in decades of the log axis (x 1.047)
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", default="results/table2.json", help="written by make_table2.py")
-    parser.add_argument("--out", default="results/table2_9digits_acc_vs_params.png", help="output image")
+    parser.add_argument("--setting", default="9digits", choices=tuple(SETTINGS), help="Multi-MNIST setting (column)")
+    parser.add_argument("--out", help="output image (default runs/table2_<setting>_acc_vs_params.png)")
     return parser.parse_args(argv)
+
+
+def spread(table, setting):
+    """{method: factor} multiplying the #P of its markers: 1 for a method alone at its #P; for k methods whose #P
+    chain within ``CLOSE`` of each other, factors 10 ** (SPREAD * (i - (k - 1) / 2)) in the table's row order."""
+    where = {}
+    for method, row in table["rows"].items():
+        cell = row[setting]
+        x = cell["params_x"] if cell["n"] else cell["paper_params_x"]
+        if x is not None:
+            where[method] = x
+    clusters = []
+    for method in sorted(where, key=where.get):
+        if clusters and where[method] <= CLOSE * where[clusters[-1][-1]]:
+            clusters[-1].append(method)
+        else:
+            clusters.append([method])
+    order = list(table["rows"])
+    factors = {}
+    for cluster in clusters:
+        cluster.sort(key=order.index)
+        for i, method in enumerate(cluster):
+            factors[method] = 10 ** (SPREAD * (i - (len(cluster) - 1) / 2))
+    return factors
+
+
+def figure(plt, table, setting):
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colors = plt.get_cmap("tab10")
+    factors = spread(table, setting)
+    for index, (method, row) in enumerate(table["rows"].items()):
+        cell, color, factor = row[setting], colors(index % 10), factors.get(method, 1.0)
+        in_paper = cell["paper_acc"] is not None
+        if in_paper:
+            ax.scatter(cell["paper_params_x"] * factor, cell["paper_acc"], marker="s", facecolors="none",
+                       edgecolors=color, s=60)
+        if cell["n"]:
+            ax.errorbar(cell["params_x"] * factor, cell["acc_mean"], yerr=cell["acc_std"] or 0, fmt="o", color=color,
+                        capsize=3)
+        if cell["n"] and in_paper:
+            ax.plot([cell["params_x"] * factor, cell["paper_params_x"] * factor], [cell["acc_mean"], cell["paper_acc"]],
+                    ":", color=color, linewidth=0.8)
+        label = method + ("" if in_paper else " (not in the paper)") + ("" if cell["n"] else " (no runs)")
+        ax.plot([], [], "s", color=color, label=label)
+    methods = ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    ax.add_artist(methods)
+    ours = ax.scatter([], [], marker="o", color="gray", label="ours (mean ± std over seeds)")
+    paper = ax.scatter([], [], marker="s", facecolors="none", edgecolors="gray", label="paper (its Table 2 #P)")
+    ax.legend(handles=[ours, paper], loc="lower left", bbox_to_anchor=(1.02, 0.0), fontsize=8)
+    ax.set_xscale("log")
+    plain = plt.FuncFormatter(lambda value, _: f"{value:g}")  # 2, 3, ... rather than 2 x 10^0
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("#P: parameters as a multiple of one LeNet's, as in Table 2 (log scale)\n"
+                  "methods with the same #P are drawn a few percent apart, in the legend's order")
+    ax.set_ylabel("test accuracy, mean over tasks (%)")
+    protocol = table["protocol"]
+    shown = "no runs" if protocol is None else f"{protocol['epochs']} epochs" + \
+        (f", subset of {protocol['subset']} training images" if protocol["subset"] else "")
+    ax.set_title(f"Multi-MNIST, {TITLES[setting]} ({shown})")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def main(argv=None):
@@ -36,38 +105,15 @@ def main(argv=None):
         print(f"error: {args.table} not found; run make_table2.py (or reproduce_table2.py) first", file=sys.stderr)
         return 2
     table = json.loads(Path(args.table).read_text())
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    colors = plt.get_cmap("tab10")
-    for index, (method, row) in enumerate(table["rows"].items()):
-        cell, color = row[SETTING], colors(index)
-        in_paper = cell["paper_acc"] is not None
-        if in_paper:
-            ax.scatter(cell["paper_params_x"], cell["paper_acc"], marker="s", facecolors="none", edgecolors=color, s=60)
-        if cell["n"]:
-            ax.errorbar(cell["weights_x"], cell["acc_mean"], yerr=cell["acc_std"] or 0, fmt="o", color=color, capsize=3)
-        if cell["n"] and in_paper:
-            ax.plot([cell["weights_x"], cell["paper_params_x"]], [cell["acc_mean"], cell["paper_acc"]], ":",
-                    color=color, linewidth=0.8)
-        label = method + ("" if in_paper else " (not in the paper)") + ("" if cell["n"] else " (no runs)")
-        ax.plot([], [], "s", color=color, label=label)
-    methods = ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
-    ax.add_artist(methods)
-    ours = ax.scatter([], [], marker="o", color="gray", label="ours (mean ± std over seeds)")
-    paper = ax.scatter([], [], marker="s", facecolors="none", edgecolors="gray", label="paper (Table 2 #P)")
-    ax.legend(handles=[ours, paper], loc="lower left", bbox_to_anchor=(1.02, 0.0), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters (multiple of one LeNet, 24,250 weights)")
-    ax.set_ylabel("mean test accuracy over tasks (%)")
-    protocol = table["protocol"]
-    shown = "no runs" if protocol is None else f"{protocol['epochs']} epochs" + \
-        (f", subset {protocol['subset']}" if protocol["subset"] else "")
-    ax.set_title(f"Multi-MNIST, 9 digits by location ({shown})")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=150)
-    print(f"wrote {args.out}")
+    if any(args.setting not in row for row in table["rows"].values()):
+        print(f"error: {args.table} has no column '{args.setting}'; rebuild it with make_table2.py", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"runs/table2_{args.setting}_acc_vs_params.png")
+    fig = figure(plt, table, args.setting)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=150)
+    plt.close(fig)
+    print(f"wrote {out}")
     return 0
 
 

@@ -14,7 +14,9 @@ the top of the network for the baselines. Every epoch (or every ``eval_every``) 
 validation and test image where it is defined; the kept model is the best-validation one. Outputs in --out:
 metrics.jsonl, results.json, checkpoint.pt (resume state) and best_model.pt, all written atomically, and train.log.
 An output dir takes one run at a time (``run_lock``); ``--resume`` continues a run only with the arguments that
-made it; ``--set KEY=VALUE`` changes one param-file key from the command line (recorded in results.json).
+made it; ``--set KEY=VALUE`` changes one param-file key from the command line (recorded in results.json). With
+--tensorboard also TensorBoard scalars in tensorboard/ (tensorboard_log.py). ``--eval_only --out RUN`` evaluates
+RUN's best_model.pt (or a given .pt) without training into RUN/eval.json.
 
 Started by torchrun (``torchrun --nproc_per_node=N train_multi_task_counter_stream.py ...``), it trains one model
 with DistributedDataParallel over N processes (one GPU each, or CPU processes) with the same global batches,
@@ -41,6 +43,7 @@ import losses
 from provenance import describe_device, git_commit
 import losses_spatial
 import run_lock
+import tensorboard_log
 from loaders import LOADERS, NUM_TASKS
 from loaders.image_sets import MissingDatasetError
 from loaders.mnist import MNISTUnavailable
@@ -60,7 +63,8 @@ LOCATION_OUTPUT = {**{name: "with_td_map" for name in TD_MAP_MODELS},
 
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--param_file", required=True, help="JSON param file (see params/ and the README)")
+    parser.add_argument("--param_file", help="JSON param file (see params/ and the README); required unless "
+                        "--eval_only")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one param-file key, repeatable; VALUE is read as JSON, a dotted KEY sets one "
                              "entry of a dict key (e.g. --set lr=0.01 --set weighting_options.alpha=1.0)")
@@ -77,7 +81,20 @@ def parse_args(argv):
                         "CLEVR-like $MTL_DATA_ROOT or ./data, for CLEVR, CELEB-A, CUB-200 $MTL_CLEVR_ROOT, "
                         "$MTL_CELEBA_ROOT, $MTL_CUB_ROOT)")
     parser.add_argument("--dry_run", action="store_true", help="build the model, print its parameter counts, exit")
-    return parser.parse_args(argv)
+    parser.add_argument("--tensorboard", action="store_true", help="also log every epoch to <out>/tensorboard "
+                        "(needs pip install tensorboard)")
+    parser.add_argument("--eval_only", action="store_true", help="no training: evaluate the model of --out (a run "
+                        "dir's best_model.pt, or a .pt file) on the val and test splits, write eval.json beside it")
+    args = parser.parse_args(argv)
+    if args.eval_only:
+        training_only = [f"--{name}" for name in ("param_file", "set", "epochs", "resume", "force", "dry_run",
+                                                   "tensorboard") if getattr(args, name)]
+        if training_only or not args.out:
+            parser.error("--eval_only takes the params saved with the model and needs --out (a run dir or a "
+                         "best_model.pt)" + (f"; drop {', '.join(training_only)}" if training_only else ""))
+    elif not args.param_file:
+        parser.error("the following arguments are required: --param_file")
+    return args
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -118,7 +135,7 @@ def main(argv=None):
         return gumbel_experiment.main(argv, prog=Path(__file__).name)
     args = parse_args(argv)
     args.command = shlex.join(["python", Path(__file__).name] + [str(a) for a in (sys.argv[1:] if argv is None else argv)])
-    code = exit_code(run, args)
+    code = exit_code(evaluate_only if args.eval_only else run, args)
     distributed.shutdown()  # the ranks end together: every error above is raised on all of them (distributed.py)
     return code
 
@@ -170,19 +187,20 @@ def run(args):
             model = build_model(params["model"], num_tasks, **config.model_kwargs(params))
         print(json.dumps(parameter_counts(params, model)))
         return 0
+    summary_writer = tensorboard_log.writer_class() if args.tensorboard else None  # missing package: stop now
     device = resolve_device(args.device)
     if distributed.launched():
         distributed.init(device)
     out = Path(args.out or REPO / "runs" / params["exp_id"] / f"seed{args.seed}")
     distributed.on_main(prepare_output_dir, out, args.resume, args.command)
     try:
-        return train(args, params, epochs, device, out)
+        return train(args, params, epochs, device, out, summary_writer)
     finally:
         LOG_FILES.clear()
         distributed.on_main(run_lock.release, out)
 
 
-def train(args, params, epochs, device, out):
+def train(args, params, epochs, device, out, summary_writer=None):
     """The run in ``out`` (locked by this process): build, resume, train, evaluate, write."""
     num_tasks = NUM_TASKS[params["setting"]]
 
@@ -228,13 +246,19 @@ def train(args, params, epochs, device, out):
         f"batch {params['batch_size']}, {describe_schedule(params, epochs)}, seed {args.seed}"
         + (f", overrides: {' '.join(args.set)}" if args.set else ""))
 
-    epoch = state["epoch"]
+    board = tensorboard_log.open_writer(summary_writer, out, state["epoch"]) \
+        if summary_writer and distributed.is_main() else None
     try:
         for epoch in range(state["epoch"], epochs):
             train_one(epoch, epochs, trained, model, weighting, optimizer, data, params, args, out, state, stats,
                       locations, rows, pairs, num_tasks)
+            if board:
+                tensorboard_log.log_epoch(board, state["history"][-1])
     except KeyboardInterrupt:
         raise Interrupted(interrupted_message(out, state["epoch"], epochs, args.command)) from None
+    finally:
+        if board:
+            board.close()
 
     results = {**info, "best_epoch": state["best"]["epoch"], "val_acc_mean": state["best"]["val_acc_mean"],
                "test_acc_mean": state["best"]["test_acc_mean"], "test_acc_per_task": state["best"]["test_acc_per_task"],
@@ -283,6 +307,65 @@ def train_one(epoch, epochs, trained, model, weighting, optimizer, data, params,
              f"{state['best']['val_acc_mean']:.2f} at epoch {state['best']['epoch']})" if evaluated else \
              f"(evaluated every {params['eval_every']} epochs)"
     log(f"epoch {epoch + 1}/{epochs}  loss {train_loss:.4f}  {scores}  {seconds:.1f}s")
+
+
+def evaluate_only(args):
+    """``--eval_only``: per-task accuracy (percent) of a saved model on the validation and test splits, without
+    training; printed and written to ``eval.json`` beside the model (results.json is left alone). The params are
+    the ones saved with the model; the data subset is --subset, else the run's (its results.json)."""
+    if distributed.launched():
+        raise config.ParamError("--eval_only runs in one process; start it with python, not torchrun")
+    model_file = Path(args.out) / "best_model.pt" if Path(args.out).is_dir() else Path(args.out)
+    if not model_file.is_file():
+        raise config.ParamError(f"--out: {model_file} not found; allowed: a run dir of this script holding "
+                                f"best_model.pt, or a best_model.pt / checkpoint.pt")
+    try:
+        saved = checkpoint.load(model_file)
+    except (checkpoint.CheckpointError, OSError) as err:
+        raise RunError(f"--eval_only: {err}") from None
+    if not isinstance(saved, dict) or not {"model", "params"} <= set(saved):
+        raise config.ParamError(f"--out: {model_file} is not a model of this script (it lacks 'model' and 'params'); "
+                                f"allowed: a best_model.pt or checkpoint.pt of train_multi_task_counter_stream.py")
+    params = config.validate(saved["params"], str(model_file))
+    subset = args.subset or run_subset(model_file.parent / "results.json")
+    device = resolve_device(args.device)
+    num_tasks = NUM_TASKS[params["setting"]]
+    memory_format = MEMORY_FORMATS[params["memory_format"]]
+    model = build_model(params["model"], num_tasks, **config.model_kwargs(params))
+    model = model.to(device, memory_format=memory_format)
+    try:
+        model.load_state_dict(saved["model"])
+    except RuntimeError as err:
+        raise RunError(f"--eval_only: {model_file} does not fit model '{params['model']}' "
+                       f"({' '.join(str(err).split())[:200]})") from None
+    splits = load_data(params, subset, args.data_root or params["data_root"])
+    stats = (LOADERS[params["dataset"]].mean, LOADERS[params["dataset"]].std)
+    result = {"command": args.command, "git_commit": git_commit(), "device": describe_device(device),
+              "model_file": str(model_file), "epoch": saved.get("epoch"), "method": params["method"],
+              "setting": params["setting"], "subset": subset}
+    for split in ("val", "test"):
+        if split in splits:
+            images, labels, _ = splits[split]
+            accuracy = evaluate(model, images.to(device), labels.to(device), num_tasks, eval_rows(params, device),
+                                memory_format, stats, params["dataset"] != "multi_mnist")
+            result.update({f"{split}_acc_mean": float(accuracy.nanmean()), f"{split}_acc_per_task": accuracy.tolist()})
+            log(f"{split} accuracy {result[f'{split}_acc_mean']:.2f}, per task "
+                f"{', '.join(f'{a:.2f}' for a in result[f'{split}_acc_per_task'])}")
+    write(checkpoint.write_json, {**result, "params": params}, model_file.parent / "eval.json")
+    log(f"{model_file} (epoch {result['epoch']}): evaluated without training; written to "
+        f"{model_file.parent / 'eval.json'}")
+    return 0
+
+
+def run_subset(path):
+    """The --subset that the run of ``path`` (its results.json) trained with; None without a results.json."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["subset"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise RunError(f"--eval_only: cannot read the run's subset from {path} ({type(err).__name__}: {err}); "
+                       f"fix or move it, or pass --subset N") from None
 
 
 def data_fingerprint(splits):

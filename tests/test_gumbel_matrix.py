@@ -281,3 +281,29 @@ def test_plot_allocation_writes_both_figures(tmp_path):
     (tmp_path / "allocation.json").write_text(json.dumps(record))
     assert plot_allocation.main([str(tmp_path), "--probabilities"]) == 0
     assert (tmp_path / "allocation.png").stat().st_size > 0 and (tmp_path / "similarity.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_allocation_plot_has_a_colour_key_labels_and_the_run_in_its_title(tmp_path, probabilities):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    record = {"tasks": list(TASKS), "layers": ["L1", "L2"], "num_components": 2,
+              "greedy": [[1, 0, 1, 1]] * 4, "probabilities": [[0.6, 0.1, 0.9, 0.7]] * 4}
+    (tmp_path / "allocation.json").write_text(json.dumps(record))
+    (tmp_path / "results.json").write_text(json.dumps({"method": "gumbel_matrix", "seed": 1, "steps": 300}))
+    title = plot_allocation.run_title(tmp_path / "allocation.json")
+    assert title == f"{tmp_path}\ngumbel_matrix, seed 1, 300 steps"
+    fig = plot_allocation.plot_allocation(plt, record, probabilities, title)
+    ax, key = fig.axes[0], fig.axes[-1]
+    assert ax.get_title().startswith(title)
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(TASKS) and ax.get_ylabel() == "task"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "0", "1"]
+    assert ax.get_xlabel().startswith("component")
+    if probabilities:
+        assert key.get_ylabel() == "P(task uses the component)"
+    else:
+        assert [t.get_text() for t in key.get_yticklabels()] == ["not used", "used"]
+    plt.close(fig)
+    fig = plot_allocation.plot_similarity(plt, record, title)
+    assert fig.axes[0].get_title().startswith(title) and fig.axes[-1].get_ylabel().startswith("cosine similarity")
+    plt.close(fig)
+    assert plot_allocation.run_title(tmp_path / "x" / "allocation.json") == str(tmp_path / "x")  # no results.json

@@ -140,12 +140,36 @@ def test_markdown_table_cells_and_header(runs, tmp_path):
     assert table["rows"]["ch_mod"]["2digits"]["acc_std"] == pytest.approx(1.0)
 
 
-def test_plot(runs, tmp_path):
+@pytest.mark.parametrize("setting", ["2digits", "9digits", "9digits_byref"])
+def test_plot(runs, tmp_path, setting):
     pytest.importorskip("matplotlib")
     make_table2.write_tables(make_table2.aggregate(runs), tmp_path)
     out = tmp_path / "plot.png"
-    assert plot_accuracy_vs_params.main(["--table", str(tmp_path / "table2.json"), "--out", str(out)]) == 0
-    assert out.stat().st_size > 1000
+    args = ["--table", str(tmp_path / "table2.json"), "--setting", setting, "--out", str(out)]
+    assert plot_accuracy_vs_params.main(args) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_spreads_markers_at_the_same_params_and_labels_the_axis_as_the_table(runs):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    table = make_table2.aggregate(runs)
+    assert table["rows"]["uniform_scaling"]["2digits"]["params_x"] == table["rows"]["ch_mod"]["2digits"]["params_x"]
+    fig = plot_accuracy_vs_params.figure(plt, table, "2digits")
+    ax = fig.axes[0]
+    uniform, ch_mod = (container.lines[0].get_xdata()[0] for container in ax.containers)  # ours, in row order
+    factors = plot_accuracy_vs_params.spread(table, "2digits")  # the paper's rows near #P 1 join them
+    assert (uniform, ch_mod) == (1.0041 * factors["uniform_scaling"], 1.0041 * factors["ch_mod"])
+    assert ch_mod / uniform >= 10 ** plot_accuracy_vs_params.SPREAD * (1 - 1e-9)  # at least one step apart
+    assert ax.get_xlabel().startswith("#P: parameters as a multiple of one LeNet's, as in Table 2")
+    assert ax.get_title() == "Multi-MNIST, 2 digits (100 epochs)"
+    assert plot_accuracy_vs_params.spread(table, "9digits")["single_task"] == 1.0  # alone at the paper's #P 9
+    plt.close(fig)
+
+
+def test_plot_writes_under_runs_by_default():
+    assert plot_accuracy_vs_params.parse_args(["--setting", "4digits"]).out is None
+    with pytest.raises(SystemExit):
+        plot_accuracy_vs_params.parse_args(["--setting", "3digits"])
 
 
 def test_plot_without_matplotlib_says_how_to_install(monkeypatch, capsys):

@@ -1,0 +1,205 @@
+"""Plot training curves per epoch (training loss, validation and test accuracy) from the runs' metrics.jsonl.
+
+    python plot_curves.py results/controlnet_9digits --out docs/figures/curves_controlnet_9digits.png
+    python plot_curves.py results/table2_cpu_reduced/9digits --group seeds --per_task
+
+Each RUN is a run directory of train_multi_task_counter_stream.py (metrics.jsonl, results.json) or a folder searched
+recursively for them. Runs are overlaid, one line each; with ``--group seeds`` the runs that differ only by their
+seed (same method, setting, epochs, subset and param file) become one line, the mean over seeds with a band of
+± 1 sample std (ddof=1) on the epochs every seed has. ``--per_task`` adds one panel per task (test accuracy,
+validation dashed). Runs that evaluate every k epochs (``eval_every``) have accuracy points only at those epochs.
+Lines are named from results.json (method, setting, epochs); a run without one yet is named by its folder.
+Writes a PNG (default runs/curves.png). Mistakes: one line, exit code 2.
+"""
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+import cli
+
+SETTING_TITLES = {"2digits": "2 digits", "4digits": "4 digits", "9digits": "9 digits by location",
+                  "9digits_byref": "9 digits by reference"}
+
+
+class CurveError(ValueError):
+    """A user mistake (missing run, malformed metrics.jsonl): one line, exit code 2."""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="run directories, or folders searched for them")
+    parser.add_argument("--group", choices=("none", "seeds"), default="none",
+                        help="none: one line per run; seeds: mean ± std over the runs that differ only by seed")
+    parser.add_argument("--per_task", action="store_true", help="add one accuracy panel per task")
+    parser.add_argument("--out", default="runs/curves.png", help="output PNG (default runs/curves.png)")
+    return parser.parse_args(argv)
+
+
+def find_runs(paths):
+    """The run directories (holding metrics.jsonl) at or under ``paths``, in order, without repeats."""
+    found = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise CurveError(f"{path} not found; pass run directories (holding metrics.jsonl) or folders of them")
+        matches = [path.parent] if path.name == "metrics.jsonl" else \
+            [path] if (path / "metrics.jsonl").is_file() else sorted(m.parent for m in path.rglob("metrics.jsonl"))
+        if not matches:
+            raise CurveError(f"{path} holds no metrics.jsonl; pass the --out dir of a training run")
+        found += [m for m in matches if m not in found]
+    return found
+
+
+def load_run(directory):
+    """{"dir", "records", "info"}: the metrics.jsonl records and results.json (None when the run has none yet)."""
+    records = []
+    metrics = directory / "metrics.jsonl"
+    for number, line in enumerate(metrics.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CurveError(f"{metrics}: line {number} is not JSON ({err.msg})") from None
+        if not isinstance(record, dict) or not {"epoch", "train_loss"} <= set(record):
+            raise CurveError(f"{metrics}: line {number} lacks 'epoch' or 'train_loss'; is it a training run's file?")
+        records.append(record)
+    if not records:
+        raise CurveError(f"{metrics} is empty: the run has not finished an epoch yet")
+    info = None
+    if (directory / "results.json").is_file():
+        try:
+            info = json.loads((directory / "results.json").read_text())
+        except json.JSONDecodeError as err:
+            raise CurveError(f"{directory / 'results.json'} is not JSON ({err.msg})") from None
+    return {"dir": directory, "records": records, "info": info}
+
+
+def describe(info, directory):
+    """What a reader needs to tell a run apart, from results.json: method, setting, epochs, subset."""
+    if info is None:
+        return [f"{directory} (no results.json)"]
+    parts = [info["method"], SETTING_TITLES.get(info["setting"], info["setting"]), f"{info['epochs']} epochs"]
+    return parts + ([f"subset of {info['subset']} training images"] if info.get("subset") else [])
+
+
+def group_runs(runs, by_seeds):
+    """[(parts of its name, [runs])]: one group per run, or with ``by_seeds`` one per (method, setting, epochs,
+    subset, param file); the seeds end the name."""
+    groups = defaultdict(list)
+    for run in runs:
+        info = run["info"]
+        key = str(run["dir"]) if info is None or not by_seeds else json.dumps(
+            [info["method"], info["setting"], info["epochs"], info.get("subset"), info.get("params")], sort_keys=True)
+        groups[key].append(run)
+    named = []
+    for members in groups.values():
+        seeds = [run["info"]["seed"] for run in members if run["info"]]
+        parts = describe(members[0]["info"], members[0]["dir"])
+        if len(members) > 1:
+            parts.append(f"mean ± std over seeds {', '.join(map(str, sorted(seeds)))}")
+        elif seeds:
+            parts.append(f"seed {seeds[0]}")
+        named.append((parts, members))
+    return named
+
+
+def split_names(groups):
+    """(what every line shares, for the title; each line's own label, for the legend)."""
+    common = [part for part in groups[0][0] if all(part in parts for parts, _ in groups)]
+    labels = [", ".join(part for part in parts if part not in common) or ", ".join(parts) for parts, _ in groups]
+    return ", ".join(common), labels
+
+
+def series(members, value):
+    """(epochs, mean, std or None) of ``value(record)`` (None = not recorded) over the runs in ``members``, on the
+    epochs where every run has it; std is the sample std (ddof=1), None for one run."""
+    per_run = [{r["epoch"]: value(r) for r in run["records"] if value(r) is not None} for run in members]
+    epochs = sorted(set.intersection(*(set(values) for values in per_run)))
+    values = np.array([[values[e] for e in epochs] for values in per_run], dtype=float).reshape(len(per_run), -1)
+    std = values.std(axis=0, ddof=1) if len(members) > 1 else None
+    return np.array(epochs), values.mean(axis=0), std
+
+
+def draw(ax, members, value, color, linestyle, label=None):
+    epochs, mean, std = series(members, value)
+    if not len(epochs):
+        return
+    every_epoch = len(epochs) == epochs[-1] - epochs[0] + 1
+    ax.plot(epochs, mean, linestyle, color=color, label=label, marker=None if every_epoch else "o", markersize=3)
+    if std is not None:
+        ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+
+
+def per_task(split, task):
+    key = f"{split}_acc_per_task"
+    return lambda record: record[key][task] if key in record and task < len(record[key]) else None
+
+
+def plot(plt, groups, with_tasks, sources):
+    """The figure: training loss, validation and test accuracy (mean over tasks), and one panel per task."""
+    num_tasks = max((len(r.get("test_acc_per_task", [])) for _, members in groups for run in members
+                     for r in run["records"]), default=0) if with_tasks else 0
+    task_rows = -(-num_tasks // 3)
+    columns = 1 if len(groups) <= 4 else 2
+    fig, axes = plt.subplots(1 + task_rows, 3, figsize=(15, 4 * (1 + task_rows) + 0.25 * len(groups) / columns + 0.8),
+                             squeeze=False, layout="constrained")
+    shared, labels = split_names(groups)
+    colors = plt.get_cmap("tab10")
+    for index, ((_, members), label) in enumerate(zip(groups, labels)):
+        color, style = colors(index % 10), "-" if index < 10 else "-."  # beyond 10 lines: dash-dotted
+        draw(axes[0, 0], members, lambda r: r["train_loss"], color, style, label)
+        draw(axes[0, 1], members, lambda r: r.get("val_acc_mean"), color, style)
+        draw(axes[0, 2], members, lambda r: r.get("test_acc_mean"), color, style)
+        for task in range(num_tasks):
+            ax = axes[1 + task // 3, task % 3]
+            draw(ax, members, per_task("test", task), color, style)
+            draw(ax, members, per_task("val", task), color, "--")
+    titles = ("training loss (mean over the epoch's batches)", "validation accuracy, mean over tasks",
+              "test accuracy, mean over tasks")
+    for ax, title, ylabel in zip(axes[0], titles, ("loss (cross-entropy)", "accuracy (%)", "accuracy (%)")):
+        ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+    for task in range(task_rows * 3):
+        ax = axes[1 + task // 3, task % 3]
+        if task >= num_tasks:
+            ax.set_visible(False)
+            continue
+        ax.set(title=f"task {task}: test accuracy (validation dashed)", xlabel="epoch", ylabel="accuracy (%)")
+    for ax in axes.flat:
+        ax.grid(True, alpha=0.3)
+    bands = any(len(members) > 1 for _, members in groups)
+    fig.legend(loc="outside lower center", ncol=columns, fontsize=9, frameon=False,
+               title="run" + (" (band: ± 1 sample std over seeds)" if bands else ""))
+    fig.suptitle(f"Training curves{': ' + shared if shared else ''}\n(from {', '.join(map(str, sources))})",
+                 fontsize=11)
+    return fig
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("error: plot_curves.py needs matplotlib: pip install matplotlib", file=sys.stderr)
+        return 2
+    try:
+        runs = [load_run(directory) for directory in find_runs(args.runs)]
+    except (CurveError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    fig = plot(plt, group_runs(runs, args.group == "seeds"), args.per_task, args.runs)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    print(f"wrote {out} ({len(runs)} run(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.exit_with(main)

@@ -1,0 +1,111 @@
+"""plot_curves.py on synthetic runs: grouping by seed, mean ± std by hand, sparse evaluation, labels, errors."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+import plot_curves
+
+PARAMS = {"exp_id": "x", "method": "controlnet", "setting": "2digits", "lr": 0.001}
+
+
+def fake_run(directory, seed, losses, accuracies, method="controlnet", epochs=None, eval_every=1):
+    """A run dir as the training script leaves it; accuracy recorded every ``eval_every`` epochs."""
+    directory.mkdir(parents=True)
+    lines = []
+    for epoch, (loss, acc) in enumerate(zip(losses, accuracies), 1):
+        record = {"epoch": epoch, "lr": 0.001, "train_loss": loss}
+        if epoch % eval_every == 0:
+            record.update({"val_acc_mean": acc - 1, "test_acc_mean": acc, "val_acc_per_task": [acc - 2, acc],
+                           "test_acc_per_task": [acc - 1, acc + 1]})
+        lines.append(json.dumps(record) + "\n")
+    (directory / "metrics.jsonl").write_text("".join(lines))
+    info = {"method": method, "setting": "2digits", "epochs": epochs or len(losses), "subset": None, "seed": seed,
+            "params": {**PARAMS, "method": method}}
+    (directory / "results.json").write_text(json.dumps(info))
+    return directory
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs"
+    fake_run(root / "controlnet" / "seed0", 0, [2.0, 1.0, 0.5], [20.0, 40.0, 60.0])
+    fake_run(root / "controlnet" / "seed1", 1, [2.2, 1.4, 0.7], [30.0, 50.0, 70.0])
+    fake_run(root / "ch_mod" / "seed0", 0, [2.1, 1.9, 1.7, 1.5], [10.0, 20.0, 30.0, 40.0], method="ch_mod",
+             eval_every=2)
+    return root
+
+
+def test_runs_differing_only_by_seed_are_grouped_with_mean_and_sample_std(runs):
+    loaded = [plot_curves.load_run(d) for d in plot_curves.find_runs([runs])]
+    groups = plot_curves.group_runs(loaded, by_seeds=True)
+    assert [parts for parts, _ in groups] == [["ch_mod", "2 digits", "4 epochs", "seed 0"],
+                                              ["controlnet", "2 digits", "3 epochs", "mean ± std over seeds 0, 1"]]
+    epochs, mean, std = plot_curves.series(groups[1][1], lambda r: r["train_loss"])
+    assert epochs.tolist() == [1, 2, 3]
+    np.testing.assert_allclose(mean, [2.1, 1.2, 0.6])
+    np.testing.assert_allclose(std, [0.1414214, 0.2828427, 0.1414214], rtol=1e-6)  # |a - b| / sqrt(2)
+    assert len(plot_curves.group_runs(loaded, by_seeds=False)) == 3  # overlaid: one line per run
+
+
+def test_sparse_evaluation_gives_accuracy_only_where_recorded(runs):
+    run = plot_curves.load_run(runs / "ch_mod" / "seed0")
+    epochs, mean, std = plot_curves.series([run], lambda r: r.get("test_acc_mean"))
+    assert epochs.tolist() == [2, 4] and mean.tolist() == [20.0, 40.0] and std is None
+    epochs, mean, _ = plot_curves.series([run], plot_curves.per_task("val", 0))
+    assert epochs.tolist() == [2, 4] and mean.tolist() == [18.0, 38.0]
+
+
+def test_shared_name_parts_go_to_the_title_and_the_rest_to_the_legend(runs):
+    loaded = [plot_curves.load_run(d) for d in plot_curves.find_runs([runs / "controlnet"])]
+    shared, labels = plot_curves.split_names(plot_curves.group_runs(loaded, by_seeds=False))
+    assert shared == "controlnet, 2 digits, 3 epochs" and labels == ["seed 0", "seed 1"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--group", "seeds", "--per_task"]])
+def test_writes_a_png_with_every_panel(runs, tmp_path, extra):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    out = tmp_path / "figs" / "curves.png"
+    assert plot_curves.main([str(runs), "--out", str(out), *extra]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    loaded = [plot_curves.load_run(d) for d in plot_curves.find_runs([runs])]
+    fig = plot_curves.plot(plt, plot_curves.group_runs(loaded, "--group" in extra), "--per_task" in extra, [runs])
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == (5 if extra else 3)  # loss, val, test (+ one panel per task)
+    assert visible[0].get_xlabel() == "epoch" and "accuracy (%)" == visible[2].get_ylabel()
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert legend == (["ch_mod, 4 epochs, seed 0", "controlnet, 3 epochs, mean ± std over seeds 0, 1"] if extra else
+                      ["ch_mod, 4 epochs, seed 0", "controlnet, 3 epochs, seed 0", "controlnet, 3 epochs, seed 1"])
+    plt.close(fig)
+
+
+def test_default_output_is_under_runs():
+    assert plot_curves.parse_args(["x"]).out == "runs/curves.png"
+
+
+@pytest.mark.parametrize("content,expected", [
+    (None, "not found"),
+    ("", "holds no metrics.jsonl"),
+    ('{"epoch": 1, "train_loss": 2.0}\n{"epoch": 2,\n', "metrics.jsonl: line 2 is not JSON"),
+    ('{"epoch": 1}\n', "line 1 lacks 'epoch' or 'train_loss'"),
+    ("\n", "is empty: the run has not finished an epoch yet"),
+])
+def test_mistakes_are_one_line_and_exit_2(tmp_path, capsys, content, expected):
+    run = tmp_path / "run"
+    if content is not None:
+        run.mkdir()
+        if content:
+            (run / "metrics.jsonl").write_text(content)
+    assert plot_curves.main([str(run), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_without_matplotlib_says_how_to_install(monkeypatch, capsys, runs):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert plot_curves.main([str(runs)]) == 2
+    assert "pip install matplotlib" in capsys.readouterr().err
