@@ -1,7 +1,7 @@
 """Plots a learned parameter allocation (Maziarz et al., arXiv 1910.04915, allocation figures of Sec. 5; spec
 ``gumbel_matrix.md`` §3, ``clusters/plot``) from the ``allocation.json`` that ``gumbel_experiment.py`` writes.
 
-    python plot_allocation.py results/gumbel_mnist/gumbel_matrix [--out DIR] [--probabilities]
+    python plot_allocation.py results/gumbel_mnist/gumbel_matrix --out results/gumbel_mnist/gumbel_matrix [--probabilities]
 
 Writes ``allocation.png`` (tasks x components, routed layers side by side: the greedy binary allocation, or the
 connection probabilities with ``--probabilities``) and ``similarity.png`` (pairwise cosine similarity of the tasks'
@@ -98,7 +98,8 @@ def plot_similarity(plt, record, title):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="run directory holding allocation.json, or the file itself")
-    parser.add_argument("--out", help="output directory (default: the run directory)")
+    parser.add_argument("--out", help="output directory (default runs/plots/<run folder name>: a committed figure is "
+                        "only replaced when its folder is named)")
     parser.add_argument("--probabilities", action="store_true", help="plot probabilities instead of the greedy mask")
     args = parser.parse_args(argv)
     source = Path(args.run)
@@ -116,7 +117,7 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     record = json.loads(source.read_text())
-    out = Path(args.out) if args.out else source.parent
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "runs" / "plots" / source.parent.name
     out.mkdir(parents=True, exist_ok=True)
     title = run_title(source)
     for fig, name in ((plot_allocation(plt, record, args.probabilities, title), "allocation.png"),

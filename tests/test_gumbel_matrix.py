@@ -279,8 +279,9 @@ def test_plot_allocation_writes_both_figures(tmp_path):
     record = {"tasks": list(TASKS), "layers": ["L1", "L2"], "num_components": 2,
               "greedy": [[1, 0, 1, 1], [1, 0, 1, 1], [0, 1, 1, 0], [0, 1, 0, 1]], "probabilities": [[0.6] * 4] * 4}
     (tmp_path / "allocation.json").write_text(json.dumps(record))
-    assert plot_allocation.main([str(tmp_path), "--probabilities"]) == 0
-    assert (tmp_path / "allocation.png").stat().st_size > 0 and (tmp_path / "similarity.png").stat().st_size > 0
+    assert plot_allocation.main([str(tmp_path), "--probabilities", "--out", str(tmp_path / "figs")]) == 0
+    assert (tmp_path / "figs" / "allocation.png").stat().st_size > 0
+    assert (tmp_path / "figs" / "similarity.png").stat().st_size > 0 and not (tmp_path / "allocation.png").exists()
 
 
 @pytest.mark.parametrize("probabilities", [False, True])
