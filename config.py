@@ -42,7 +42,8 @@ NEEDS_TRUNK = ("gradnorm", "mgda")  # weightings that use the shared representat
 OPTIMIZERS = ("Adam", "SGD", "RMSprop")
 LR_SCHEDULES = ("halve_30_60_90", "none")
 
-# Gumbel-matrix allocation logits (models with routers): option -> (default, (min, max)); spec gumbel_matrix.md §1, §5.
+# Gumbel-matrix allocation logits (models with routers): option -> (default, (min, max)); defaults
+# of Maziarz et al.'s google-research/google-research@0c1bbe5f learning_parameter_allocation/pathnet/pathnet_lib.py.
 ROUTER_OPTIONS = {
     "lr": (1e-3, (1e-8, 10.0)),               # their own Adam's lr, halved with the model's (MNIST recipe: = model lr)
     "temperature_init": (50.0, (1e-3, 1e6)),  # tau = max(min, init / sqrt(task-updates + 1))

@@ -1,5 +1,6 @@
 """The three-task-clusters experiment of "Flexible Multi-task Networks by Learning Parameter Allocation" (Maziarz et
-al., arXiv 1910.04915, Sec. 5.3; spec ``gumbel_matrix.md`` §3), reduced to its MNIST and Fashion-MNIST clusters.
+al., arXiv 1910.04915, Sec. 5.3; ``learning_parameter_allocation/clusters/clusters_train.py`` of
+google-research/google-research@0c1bbe5f), reduced to its MNIST and Fashion-MNIST clusters.
 
     python gumbel_clusters.py --param_file params/gumbel_clusters/gumbel_matrix.json --out runs/gc
 

@@ -1,5 +1,6 @@
 """The MNIST experiment of "Flexible Multi-task Networks by Learning Parameter Allocation" (Maziarz et al., arXiv
-1910.04915, Sec. 5.1; spec ``gumbel_matrix.md`` §1-2), the reference run of the Gumbel-Matrix baseline.
+1910.04915, Sec. 5.1; ``learning_parameter_allocation/mnist/mnist_train.py`` of
+google-research/google-research@0c1bbe5f), the reference run of the Gumbel-Matrix baseline.
 
     python gumbel_experiment.py --param_file params/gumbel_mnist/gumbel_matrix.json --out runs/gm
     python train_multi_task_counter_stream.py --param_file params/gumbel_mnist/gumbel_matrix.json  # the same run
@@ -144,8 +145,9 @@ def batches(n, batch_size, generator):
 
 
 def train(model, tasks_data, params, steps, seed, log=print):
-    """Round-robin training (spec §1): per step a shuffled task order, one forward / backward / update of both Adams
-    per task. Returns the allocation-probability snapshots taken at ``LOG_POINTS`` steps."""
+    """Round-robin training (mnist_train.py, ``pathnet/pathnet_lib.py`` PathNet): per step a shuffled task order, one
+    forward / backward / update of both Adams per task. Returns the allocation-probability snapshots taken at
+    ``LOG_POINTS`` steps."""
     num_tasks = len(tasks_data)
     order_rng = torch.Generator().manual_seed(seed)
     streams = [batches(len(labels), params["batch_size"], torch.Generator().manual_seed(seed * 1000 + 1 + t))
@@ -184,7 +186,7 @@ def train(model, tasks_data, params, steps, seed, log=print):
 
 @torch.no_grad()
 def evaluate(model, tasks_data):
-    """Accuracy in percent per task with the greedy allocation and dropout off (spec §1, evaluation)."""
+    """Accuracy in percent per task with the greedy allocation and dropout off (``utils.py`` run_pathnet_evaluation)."""
     model.eval()
     accuracies = []
     for t, (images, labels) in enumerate(tasks_data):

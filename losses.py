@@ -1,7 +1,9 @@
 """Task losses shared by every training paradigm."""
 import torch.nn.functional as F
 
-IGNORE_INDEX = -1  # label of an image that is invalid for a task (by-ref tasks, spec §0.3)
+# Label of an image that is invalid for a task (by-ref tasks; ignore_index=-1 in the authors'
+# barakhi/TD_MultiTask@8c3d589 train_multi_task_counter_stream_mmnist_byref.py).
+IGNORE_INDEX = -1
 
 
 def per_task_cross_entropy(logits, labels, num_valid=None):

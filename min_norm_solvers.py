@@ -6,7 +6,8 @@ Problem (SK Eq. 3, and the MGDA-UB sub-problem Eq. 6):
     min_alpha || sum_t alpha_t g_t ||^2   s.t.  alpha_t >= 0,  sum_t alpha_t = 1.
 
 Everything is solved on the Gram matrix M = G G^T (M_ij = <g_i, g_j>), whose cost is alpha^T M alpha.
-SK's ``MinNormSolver.find_min_norm_element`` (spec §1.5 step 5): best pair as the initial point, then
+SK's ``MinNormSolver.find_min_norm_element`` (isl-org/MultiObjectiveOptimization@bf5bbb3,
+``multi_task/min_norm_solvers.py``): best pair as the initial point, then
 projected-gradient steps with an exact line search, stopped when ||alpha_new - alpha||_1 < 1e-5. Differences:
 
 - each iteration ends with a subspace minimisation on the current support (`_minimize_on_support`), which
@@ -138,7 +139,7 @@ def find_min_norm_element(grads, max_iter=250):
 
 
 def gradient_normalizers(grads, losses, kind):
-    """Per-task normalisers n_t for g_t / n_t (SK `gradient_normalizers`, spec §1.5 step 3).
+    """Per-task normalisers n_t for g_t / n_t (SK `multi_task/min_norm_solvers.py` gradient_normalizers).
 
     ``grads`` [T, ...], ``losses`` [T]; kind: 'none' -> 1, 'l2' -> ||g_t||, 'loss' -> L_t,
     'loss+' -> L_t ||g_t||. A zero normaliser is replaced by 1 instead of dividing by 0 (it comes from a

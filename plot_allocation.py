@@ -1,5 +1,6 @@
-"""Plots a learned parameter allocation (Maziarz et al., arXiv 1910.04915, allocation figures of Sec. 5; spec
-``gumbel_matrix.md`` §3, ``clusters/plot``) from the ``allocation.json`` that ``gumbel_experiment.py`` writes.
+"""Plots a learned parameter allocation (Maziarz et al., arXiv 1910.04915, allocation figures of Sec. 5;
+``learning_parameter_allocation/clusters/plot.py`` of google-research/google-research@0c1bbe5f) from the
+``allocation.json`` that ``gumbel_experiment.py`` writes.
 
     python plot_allocation.py results/gumbel_mnist/gumbel_matrix --out results/gumbel_mnist/gumbel_matrix [--probabilities]
 

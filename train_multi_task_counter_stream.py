@@ -481,7 +481,7 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
         index = distributed.shard(batch)  # this rank's part of it
         x = normalize(images[index], memory_format, stats)
         optimizer.zero_grad(set_to_none=True)
-        if routing:  # Gumbel-softmax temperature, counted in task-updates as the original (spec gumbel_matrix.md §5)
+        if routing:  # Gumbel-softmax temperature, counted in task-updates as Maziarz et al.'s mnist_train.py
             update = (epoch * len(steps) + step) * labels.shape[1]
             set_temperature(routed, temperature_schedule(update, routing["temperature_init"], routing["temperature_min"]))
         if weighting is None:

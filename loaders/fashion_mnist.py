@@ -1,5 +1,6 @@
 """Fashion-MNIST (Xiao et al. 2017) from its four IDX files, for the three-task-clusters experiment of Maziarz et al.
-(arXiv 1910.04915, Sec. 5.3; spec ``gumbel_matrix.md`` §3-4, where tfds ``fashion_mnist`` is the original's source).
+(arXiv 1910.04915, Sec. 5.3; tfds ``fashion_mnist`` is the source of their
+``learning_parameter_allocation/clusters/clusters_train.py``, google-research/google-research@0c1bbe5f).
 
 Sources, in order:
 

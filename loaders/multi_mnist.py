@@ -1,4 +1,6 @@
-"""Multi-MNIST generators (spec §0.3): digits placed on a canvas with overlaps, then resized to 28x28.
+"""Multi-MNIST generators (Sener & Koltun's isl-org/MultiObjectiveOptimization@bf5bbb3
+``multi_task/loaders/multi_mnist_loader.py``; the authors' barakhi/TD_MultiTask@8c3d589
+``data/multi_mnist_loader_extratask9.py``): digits placed on a canvas with overlaps, then resized to 28x28.
 
 Every composite has one *base* MNIST image (each image of the pool used once, in order) and K-1 partners
 drawn uniformly with replacement from the same pool; the canvas is the pixelwise max of all placements.

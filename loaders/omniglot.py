@@ -1,10 +1,11 @@
 """Omniglot (Lake et al. 2015) as the 20 tasks of the Omniglot experiment of Maziarz et al. (arXiv 1910.04915,
-Sec. 5.2; spec ``gumbel_matrix.md`` §3; ``lpa/data.py`` get_omniglot, get_omniglot_order).
+Sec. 5.2; google-research/google-research@0c1bbe5f
+``learning_parameter_allocation/data.py`` get_omniglot, get_omniglot_order).
 
 Reads the original release's folders ``images_background/`` and ``images_evaluation/`` (unzipped
 ``images_background.zip`` / ``images_evaluation.zip`` of github.com/brendenlake/omniglot, ``python/``), laid out as
 ``<alphabet>/characterNN/<label>_<drawer>.png`` with 105x105 binary PNGs, from ``<root>/omniglot/``. The images
-cannot be downloaded on this machine (no PyPI or Debian package ships them, spec §4): copy the two folders there.
+cannot be downloaded on this machine (no PyPI or Debian package ships them): copy the two folders there.
 
 As the original: task k = alphabet k of ``OMNIGLOT_ORDER`` (the order of "Diversity and Depth in Per-Example
 Routing Models", copied from ``get_omniglot_order``), 20 tasks by default; label = character index in the alphabet

@@ -1,4 +1,5 @@
-"""The four tasks of the MNIST experiment of Maziarz et al. (arXiv 1910.04915, Sec. 5.1; spec ``gumbel_matrix.md`` §1).
+"""The four tasks of the MNIST experiment of Maziarz et al. (arXiv 1910.04915, Sec. 5.1;
+``learning_parameter_allocation/mnist/mnist_train.py`` of google-research/google-research@0c1bbe5f).
 
 ``MNIST``, ``MNIST-2``, ``MNIST-Rot``, ``MNIST-Rot-2``: all 10-way digit classification with the digit labels.
 ``MNIST-2`` is the very same data as ``MNIST`` (same images, same labels); ``MNIST-Rot`` is every image rotated by 90

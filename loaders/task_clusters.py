@@ -1,10 +1,11 @@
 """The MNIST and Fashion-MNIST clusters of the three-task-clusters experiment of Maziarz et al. (arXiv 1910.04915,
-Sec. 5.3; spec ``gumbel_matrix.md`` §3, ``lpa/clusters/clusters_train.py`` get_all_tasks and ``lpa/data.py``).
+Sec. 5.3; google-research/google-research@0c1bbe5f ``learning_parameter_allocation/clusters/clusters_train.py``
+get_all_tasks and ``learning_parameter_allocation/data.py``).
 
 20 tasks, named as the original: ``MNIST-c`` (c = 0..9) tells apart the nine digits other than c, ``Fashion-c`` the
 nine Fashion-MNIST classes other than c (leave-one-out, ``data.get_leave_one_out_classification``: images of class c
 are dropped, labels above c shift down by one, so every task is 9-way with labels 0..8). The third cluster of the
-paper, 20 CIFAR-100 coarse-label tasks, is left out: CIFAR-100 cannot be obtained on this machine (spec §4).
+paper, 20 CIFAR-100 coarse-label tasks, is left out: CIFAR-100 cannot be obtained on this machine.
 
 Images as ``data.convert_format_mnist_to_cifar``: pixels / 255, then resized 28 -> 32 with TF1's
 ``tf.image.resize_images`` (bilinear, ``align_corners=False``, no half-pixel centres; :func:`resize_matrix`). The

@@ -45,7 +45,7 @@ LOCATION_HEAD_MODELS = ("backbone_ch_mod", "backbone_task_routing", "backbone_mu
 BACKBONE_OPTIONS = ("backbone", "num_classes", "input_size")  # set from the param file's data set, not model_options
 LENET_INPUT = (1, 28, 28)
 
-LENET_PARAMS = 24_390   # one LeNet, weights and biases (spec §3)
+LENET_PARAMS = 24_390   # one LeNet, weights and biases (the unit of paper Table 2's modulation rows)
 LENET_WEIGHTS = 24_250  # one LeNet, weights only: the unit of the paper's Figure 3 axis
 
 

@@ -1,5 +1,6 @@
-"""The network of the three-task-clusters experiment of Maziarz et al. (arXiv 1910.04915, Sec. 5.3; spec
-``gumbel_matrix.md`` §3; ``lpa/models.py`` get_keras_layers_for_task_clusters_experiment, a small version of the
+"""The network of the three-task-clusters experiment of Maziarz et al. (arXiv 1910.04915, Sec. 5.3;
+google-research/google-research@0c1bbe5f ``learning_parameter_allocation/models.py``
+get_keras_layers_for_task_clusters_experiment, a small version of the
 "Diversity and Depth in Per-Example Routing Models" network).
 
 Shared stem: 1x1 conv (8 filters) + GroupNorm(4) + ReLU. Then three routed layers of 16 components: 8 x [conv 3x3]

@@ -1,18 +1,20 @@
 """Learned parameter allocation: Gumbel-Matrix routing (Maziarz et al., arXiv 1910.04915, "Flexible Multi-task
-Networks by Learning Parameter Allocation"; spec ``gumbel_matrix.md``).
+Networks by Learning Parameter Allocation"; their code: google-research/google-research@0c1bbe5f,
+``learning_parameter_allocation/``, lpa/ below).
 
 A routed layer holds K components (a conv or a linear module each). Every task t owns, per routed layer, K binary
 allocation variables z[t, k] ~ Bernoulli(P[t, k]) (the "Gumbel matrix", paper Sec. 3). The logits of a layer are one
-``[T, K, 2]`` parameter initialised to log[p0, 1 - p0], so P = softmax(logits)[..., 0] (spec §2). In training, z is a
-hard straight-through Gumbel-softmax sample over the two outcomes (one sample per (task, component) and per forward
-pass, shared by all images of the batch); at evaluation it is greedy: on iff P >= 0.5. The layer output for a task is
-the mean of its selected components' outputs, and zero when it selects none (spec §2, WeightedSumCombiner).
+``[T, K, 2]`` parameter initialised to log[p0, 1 - p0], so P = softmax(logits)[..., 0] (lpa/pathnet/pathnet_lib.py
+GumbelMatrixRouter). In training, z is a hard straight-through Gumbel-softmax sample over the two outcomes (one sample
+per (task, component) and per forward pass, shared by all images of the batch); at evaluation it is greedy: on iff P
+>= 0.5. The layer output for a task is the mean of its selected components' outputs, and zero when it selects none
+(lpa/pathnet WeightedSumCombiner).
 
 The baselines of paper Sec. 5.1 are fixed allocations of the same layer: ``no_sharing`` (the identity matrix, task t
 uses component t only; needs K = T) and ``shared_bottom`` (all ones: every task averages all components).
 
 Two networks: :class:`GumbelMatrixMNISTNet` (the paper's Sec. 5.1 MNIST model, one task per image) and
-:class:`GumbelMatrixLeNet` (our LeNet with a routed encoder for Multi-MNIST, spec §5, all tasks in one pass).
+:class:`GumbelMatrixLeNet` (our LeNet with a routed encoder for Multi-MNIST, all tasks in one pass).
 """
 import math
 
@@ -27,13 +29,14 @@ GUMBEL_EPS = 1e-20  # inside both logs of the Gumbel noise, as the original
 
 
 def temperature_schedule(update, initial=50.0, minimum=0.5):
-    """Gumbel-softmax temperature after ``update`` task-updates: max(minimum, initial / sqrt(update + 1)) (spec §1;
-    with the defaults it reaches 0.5 at update 9,999)."""
+    """Gumbel-softmax temperature after ``update`` task-updates: max(minimum, initial / sqrt(update + 1))
+    (lpa/pathnet/pathnet_lib.py; with the defaults it reaches 0.5 at update 9,999)."""
     return max(minimum, initial / math.sqrt(update + 1))
 
 
 def sample_connections(logits, temperature):
-    """Hard straight-through Gumbel-softmax sample of the 'connected' outcome (paper Sec. 3, spec §2).
+    """Hard straight-through Gumbel-softmax sample of the 'connected' outcome (paper Sec. 3;
+    lpa/pathnet/pathnet_lib.py).
 
     ``logits [..., 2]`` (connected, not connected) -> ``[...]`` of exact 0/1 values in the forward pass whose gradient
     is that of the relaxed sample softmax((logits + g) / temperature)[..., 0], g ~ Gumbel(0, 1) i.i.d.
@@ -47,12 +50,13 @@ def sample_connections(logits, temperature):
 
 def allocation_weights(masks):
     """Combination weights from binary masks ``[..., K]``: m / max(sum m, 1), i.e. the mean over the selected
-    components and all zeros when none is selected (gradient also flows through the denominator, spec §2)."""
+    components and all zeros when none is selected (gradient also flows through the
+    denominator, as TF's maximum in lpa/)."""
     return masks / masks.sum(dim=-1, keepdim=True).clamp(min=1.0)
 
 
 class GumbelMatrixRouter(nn.Module):
-    """Learned allocation of one routed layer: logits ``[T, K, 2]`` (one parameter per layer, spec §1 notes)."""
+    """Learned allocation of one routed layer: logits ``[T, K, 2]`` (one parameter per layer, as in lpa/)."""
 
     def __init__(self, num_tasks, num_components, probs_init=0.5, temperature=50.0):
         super().__init__()
@@ -110,7 +114,7 @@ def make_router(allocation, num_tasks, num_components, probs_init=0.5):
 
 class ParallelComponents(nn.Module):
     """K independent components of one routed layer, each ``layer_k`` + ReLU (the ReLU is inside the component as
-    in the original, spec §1), run as one layer with K times the output channels: component k owns output channels
+    in the original, lpa/models.py), run as one layer with K times the output channels: component k owns output channels
     [k * C, (k + 1) * C) of ``layer``, whose weights no other component touches, so this is exactly K separate
     conv / linear modules, only faster. ``x [N, ...] -> [N, K, C, ...]``. Each component gets the Keras init of
     its own (glorot-uniform with its own fan-in / fan-out, zero bias)."""
@@ -135,7 +139,7 @@ def linear_components(num_components, in_features, out_features):
 
 
 class RoutedLayer(nn.Module):
-    """K components of the same output shape, combined per task by its allocation (paper Sec. 3, spec §2).
+    """K components of the same output shape, combined per task by its allocation (paper Sec. 3; lpa/pathnet/utils.py).
     All components always run (the original builds the layer with ``sparse=False``), so unselected components
     still give the logits a straight-through gradient."""
 
@@ -157,7 +161,7 @@ class RoutedLayer(nn.Module):
 
 
 class TaskLinear(nn.Module):
-    """One linear head per task (the per-task Dense(10) of spec §1), applied to each row with its own task's head.
+    """One linear head per task (the per-task Dense(10) of lpa/utils.py), applied to each row with its own task's head.
     Keras initialisation: glorot-uniform weights, zero biases."""
 
     def __init__(self, num_tasks, in_features, out_features):
@@ -172,9 +176,10 @@ class TaskLinear(nn.Module):
 
 
 class GumbelMatrixMNISTNet(nn.Module):
-    """The Sec. 5.1 MNIST network (spec §1 table): three routed layers of K components, each a valid conv with
-    ``filters`` channels and a ReLU (5x5, then 3x3, 3x3), average pooling 2 after the first two, flatten (36),
-    dropout, and one linear head per task. With 4 tasks and K = 4: 1,600 routed and 1,480 head parameters.
+    """The Sec. 5.1 MNIST network (lpa/models.py get_keras_layers_for_mnist_experiment): three routed layers of K
+    components, each a valid conv with ``filters`` channels and a ReLU (5x5, then 3x3, 3x3), average pooling 2 after
+    the first two, flatten (36), dropout, and one linear head per task. With 4 tasks and K = 4: 1,600 routed and 1,480
+    head parameters.
 
     ``paradigm = "single_branch"``: ``forward(images [B, 1, 28, 28] in [0, 1], tasks [B] int64) -> logits [B, 10]``.
     """
@@ -201,10 +206,10 @@ class GumbelMatrixMNISTNet(nn.Module):
 
 
 class GumbelMatrixLeNet(nn.Module):
-    """LeNet with a routed encoder for Multi-MNIST (spec §5): routed conv1 (1->c1, k5) + ReLU, max-pool 2, routed
+    """LeNet with a routed encoder for Multi-MNIST (our design): routed conv1 (1->c1, k5) + ReLU, max-pool 2, routed
     conv2 (c1->c2, k5) + ReLU, max-pool 2, routed fc (320->hidden) + ReLU, each layer K components; then per-task
     fc1 + ReLU + fc2 heads exactly as :class:`~models.lenet.MultiBranchLeNet`. ReLU inside each component commutes
-    with max-pooling, so the LeNet order is kept. Components get the Keras init of the original (spec §5).
+    with max-pooling, so the LeNet order is kept. Components get the Keras init of the original (lpa/models.py).
 
     ``paradigm = "multi_branch"``: ``forward(images [B, 1, 28, 28]) -> logits [B, T, 10]``; every task runs on every
     image with its own allocation (one mask sample per task, routed layer and forward pass). ``allocation`` is
@@ -260,8 +265,9 @@ def weight_parameters(model):
 
 
 def budget_penalty(model, budget, penalty):
-    """Per-task budget penalty ``[T]`` (spec §2): penalty * max(0, sum over routed layers and components of P[t, k]
-    / total number of routed components - budget). Uses the probabilities (expected connections), not samples."""
+    """Per-task budget penalty ``[T]`` (lpa/utils.py create_auxiliary_loss_function): penalty * max(0, sum over routed
+    layers and components of P[t, k] / total number of routed components - budget). Uses the probabilities (expected
+    connections), not samples."""
     probabilities = [router.probabilities() for router in routers(model)]
     used = torch.stack([p.sum(dim=1) for p in probabilities]).sum(dim=0)
     total = sum(p.shape[1] for p in probabilities)

@@ -1,4 +1,5 @@
-"""The LeNet backbone shared by every row of Table 2 (spec §0.1), and the multi-branch / single-task nets.
+"""The LeNet backbone shared by every row of Table 2 (the authors' barakhi/TD_MultiTask@8c3d589
+``models/lenet_counter_stream.py``, BU stream), and the multi-branch / single-task nets.
 
 conv1 1->10 k5 (28->24), ReLU, maxpool (->12), conv2 10->20 k5 (->8), ReLU, maxpool (->4), fc 320->50, ReLU,
 fc1 50->50, ReLU, fc2 50->10. No dropout anywhere, so that the rows of Table 2 differ only in the method.
@@ -74,8 +75,8 @@ class BatchedLinear(nn.Module):
 
 
 class MultiBranchLeNet(nn.Module):
-    """Shared trunk (conv1, conv2, fc) and one head (fc1, fc2) per task (spec §0.1: the split that
-    reproduces the paper's #P). ``forward(x) -> [B, T, 10]``."""
+    """Shared trunk (conv1, conv2, fc) and one head (fc1, fc2) per task (the split that
+    reproduces the paper's #P in Table 2). ``forward(x) -> [B, T, 10]``."""
 
     paradigm = "multi_branch"
 
@@ -90,7 +91,7 @@ class MultiBranchLeNet(nn.Module):
 
     @property
     def last_shared_layer(self):
-        """GradNorm's W: the last layer of the shared trunk (spec §1.3)."""
+        """GradNorm's W: the last layer of the shared trunk (Chen et al. 2018, Sec. 3.2)."""
         return self.fc
 
     def trunk(self, x):

@@ -1,4 +1,6 @@
-"""Channel-wise modulation baselines on one shared LeNet with one head (paper §4.3, spec §1.6-1.7).
+"""Channel-wise modulation baselines on one shared LeNet with one head (paper §4.3; Zhao et al.'s
+Zhaoxiangyun/Multi-Task-Modulation-Module ``train_mm.py``, Strezoski et al.'s gstrezoski/TaskRouting@c13a743
+``taskrouting.py``).
 
 Both gate the conv1 output (before ReLU), the conv2 output (before ReLU) and the pooled 4x4 map with a
 per-task channel vector: 10+20+20 = 50 entries per task, the count that reproduces the paper's #P.

@@ -153,7 +153,7 @@ def test_no_sharing_lenet_tasks_are_independent():
 def test_lenet_shared_bottom_with_one_component_has_the_multi_branch_size():
     model = GumbelMatrixLeNet(9, allocation="shared_bottom", num_components=1)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in MultiBranchLeNet(9).parameters())
-    learned = GumbelMatrixLeNet(9)  # K = 4: 112,860 weights (spec §5) + 3 x [9, 4, 2] logits
+    learned = GumbelMatrixLeNet(9)  # K = 4: 112,860 weights + 3 x [9, 4, 2] logits
     assert sum(p.numel() for p in weight_parameters(learned)) == 112_860
     assert sum(p.numel() for p in router_parameters(learned)) == 216
 

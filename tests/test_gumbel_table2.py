@@ -1,4 +1,4 @@
-"""Gumbel-matrix routing as a Table 2 row (spec gumbel_matrix.md §5): the routed LeNet's all-task forward, the
+"""Gumbel-matrix routing as a Table 2 row: the routed LeNet's all-task forward, the
 param-file checks of ``router_options``, the optimiser groups, the temperature, the budget gradient, a short run
 that must learn and a resume that must equal the uninterrupted run."""
 import json
@@ -132,7 +132,7 @@ def test_short_run_learns_and_resumes_exactly(tmp_path):
 
 
 def test_training_sets_the_temperature_from_the_task_update_count():
-    """After epoch e of S steps with T tasks the last step ran at update ((e + 1) * S - 1) * T (spec §5)."""
+    """After epoch e of S steps with T tasks the last step ran at update ((e + 1) * S - 1) * T."""
     torch.manual_seed(0)
     params = {**config.validate({"exp_id": "t", "method": "gumbel_matrix", "setting": "4digits", "batch_size": 8},
                                 "test"), "memory_format": "contiguous"}

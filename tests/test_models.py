@@ -1,4 +1,4 @@
-"""Architectures: shapes, weight sharing, gradients, exact parameter counts (spec §3)."""
+"""Architectures: shapes, weight sharing, gradients, exact parameter counts (paper Table 2, #P)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -158,7 +158,7 @@ def test_multi_branch_heads_are_independent():
     assert model.conv1.weight.grad.abs().sum() > 0
 
 
-# (num_params, num_weights) for T = 2, 4, 9, 10, from the per-layer counts of spec §3.
+# (num_params, num_weights) for T = 2, 4, 9, 10, from the per-layer counts (weights + biases).
 EXPECTED = {
     "single_task": [(24390 * t, 24250 * t) for t in (2, 4, 9, 10)],
     "multi_branch": [(21330 + 3060 * t, 21250 + 3000 * t) for t in (2, 4, 9, 10)],
@@ -178,7 +178,8 @@ def test_exact_parameter_counts(name):
 
 
 def test_paper_multiples_reproduced_for_baselines():
-    """The conventions of spec §3: multi-branch rows = weights / 24,250; modulation rows = params / 24,390."""
+    """The #P conventions that reproduce paper Table 2: multi-branch rows = weights / 24,250; modulation rows =
+    params / 24,390."""
     paper = {"uniform": [1.12, 1.37, 1.99, 2.11], "mod": [1.004, 1.008, 1.018, 1.021], "ext": [1.35, 1.36, 1.37, 1.38]}
     for i, t in enumerate((2, 4, 9, 10)):
         assert round(count_parameters(build_model("multi_branch", t))[1] / 24250, 2) == paper["uniform"][i]

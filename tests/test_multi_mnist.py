@@ -88,7 +88,7 @@ def test_by_reference_valid_fraction_on_real_data():
     _, labels = make_multi_mnist("9digits_byref", "val")
     valid = (labels >= 0).float().mean(dim=0)
     assert labels.shape == (10_000, 10)
-    assert ((valid > 0.22) & (valid < 0.30)).all()  # spec §0.3: about 25.8% per task
+    assert ((valid > 0.22) & (valid < 0.30)).all()  # about 25.8% per task
 
 
 def test_real_sets_shapes_labels_and_split_sources():

@@ -1,4 +1,4 @@
-"""GradNorm of Chen, Badrinarayanan, Lee & Rabinovich, ICML 2018 (spec §1.3, steps 1-7)."""
+"""GradNorm of Chen, Badrinarayanan, Lee & Rabinovich, ICML 2018 (their Algorithm 1)."""
 import torch
 import torch.nn as nn
 

@@ -1,4 +1,5 @@
-"""Uncertainty weighting of Kendall, Gal & Cipolla, CVPR 2018 (spec §1.4), with s_t = log sigma_t^2."""
+"""Uncertainty weighting of Kendall, Gal & Cipolla, CVPR 2018 (the form of Gal's
+yaringal/multi-task-learning-example), with s_t = log sigma_t^2."""
 import torch
 import torch.nn as nn
 

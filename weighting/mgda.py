@@ -1,4 +1,5 @@
-"""MGDA-UB of Sener & Koltun, NeurIPS 2018 (spec §1.5; SK `train_multi_task.py`, use_approximation=true)."""
+"""MGDA-UB of Sener & Koltun, NeurIPS 2018 (Sec. 3.3; isl-org/MultiObjectiveOptimization@bf5bbb3
+`multi_task/train_multi_task.py`, use_approximation=true)."""
 import torch
 
 import distributed

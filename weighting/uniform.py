@@ -1,4 +1,5 @@
-"""Uniform scaling (spec §1.2)."""
+"""Uniform scaling: every task loss weighted 1/T (Sener & Koltun's isl-org/MultiObjectiveOptimization@bf5bbb3
+``params['scales']``)."""
 import torch
 
 from .base import Weighting
