@@ -10,8 +10,9 @@ import torch
 
 
 def atomic_write_bytes(path, write):
-    """Calls ``write(file)`` on a temporary file next to ``path``, then flush, fsync and rename. The file
-    gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
+    """The project's one atomic writer: calls ``write(file)`` on a temporary file ``<name>.<random>.tmp`` next to
+    ``path``, then flush, fsync, rename and (where the system allows) fsync of the folder, so that the rename
+    itself survives a power cut. The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     umask = os.umask(0)
@@ -27,6 +28,20 @@ def atomic_write_bytes(path, write):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not supported everywhere (Windows): best effort
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save(obj, path):

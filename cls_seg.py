@@ -45,8 +45,8 @@ from loaders.multi_mnist_seg import make_multi_mnist_seg
 from metrics import TaskAccuracy
 from models import LENET_PARAMS, LENET_WEIGHTS, count_parameters
 from models.cls_seg import RECOGNISE, SEGMENT, TABLE5_ROWS, VARIANTS, build_cls_seg_model
+from provenance import REPO
 
-REPO = Path(__file__).resolve().parent
 MEMORY_FORMATS = trainer.MEMORY_FORMATS
 PAPER_TABLES = REPO / "paper" / "paper_tables.json"
 SETTINGS = ("9digits", "9digits_byref", "4digits", "2digits")

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent
+from provenance import REPO
+
 _state = {"data_root": None, "status": None}
 
 

@@ -24,7 +24,7 @@ import checkpoint
 import cli
 import gumbel_experiment
 from gumbel_experiment import ArgumentParser, ParamError, evaluate, positive_int, train
-from provenance import describe_device, git_commit
+from provenance import REPO, describe_device, git_commit
 from loaders.fashion_mnist import FashionMNISTUnavailable
 from loaders.mnist import MNISTUnavailable
 from loaders.task_clusters import DATASETS, NUM_CLASSES, TASKS, load_task_clusters
@@ -32,7 +32,6 @@ from models.gumbel_clusters import GumbelClustersNet
 from models.gumbel_matrix import allocation_matrix, router_parameters, weight_parameters
 from plot_allocation import task_similarity
 
-REPO = Path(__file__).resolve().parent
 METHODS = ("gumbel_matrix", "shared_bottom")  # the two methods the original runs (clusters_train.py --method)
 
 # key: (type, default (None = required), check(value) -> True if valid, allowed (for the message)); defaults are

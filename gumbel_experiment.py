@@ -26,12 +26,11 @@ import torch.nn.functional as F
 
 import checkpoint
 import cli
-from provenance import describe_device, git_commit
+from provenance import REPO, describe_device, git_commit
 from loaders.rotated_mnist import TASKS, load_rotated_mnist
 from models.gumbel_matrix import (ALLOCATIONS, GumbelMatrixMNISTNet, allocation_matrix, budget_penalty,
                                   router_parameters, set_temperature, temperature_schedule, weight_parameters)
 
-REPO = Path(__file__).resolve().parent
 EVAL_CHUNK = 2000
 LOG_POINTS = 10  # progress lines and allocation snapshots per run
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import checkpoint
 import cli
 import config
+from provenance import REPO
 
-REPO = Path(__file__).resolve().parent
 PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table2_multi_mnist"]
 PAPER_METHODS = tuple(PAPER["rows"])  # the paper's row order
 EXTRA_METHODS = ("gumbel_matrix",)  # our rows that the paper did not run: shown below its rows, no paper value

@@ -21,8 +21,8 @@ import checkpoint
 import cli
 from make_table2 import load_runs, mean_std
 from make_table6a import majority_accuracy
+from provenance import REPO
 
-REPO = Path(__file__).resolve().parent
 PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table3_other_datasets"]
 # our (dataset, setting) -> (the paper's table, section title)
 SECTIONS = {("clevr", "clevr_40"): ("CLEVR_40_tasks", "(a) CLEVR, 40 tasks"),

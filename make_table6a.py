@@ -18,8 +18,8 @@ import torch
 import checkpoint
 import cli
 from loaders import LOADERS
+from provenance import REPO
 
-REPO = Path(__file__).resolve().parent
 PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table6a_clevr_scaling"]
 TASKS = tuple(PAPER["tasks"])
 METHODS = tuple(PAPER["rows"])  # uniform_scaling, ch_mod, controlnet

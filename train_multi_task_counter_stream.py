@@ -40,7 +40,7 @@ import config
 import distributed
 import gumbel_experiment
 import losses
-from provenance import describe_device, git_commit
+from provenance import REPO, describe_device, git_commit
 import losses_spatial
 import run_lock
 import tensorboard_log
@@ -55,7 +55,6 @@ from weighting import build_weighting
 
 MNIST_STATS = (LOADERS["multi_mnist"].mean, LOADERS["multi_mnist"].std)
 MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-REPO = Path(__file__).resolve().parent
 # the forward keyword that returns a model's localisation output along with its logits
 LOCATION_OUTPUT = {**{name: "with_td_map" for name in TD_MAP_MODELS},
                    **{name: "with_location" for name in LOCATION_HEAD_MODELS}}

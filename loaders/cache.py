@@ -5,11 +5,11 @@ Layout for a cache entry ``path`` (e.g. ``data/mnist/mnist_raw.npz``):
 * ``path``          an uncompressed ``.npz`` written with ``allow_pickle=False``;
 * ``path + ".json"`` a sidecar ``{"sha256", "size", "arrays": {name: {"shape", "dtype"}}, "meta"}``.
 
-Both files are written to a temporary file in the same directory (name ending in ``.tmp``),
-flushed, fsync'ed and moved into place with ``os.replace``, so a reader never sees a half-written
-file under the final name. ``load_arrays`` checks size, sha256 and every array's shape/dtype
-against the sidecar; on any mismatch it reports one line on stderr, deletes the entry and
-returns ``None`` so that the caller rebuilds it. It never returns data it could not verify.
+Both files are written by the project's one atomic writer, ``checkpoint.atomic_write_bytes`` (a temporary file
+``<name>.<random>.tmp`` in the same directory, flushed, fsync'ed and moved into place with ``os.replace``), so a
+reader never sees a half-written file under the final name. ``load_arrays`` checks size, sha256 and every array's
+shape/dtype against the sidecar; on any mismatch it reports one line on stderr, deletes the entry and returns ``None``
+so that the caller rebuilds it. It never returns data it could not verify.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
+
+import checkpoint
 
 __all__ = ["sha256_file", "save_arrays", "load_arrays", "read_meta", "cached_arrays", "sidecar_path"]
 
@@ -32,15 +33,6 @@ _CHUNK = 1 << 20
 # Leftover temporary files (from a writer that was killed) older than this are removed on the
 # next save of the same entry; younger ones may belong to a concurrent writer and are left alone.
 _STALE_TMP_SECONDS = 3600.0
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = _CHUNK) -> str:
@@ -59,46 +51,9 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(str(os.fspath(path)) + ".json")
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Make the rename itself durable; not supported everywhere (e.g. Windows), so best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _atomic_writer(path: Path) -> Iterator:
-    """Open a temp file next to ``path``; on success flush+fsync and ``os.replace`` it onto ``path``.
-
-    On any exception the temp file is removed and ``path`` is left untouched.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
 def _remove_stale_tmp(path: Path) -> None:
     now = time.time()
-    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+    for leftover in path.parent.glob(f"{path.name}.*.tmp"):
         with contextlib.suppress(OSError):
             if now - leftover.stat().st_mtime > _STALE_TMP_SECONDS:
                 leftover.unlink()
@@ -130,8 +85,8 @@ def save_arrays(path: str | os.PathLike, meta: dict | None = None, **arrays: np.
     _remove_stale_tmp(path)
     _remove_stale_tmp(sidecar)
 
-    with _atomic_writer(path) as fh:
-        np.savez(fh, allow_pickle=False, **clean)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_bytes(path, lambda handle: np.savez(handle, allow_pickle=False, **clean))
 
     record = {
         "sha256": sha256_file(path),
@@ -139,8 +94,7 @@ def save_arrays(path: str | os.PathLike, meta: dict | None = None, **arrays: np.
         "arrays": {name: {"shape": list(a.shape), "dtype": a.dtype.str} for name, a in clean.items()},
         "meta": meta,
     }
-    with _atomic_writer(sidecar) as fh:
-        fh.write(json.dumps(record, indent=1, sort_keys=True).encode("utf-8"))
+    checkpoint.write_text(json.dumps(record, indent=1, sort_keys=True), sidecar)
 
 
 def _discard(path: Path, reason: str) -> None:

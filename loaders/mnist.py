@@ -32,14 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
+import checkpoint
+from provenance import REPO
+
 from .cache import load_arrays, read_meta, save_arrays, sha256_file
 
 __all__ = [
     "data_root", "load_mnist", "MNISTUnavailable", "IDXError", "read_idx", "check_mnist",
     "IDX_NAMES", "TRAIN_COUNTS", "TEST_COUNTS",
 ]
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Exact per-class label counts of MNIST (classes 0..9).
 TRAIN_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
@@ -101,7 +102,7 @@ def _log(msg: str) -> None:
 def data_root(root: str | os.PathLike | None = None) -> Path:
     """``root`` if given, else ``$MTL_DATA_ROOT``, else ``<repo>/data``; created if missing."""
     if root is None or str(root) == "":
-        root = os.environ.get("MTL_DATA_ROOT") or (REPO_ROOT / "data")
+        root = os.environ.get("MTL_DATA_ROOT") or (REPO / "data")
     path = Path(root).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -406,16 +407,7 @@ def _download_from_mirrors(mdir: Path, fname: str) -> Path:
         if md5 != MIRROR_MD5[fname]:
             errors.append(f"{url}: md5 {md5}, expected {MIRROR_MD5[fname]}")
             continue
-        tmp = dest.with_name(dest.name + f".{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(blob)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, dest)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+        checkpoint.atomic_write_bytes(dest, lambda handle: handle.write(blob))
         return dest
     raise _SourceFailed("; ".join(errors))
 

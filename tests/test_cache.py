@@ -125,7 +125,7 @@ def test_leftover_tmp_is_ignored(tmp_path, capsys):
     path = tmp_path / "entry.npz"
     data = _arrays()
     # What a writer killed mid-way leaves behind: a partial temp file next to the target.
-    leftover = tmp_path / ".entry.npz.killed.tmp"
+    leftover = tmp_path / "entry.npz.killed.tmp"
     leftover.write_bytes(b"PK\x03\x04 partial")
     assert load_arrays(path) is None  # the .tmp is not mistaken for the entry
 
@@ -134,7 +134,7 @@ def test_leftover_tmp_is_ignored(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
     # An old leftover is cleaned up by the next save; a fresh one (maybe a live writer) is kept.
-    fresh = tmp_path / ".entry.npz.live.tmp"
+    fresh = tmp_path / "entry.npz.live.tmp"
     fresh.write_bytes(b"x")
     os.utime(leftover, (0, 0))
     save_arrays(path, **data)

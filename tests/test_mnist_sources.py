@@ -114,8 +114,8 @@ def test_data_root_order(tmp_path, monkeypatch):
     assert mnist.data_root() == tmp_path / "env" and (tmp_path / "env").is_dir()
     assert mnist.data_root(tmp_path / "b") == tmp_path / "b"  # explicit argument wins
     monkeypatch.delenv("MTL_DATA_ROOT")
-    assert mnist.REPO_ROOT == REPO
-    monkeypatch.setattr(mnist, "REPO_ROOT", tmp_path / "repo")  # not to create <repo>/data
+    assert mnist.REPO == REPO
+    monkeypatch.setattr(mnist, "REPO", tmp_path / "repo")  # not to create <repo>/data
     assert mnist.data_root() == tmp_path / "repo" / "data" and (tmp_path / "repo" / "data").is_dir()
 
 
