@@ -25,10 +25,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import checkpoint
 import cli
 import make_table2
+from provenance import REPO
 
-REPO = Path(__file__).resolve().parent
 SCRIPT = REPO / "train_multi_task_counter_stream.py"
 METHODS = make_table2.METHODS
 SETTINGS = tuple(make_table2.SETTINGS)
@@ -50,6 +51,12 @@ def protocol_arguments(parser, runs_dir, out_dir):
     parser.add_argument("--out_dir", default=out_dir, help=f"where the table goes (default {out_dir}: a committed "
                         f"table is only replaced when its folder is named)")
     return parser
+
+
+def set_argument(parser):
+    """--set KEY=VALUE, handed to every cell's training run (``run_cell``)."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to every cell's training run (e.g. --set eval_every=10), repeatable")
 
 
 def comma_list(valid, what):
@@ -91,8 +98,7 @@ def parse_args(argv):
     parser.add_argument("--settings", type=comma_list(SETTINGS, "setting"), default=list(SETTINGS),
                         help=f"comma list (default all): {','.join(SETTINGS)}")
     parser.add_argument("--subset", type=positive_int, help="train on N images (N/5 val/test): smoke sweeps only")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="passed to every cell's training run (e.g. --set eval_every=10), repeatable")
+    set_argument(parser)
     parser.add_argument("--workers", type=positive_int,
                         help=f"training processes at once: on CPU (default 1) each gets cores // N threads; "
                              f"on a GPU (default {GPU_WORKERS}) they share it")
@@ -147,7 +153,7 @@ def run_cell(cell, args, env):
 
 def report_failure(cell, returncode, stderr):
     lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()][-40:]
-    (cell["out"] / "stderr.txt").write_text("\n".join(lines) + "\n")
+    checkpoint.write_text("\n".join(lines) + "\n", cell["out"] / "stderr.txt")
     errors = [line for line in lines if line.startswith("error:")] or lines or ["(no stderr)"]
     return f"FAILED {cell['name']} (exit {returncode}): {errors[-1]}  [stderr tail: {cell['out'] / 'stderr.txt'}]"
 
@@ -235,8 +241,7 @@ def log_invocation(runs_dir, entry):
     log["invocations"].append(entry)
     log["total_wall_s"] = round(sum(item["wall_s"] for item in log["invocations"]), 2)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json.tmp").write_text(json.dumps(log, indent=2) + "\n")
-    os.replace(path.with_suffix(".json.tmp"), path)  # atomic: a kill never leaves half a log
+    checkpoint.write_json(log, path)
 
 
 if __name__ == "__main__":

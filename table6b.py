@@ -17,10 +17,11 @@ import statistics
 import sys
 from pathlib import Path
 
+import checkpoint
 import cli
 import reproduce_table2
+from provenance import REPO
 
-REPO = Path(__file__).resolve().parent
 METHODS = ("ch_mod_extended", "td_only", "bu_only", "controlnet")  # the paper's row order
 SETTINGS = {"9digits": "mmnist_by_loc", "9digits_byref": "mmnist_by_ref"}  # ours -> the paper's column
 PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table6b_ablations"]
@@ -29,6 +30,7 @@ PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table6b_
 def parse_args(argv):
     parser = reproduce_table2.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser = reproduce_table2.protocol_arguments(parser, "runs/table2", "runs/tables/table6b")
+    reproduce_table2.set_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -60,8 +62,8 @@ def main(argv=None):
              "runs_dir": args.runs_dir, "rows": rows}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "table6b.json").write_text(json.dumps(table, indent=2) + "\n")
-    (out_dir / "table6b.md").write_text(render(table))
+    checkpoint.write_json(table, out_dir / "table6b.json")
+    checkpoint.write_text(render(table), out_dir / "table6b.md")
     print(f"wrote {out_dir / 'table6b.md'}")
     for line in failed:
         print(f"FAILED {line}", file=sys.stderr)
