@@ -91,7 +91,7 @@ class MultiBranchLeNet(nn.Module):
 
     @property
     def last_shared_layer(self):
-        """GradNorm's W: the last layer of the shared trunk (Chen et al. 2018, Sec. 3.2)."""
+        """GradNorm's W: the last layer of the shared trunk (Chen et al. 2018 take W as the last shared layer)."""
         return self.fc
 
     def trunk(self, x):

@@ -1,5 +1,5 @@
-"""Uncertainty weighting of Kendall, Gal & Cipolla, CVPR 2018 (the form of Gal's
-yaringal/multi-task-learning-example), with s_t = log sigma_t^2."""
+"""Uncertainty weighting of Kendall, Gal & Cipolla, CVPR 2018, with s_t = log sigma_t^2: the form of Gal's reference
+code (yaringal/multi-task-learning-example, the default) or the paper's classification or regression form."""
 import torch
 import torch.nn as nn
 
