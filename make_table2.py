@@ -11,6 +11,7 @@ the most runs (among those of --epochs/--subset if given); runs under other prot
 other protocol is listed in one line below the table. A seed is counted once per cell.
 """
 import argparse
+import functools
 import json
 import shlex
 import statistics
@@ -88,11 +89,24 @@ def load_runs(runs_dir):
 
 def protocol_of(run):
     """What must be equal for two runs to share a table: epochs, subset and every param that is not the method's
-    own, missing keys (runs older than a key) read as the schema's default."""
+    own. A key that a run's params lack (a run older than the key) reads as what the training script would fill
+    in today for its data set (``completed_defaults``)."""
     params = run.get("params", {})
+    defaults = completed_defaults(params.get("dataset", "multi_mnist"), run.get("setting"))
     keys = [key for key in config.SCHEMA if key not in METHOD_KEYS + NEUTRAL_KEYS + ("epochs",)]  # the run's epochs
-    values = {key: params.get(key, config.SCHEMA[key][1]) for key in keys}
+    values = {key: params.get(key, defaults.get(key)) for key in keys}
     return json.dumps({"epochs": run.get("epochs"), "subset": run.get("subset"), **values}, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=None)
+def completed_defaults(dataset, setting):
+    """The params a minimal param file of this data set and setting gets from the schema (backbone, input size
+    and the rest filled in); the schema's plain defaults if they do not validate."""
+    try:
+        return config.validate({"exp_id": "defaults", "method": "uniform_scaling", "dataset": dataset,
+                                "setting": setting}, "defaults")
+    except config.ParamError:
+        return {key: spec[1] for key, spec in config.SCHEMA.items()}
 
 
 def describe_protocol(protocol, reference=None):
