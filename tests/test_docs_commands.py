@@ -151,3 +151,33 @@ def test_a_wrong_flag_in_a_shown_command_is_caught(capsys):
     with pytest.raises(SystemExit):
         load(script).parse_args(argv)
     assert "--no_such_flag" in capsys.readouterr().err
+
+
+def slug(heading):
+    """GitHub's anchor of a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_slug_is_githubs():
+    assert slug('Adding a task (paper §4.5 "Adding Tasks", Table 4), reduced (CPU)') == \
+        "adding-a-task-paper-45-adding-tasks-table-4-reduced-cpu"
+    assert slug("Sec. 5.3, MNIST + Fashion-MNIST") == "sec-53-mnist--fashion-mnist"
+
+
+def links():
+    found = []
+    for page in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if not re.match(r"[a-z]+:", target):
+                found.append((page.relative_to(REPO).as_posix(), target))
+    return sorted(set(found))
+
+
+@pytest.mark.parametrize("page,target", links())
+def test_a_relative_link_points_at_a_file_and_heading_that_exist(page, target):
+    path, _, anchor = target.partition("#")
+    file = (REPO / page).parent / path if path else REPO / page
+    assert file.exists(), f"{page} links {target}: {path} does not exist"
+    if anchor:
+        headings = re.findall(r"^#+ (.*)$", file.read_text(), flags=re.MULTILINE)
+        assert anchor in {slug(h) for h in headings}, f"{page} links {target}: no such heading in {path or page}"
