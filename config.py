@@ -376,7 +376,7 @@ def _allowed(key, schema=SCHEMA):
 
 
 def schema_markdown():
-    """The schema as a Markdown table (rendered into the README)."""
+    """The schema as a Markdown table (rendered into docs/params.md)."""
     lines = ["| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
     for key, (kind, default, _, meaning) in SCHEMA.items():
         shown = "required" if default is REQUIRED else json.dumps(default)

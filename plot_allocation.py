@@ -96,13 +96,17 @@ def plot_similarity(plt, record, title):
     return fig
 
 
-def main(argv=None):
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="run directory holding allocation.json, or the file itself")
     parser.add_argument("--out", help="output directory (default runs/plots/<run folder name>: a committed figure is "
                         "only replaced when its folder is named)")
     parser.add_argument("--probabilities", action="store_true", help="plot probabilities instead of the greedy mask")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     source = Path(args.run)
     source = source / "allocation.json" if source.is_dir() else source
     if not source.is_file():

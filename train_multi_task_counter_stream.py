@@ -62,7 +62,7 @@ LOCATION_OUTPUT = {**{name: "with_td_map" for name in TD_MAP_MODELS},
 
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--param_file", help="JSON param file (see params/ and the README); required unless "
+    parser.add_argument("--param_file", help="JSON param file (see params/ and docs/params.md); required unless "
                         "--eval_only")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one param-file key, repeatable; VALUE is read as JSON, a dotted KEY sets one "

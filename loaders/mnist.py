@@ -1,6 +1,6 @@
 """Raw MNIST (uint8 images, int64 labels) from whichever source works on this machine.
 
-Sources, in order (see the README, "Data"):
+Sources, in order (see docs/implementation.md, "Data"):
 
 1. the verified raw cache ``<root>/mnist/mnist_raw.npz`` (``loaders.cache``);
 2. the four IDX files (plain or ``.gz``) in ``<root>/mnist/``, ``<root>/`` or ``<root>/MNIST/raw/``;
