@@ -3,10 +3,13 @@
     python make_table2.py --runs_dir runs/table2 --out_dir runs/tables
 
 Writes <out_dir>/table2.json and <out_dir>/table2.md (default runs/tables: a committed table is only replaced when
-its folder is named), never an empty table. Accuracy is the test accuracy at the best-validation epoch, averaged
-over tasks (percent); std is the sample std over seeds (ddof=1, none for n=1). Runs are grouped by (method,
-setting) and by protocol: epochs, subset and every param that is not the method's own (lr, batch size, schedule,
-data, ...). The table shows one protocol, the same in every cell: the one --protocol K names, else the one with
+its folder is named), never an empty table. Accuracy is a run's test accuracy, averaged over tasks (percent), at
+the epoch that --select names: the best-validation epoch (best_val, the default), the best test epoch (best_test:
+the authors' selection, optimistic, since the test split picks the epoch) or the last epoch (last); a run whose
+results.json predates the best-test figure gets it from its metrics.jsonl. std is the sample std over seeds
+(ddof=1, none for n=1). Runs are grouped by (method, setting) and by protocol: epochs, subset and every param
+that is not the method's own (lr, batch size, schedule, data, the param ``protocol`` held_out or authors, ...).
+The table shows one protocol, the same in every cell, and names it: the one --protocol K names, else the one with
 the most runs (among those of --epochs/--subset if given); runs under other protocols are never mixed in, each
 other protocol is listed in one line below the table. A seed is counted once per cell.
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 import checkpoint
 import cli
 import config
+from metrics import SELECTIONS, select_record
 from provenance import REPO
 
 PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table2_multi_mnist"]
@@ -38,6 +42,13 @@ MARK = "†"
 METHOD_KEYS = ("exp_id", "method", "setting", "model", "weighting", "model_options", "weighting_options",
                "router_options")
 NEUTRAL_KEYS = ("memory_format", "eval_batch_size", "data_root")
+# how each --select is named in the table, and the results.json key of its figure
+SELECTED = {"best_val": "at the best-validation epoch",
+            "best_test": "at the best test epoch (the authors' selection; optimistic: the test split picks the epoch)",
+            "last": "at the last epoch"}
+FIGURES = {"best_val": "test_acc_mean", "best_test": "test_acc_mean_best_test", "last": "test_acc_mean_last"}
+TRAINING_PROTOCOLS = {"held_out": "held_out (trained on MNIST train[:50k], validation split train[50k:])",
+                      "authors": "authors (trained on all 60k MNIST training images, no validation split)"}
 
 
 def parse_args(argv):
@@ -49,6 +60,9 @@ def parse_args(argv):
     parser.add_argument("--subset", type=int, help="with --epochs: the runs with this --subset (default: full data)")
     parser.add_argument("--protocol", type=int, metavar="K",
                         help="show the K-th protocol of the list printed (1 = the one with the most runs)")
+    parser.add_argument("--select", choices=tuple(SELECTIONS), default="best_val",
+                        help="the test figure of each run: at the best-validation epoch (default), at the best test "
+                             "epoch (the authors' selection, optimistic) or at the last epoch")
     args = parser.parse_args(argv)
     if args.subset is not None and args.epochs is None:
         parser.error("--subset needs --epochs (together they pick the protocol)")
@@ -62,7 +76,7 @@ def main(argv=None):
         return 2
     protocol = None if args.epochs is None else (args.epochs, args.subset)
     try:
-        table = aggregate(args.runs_dir, protocol, args.protocol)
+        table = aggregate(args.runs_dir, protocol, args.protocol, args.select)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -70,7 +84,10 @@ def main(argv=None):
         print(f"protocol {index}: {found['runs']} runs, {found['description']}" +
               ("  <- shown" if found["shown"] else ""))
     if table["num_runs"] == 0:
-        print(f"error: no Table 2 run under {args.runs_dir} for this protocol; nothing written", file=sys.stderr)
+        without = f" with a test figure {SELECTED[args.select]} (authors-protocol runs have no validation split: use " \
+                  f"--select best_test or last)" if table["protocol"] is not None else ""
+        print(f"error: no Table 2 run under {args.runs_dir} for this protocol{without}; nothing written",
+              file=sys.stderr)
         return 1
     for path in write_tables(table, args.out_dir):
         print(f"wrote {path}")
@@ -78,13 +95,28 @@ def main(argv=None):
 
 
 def load_runs(runs_dir):
+    """Every results.json under runs_dir; one that lacks the best-test figure (made before it existed) gets it from
+    the metrics.jsonl beside it (``best_test_from``), when there is one."""
     runs, unreadable = [], []
     for path in sorted(Path(runs_dir).rglob("results.json")):
         try:
-            runs.append({**json.loads(path.read_text()), "path": str(path.parent)})
+            run = {**json.loads(path.read_text()), "path": str(path.parent)}
+            if "test_acc_mean_best_test" not in run and (path.parent / "metrics.jsonl").exists():
+                history = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()
+                           if line.strip()]
+                best = select_record(history, "best_test")
+                if best is not None:
+                    run.update({"best_test_epoch": best["epoch"], "test_acc_mean_best_test": best["test_acc_mean"],
+                                "best_test_from": "metrics.jsonl"})
+            runs.append(run)
         except (OSError, json.JSONDecodeError):
             unreadable.append(str(path))
     return runs, unreadable
+
+
+def figure(run, select):
+    """The run's test accuracy under ``select`` (see SELECTIONS), or None when the run does not have it."""
+    return run.get(FIGURES[select])
 
 
 def protocol_of(run):
@@ -125,11 +157,11 @@ def mean_std(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def aggregate(runs_dir, protocol=None, choice=None):
+def aggregate(runs_dir, protocol=None, choice=None, select="best_val"):
     """All results.json under runs_dir -> the table as a dict (see table2.json). protocol: (epochs, subset) to
     consider (subset None = full data), default all; choice: the 1-based index of the protocol to show among
     those (ordered by number of runs, then more epochs, full data), default the first. ValueError for a choice
-    out of range."""
+    out of range. select: the test figure of each run (SELECTIONS); a run without it is left out (noted)."""
     found, unreadable = load_runs(runs_dir)
     runs = [run for run in found if run.get("method") in METHODS and run.get("setting") in SETTINGS]
     counts = Counter(protocol_of(run) for run in runs)
@@ -144,7 +176,8 @@ def aggregate(runs_dir, protocol=None, choice=None):
         raise ValueError(f"--protocol {choice}: {runs_dir} holds {len(candidates)} protocol(s) of these epochs and "
                          f"subset; allowed: 1 to {len(candidates)}")
     chosen = candidates[(choice or 1) - 1] if candidates else None
-    shown = [run for run in runs if protocol_of(run) == chosen]
+    of_protocol = [run for run in runs if protocol_of(run) == chosen]
+    shown = [run for run in of_protocol if figure(run, select) is not None]
 
     groups, duplicates = defaultdict(list), []
     for run in shown:
@@ -157,15 +190,15 @@ def aggregate(runs_dir, protocol=None, choice=None):
                               f"from {twin['path']}; counted once")
     others = defaultdict(lambda: defaultdict(list))  # (method, setting) -> protocol -> accuracies
     for run in runs:
-        if protocol_of(run) != chosen:
-            others[run["method"], run["setting"]][protocol_of(run)].append(run["test_acc_mean"])
+        if protocol_of(run) != chosen and figure(run, select) is not None:
+            others[run["method"], run["setting"]][protocol_of(run)].append(figure(run, select))
 
     rows, notes = {}, []
     for method in METHODS:
         rows[method] = {}
         for index, setting in enumerate(SETTINGS):
             paper = PAPER["rows"].get(method, {"acc": [None] * len(SETTINGS), "params_x": [None] * len(SETTINGS)})
-            cell = make_cell(groups[method, setting], paper["acc"][index], paper["params_x"][index])
+            cell = make_cell(groups[method, setting], paper["acc"][index], paper["params_x"][index], select)
             cell["other_protocols"] = [{"protocol": ordered.index(key) + 1, "n": len(accs),
                                         "acc_mean": statistics.fmean(accs)}
                                        for key, accs in sorted(others[method, setting].items(),
@@ -175,6 +208,13 @@ def aggregate(runs_dir, protocol=None, choice=None):
     notes += [f"unreadable, skipped: {path}" for path in unreadable]
     if len(found) > len(runs):
         notes.append(f"{len(found) - len(runs)} results.json of another method or setting than Table 2's, skipped")
+    if len(of_protocol) > len(shown):
+        notes.append(f"{len(of_protocol) - len(shown)} run(s) of this protocol without a test figure "
+                     f"{SELECTED[select]} (no validation split, or no metrics.jsonl), left out")
+    derived = sum(run.get("best_test_from") == "metrics.jsonl" for run in shown)
+    if derived and select == "best_test":
+        notes.append(f"{derived} run(s) predate the best-test figure in results.json: it was read off their "
+                     f"metrics.jsonl")
 
     sweep = Path(runs_dir) / "sweep.json"
     invocations = json.loads(sweep.read_text())["invocations"] if sweep.exists() else []
@@ -189,6 +229,7 @@ def aggregate(runs_dir, protocol=None, choice=None):
     return {
         "runs_dir": str(runs_dir),
         "protocol": None if chosen is None else {**json.loads(chosen), "index": ordered.index(chosen) + 1},
+        "selection": select,
         "protocols_found": [{**json.loads(key), "runs": counts[key], "shown": key == chosen,
                              "description": describe_protocol(key, chosen)} for key in ordered],
         "num_runs": len(shown),
@@ -205,13 +246,13 @@ def aggregate(runs_dir, protocol=None, choice=None):
     }
 
 
-def make_cell(runs, paper_acc, paper_params_x):
+def make_cell(runs, paper_acc, paper_params_x, select="best_val"):
     cell = {"n": len(runs), "seeds": sorted(run["seed"] for run in runs), "acc_mean": None, "acc_std": None,
             "acc_last_mean": None, "params_x": None, "weights_x": None, "paper_acc": paper_acc,
             "paper_params_x": paper_params_x, "diff": None, "outside_2std": None, "note": None}
     if not runs:
         return cell
-    cell["acc_mean"], cell["acc_std"] = mean_std([run["test_acc_mean"] for run in runs])
+    cell["acc_mean"], cell["acc_std"] = mean_std([figure(run, select) for run in runs])
     cell["acc_last_mean"] = statistics.fmean(run["test_acc_mean_last"] for run in runs)
     cell["params_x"] = statistics.fmean(run["params_x"] for run in runs)
     cell["weights_x"] = statistics.fmean(run["weights_x"] for run in runs)
@@ -264,6 +305,8 @@ def render_markdown(table, command):
         "# Table 2: Multi-MNIST, ours vs the paper",
         "",
         f"- Protocol: {shown}.",
+        "- Training protocol (param `protocol`): " +
+        ("–" if protocol is None else TRAINING_PROTOCOLS[protocol.get("protocol", "held_out")]) + ".",
         f"- Optimisation (from the runs' param files): {counted(table['optimisation'])}.",
         f"- Device(s): {counted(table['devices'])}.",
         f"- Total wall time: {seconds / 3600:.2f} h ({seconds:.0f} s), from {table['wall_time']['source']}.",
@@ -271,7 +314,8 @@ def render_markdown(table, command):
         "- Sweep command(s): " + ("; ".join(f"`{c}`" for c in table["sweep_commands"]) or "–") + ".",
         f"- Generated by: `{command}`.",
         "",
-        "Acc: test accuracy (%) at the best-validation epoch, mean over tasks, then mean ± sample std over seeds; "
+        f"Acc: test accuracy (%) {SELECTED[table.get('selection', 'best_val')]}, mean over tasks, then mean ± "
+        "sample std over seeds; "
         "in brackets the paper's value and Δ = ours − paper. "
         f"{MARK}: the paper's value lies outside ours ± 2 std (only for n ≥ 2). "
         "#P: parameters as a multiple of one LeNet (24,390 weights and biases), ours (paper).",
@@ -312,6 +356,8 @@ def write_tables(table, out_dir):
                 (table["protocol"]["epochs"], table["protocol"]["subset"])]
         if len(same) > 1:
             command += f" --protocol {[found['shown'] for found in same].index(True) + 1}"
+    if table["selection"] != "best_val":
+        command += f" --select {table['selection']}"
     table = {**table, "command": command}
     paths = out_dir / "table2.json", out_dir / "table2.md"
     checkpoint.write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n", paths[0])
