@@ -359,3 +359,24 @@ def test_cli_names_protocol_and_selection_and_refuses_best_val_without_validatio
                              "--protocol", "authors"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--select best_val: no run of protocol 'authors'" in err
+
+
+def test_fidelity_switches_table_copies_results_and_shows_three_figures(tmp_path):
+    import fidelity_switches
+    runs_dir = tmp_path / "runs"
+    fake_run(runs_dir, "uniform_scaling_bicubic_wrap_held_out", 0, HISTORY, method="uniform_scaling")
+    no_val = [{k: v for k, v in record.items() if not k.startswith("val")} for record in HISTORY]
+    fake_run(runs_dir, "controlnet_nearest_authors", 0, no_val, protocol="authors")
+    (runs_dir / "controlnet_nearest_authors" / "seed0" / "checkpoint.pt").write_bytes(b"x")
+    table = tmp_path / "table.md"
+    assert fidelity_switches.main(["table", "--runs_dir", str(runs_dir), "--results_dir", str(tmp_path / "results"),
+                                   "--table", str(table), "--epochs", "4"]) == 0
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| controlnet") or
+            line.startswith("| uniform_scaling")]
+    assert len(rows) == 12 and sum("not run" in row for row in rows) == 10
+    assert "| uniform_scaling | bicubic_wrap | held_out | 50,000 | 58.00 (2) | 61.00 (3) | 57.00 (4) |" \
+        in table.read_text()
+    assert "| controlnet | nearest | authors | 60,000 | – (no validation split) | 61.00 (3) | 57.00 (4) |" \
+        in table.read_text()
+    copied = sorted(p.name for p in (tmp_path / "results" / "controlnet_nearest_authors" / "seed0").iterdir())
+    assert copied == ["metrics.jsonl", "results.json"]  # no checkpoints
