@@ -323,22 +323,25 @@ def runs(tmp_path):
 def test_table_shows_the_selected_figure_of_one_protocol(runs, select, expected):
     table = make_table2.aggregate(runs, select=select)
     cell = table["rows"]["controlnet"]["9digits"]
-    assert table["protocol"] == {"epochs": 4, "subset": None, "protocol": "held_out"} and table["selection"] == select
+    assert table["protocol"]["protocol"] == "held_out" and table["selection"] == select
     assert cell["n"] == 2 and cell["acc_mean"] == pytest.approx(expected)  # (58 + 60)/2, (61 + 63)/2, (57 + 59)/2
     # never pooled with the held-out runs; listed apart when they have the figure (no best_val without validation)
-    assert [o["protocol"] for o in cell["other_protocols"]] == ([] if select == "best_val" else ["authors"])
-    assert {"epochs": 4, "subset": None, "protocol": "authors", "runs": 1} in table["protocols_found"]
+    assert [o["n"] for o in cell["other_protocols"]] == ([] if select == "best_val" else [1])
+    assert [(found["protocol"], found["runs"]) for found in table["protocols_found"]] == [("held_out", 2),
+                                                                                         ("authors", 1)]
     markdown = make_table2.render_markdown(table, "cmd")
     assert f"Acc: test accuracy (%) {make_table2.SELECTED[select]}" in markdown
-    assert "- Protocol: held_out (trained on MNIST train[:50k]" in markdown
+    assert "- Training protocol (param `protocol`): held_out (trained on MNIST train[:50k]" in markdown
 
 
 def test_authors_runs_shown_on_their_own(runs):
-    table = make_table2.aggregate(runs, protocol=(4, None, "authors"), select="best_test")
+    table = make_table2.aggregate(runs, choice=2, select="best_test")
     cell = table["rows"]["controlnet"]["9digits"]
+    assert table["protocol"]["protocol"] == "authors"
     assert cell["n"] == 1 and cell["acc_mean"] == pytest.approx(71.0)
-    assert cell["other_protocols"][0]["protocol"] == "held_out" and cell["other_protocols"][0]["n"] == 2
-    assert "optimistic" in make_table2.render_markdown(table, "cmd")
+    assert cell["other_protocols"] == [{"protocol": 1, "n": 2, "acc_mean": pytest.approx(62.0)}]
+    markdown = make_table2.render_markdown(table, "cmd")
+    assert "optimistic" in markdown and "Training protocol (param `protocol`): authors (trained on all 60k" in markdown
 
 
 def test_best_test_of_an_old_run_comes_from_its_metrics(runs):
@@ -350,15 +353,16 @@ def test_best_test_of_an_old_run_comes_from_its_metrics(runs):
 
 def test_cli_names_protocol_and_selection_and_refuses_best_val_without_validation(runs, tmp_path, capsys):
     out_dir = tmp_path / "tables"
-    assert make_table2.main(["--runs_dir", str(runs), "--out_dir", str(out_dir), "--epochs", "4",
-                             "--protocol", "authors", "--select", "last"]) == 0
+    assert make_table2.main(["--runs_dir", str(runs), "--out_dir", str(out_dir), "--protocol", "2",
+                             "--select", "last"]) == 0
     written = json.loads((out_dir / "table2.json").read_text())
-    assert written["command"].endswith("--epochs 4 --protocol authors --select last")
+    assert written["command"].endswith("--epochs 4 --protocol 2 --select last")
     assert written["rows"]["controlnet"]["9digits"]["acc_mean"] == pytest.approx(67.0)
-    assert make_table2.main(["--runs_dir", str(runs), "--out_dir", str(out_dir), "--epochs", "4",
-                             "--protocol", "authors"]) == 2
+    capsys.readouterr()
+    assert make_table2.main(["--runs_dir", str(runs), "--out_dir", str(tmp_path / "none"), "--protocol", "2"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--select best_val: no run of protocol 'authors'" in err
+    assert err.count("\n") == 1 and "with a test figure at the best-validation epoch" in err
+    assert "use --select best_test or last" in err and not (tmp_path / "none").exists()
 
 
 def test_fidelity_switches_table_copies_results_and_shows_three_figures(tmp_path):
