@@ -54,7 +54,10 @@ TRAINING_PROTOCOLS = {"held_out": "held_out (trained on MNIST train[:50k], valid
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs_dir", default="runs/table2", help="searched recursively for results.json")
-    parser.add_argument("--out_dir", default="runs/tables", help="where table2.json and table2.md go")
+    parser.add_argument("--out_dir", default="runs/tables", help="where <name>.json and <name>.md go")
+    parser.add_argument("--name", default="table2", help="file name of the table, without suffix (default table2)")
+    parser.add_argument("--reasons", help="JSON file {\"<setting>/<method>\": \"why the cell differs\"}: one line of "
+                        "reason for each cell more than 2 points from the paper, listed under the table")
     parser.add_argument("--epochs", type=int,
                         help="show the runs of this many epochs (default: the protocol with the most runs)")
     parser.add_argument("--subset", type=int, help="with --epochs: the runs with this --subset (default: full data)")
@@ -89,7 +92,13 @@ def main(argv=None):
         print(f"error: no Table 2 run under {args.runs_dir} for this protocol{without}; nothing written",
               file=sys.stderr)
         return 1
-    for path in write_tables(table, args.out_dir):
+    if args.reasons:
+        try:
+            table["reasons"] = json.loads(Path(args.reasons).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            print(f"error: --reasons {args.reasons}: {err}", file=sys.stderr)
+            return 2
+    for path in write_tables(table, args.out_dir, args.name, args.reasons):
         print(f"wrote {path}")
     return 0
 
@@ -248,12 +257,14 @@ def aggregate(runs_dir, protocol=None, choice=None, select="best_val"):
 
 def make_cell(runs, paper_acc, paper_params_x, select="best_val"):
     cell = {"n": len(runs), "seeds": sorted(run["seed"] for run in runs), "acc_mean": None, "acc_std": None,
-            "acc_last_mean": None, "params_x": None, "weights_x": None, "paper_acc": paper_acc,
-            "paper_params_x": paper_params_x, "diff": None, "outside_2std": None, "note": None}
+            "acc_last_mean": None, "acc_best_test_mean": None, "params_x": None, "weights_x": None,
+            "paper_acc": paper_acc, "paper_params_x": paper_params_x, "diff": None, "outside_2std": None, "note": None}
     if not runs:
         return cell
     cell["acc_mean"], cell["acc_std"] = mean_std([figure(run, select) for run in runs])
     cell["acc_last_mean"] = statistics.fmean(run["test_acc_mean_last"] for run in runs)
+    best_test = [figure(run, "best_test") for run in runs if figure(run, "best_test") is not None]
+    cell["acc_best_test_mean"] = statistics.fmean(best_test) if len(best_test) == len(runs) else None
     cell["params_x"] = statistics.fmean(run["params_x"] for run in runs)
     cell["weights_x"] = statistics.fmean(run["weights_x"] for run in runs)
     if paper_acc is None:
@@ -278,6 +289,14 @@ def format_acc(cell, usual_n):
     if cell["n"] not in (1, usual_n):
         text += f" [n={cell['n']}]"
     return text
+
+
+def secondary(cell, key):
+    """A cell of the last-epoch / best-test tables: the figure and its Δ to the paper."""
+    if cell[key] is None:
+        return "–"
+    diff = "" if cell["paper_acc"] is None else f" ({cell[key] - cell['paper_acc']:+.2f})"
+    return f"{cell[key]:.2f}{diff}"
 
 
 def format_params(cell):
@@ -328,11 +347,22 @@ def render_markdown(table, command):
         values = [name] + [text for s in SETTINGS for text in (format_params(row[s]), format_acc(row[s], usual_n))]
         lines.append("| " + " | ".join(values) + " |")
 
-    lines += ["", "Test accuracy (%) at the last epoch, mean over seeds:", "",
-              "| Method | " + " | ".join(TITLES[s] for s in SETTINGS) + " |", "|" + "---|" * (len(SETTINGS) + 1)]
-    for method, row in table["rows"].items():
-        values = ["–" if row[s]["n"] == 0 else f"{row[s]['acc_last_mean']:.2f}" for s in SETTINGS]
-        lines.append(f"| {method} | " + " | ".join(values) + " |")
+    for key, title in (("acc_last_mean", "at the last epoch"),
+                       ("acc_best_test_mean", "at the best test epoch (the authors' released script keeps that model: "
+                                              "optimistic, the test split picks the epoch)")):
+        lines += ["", f"Test accuracy (%) {title}, mean over seeds (Δ = ours − paper):", "",
+                  "| Method | " + " | ".join(TITLES[s] for s in SETTINGS) + " |", "|" + "---|" * (len(SETTINGS) + 1)]
+        for method, row in table["rows"].items():
+            values = [secondary(row[s], key) for s in SETTINGS]
+            lines.append(f"| {method} | " + " | ".join(values) + " |")
+
+    far = [(setting, method, cell) for method, row in table["rows"].items() for setting, cell in row.items()
+           if cell["diff"] is not None and abs(cell["diff"]) > 2]
+    if far:
+        reasons = table.get("reasons", {})
+        lines += ["", "Cells more than 2 points from the paper (Acc above), and why we think they differ:", ""]
+        lines += [f"- {TITLES[setting]}, {method} ({cell['diff']:+.2f}): "
+                  f"{reasons.get(f'{setting}/{method}', 'no reason recorded yet')}" for setting, method, cell in far]
 
     other = [f"- protocol {index}: {found['runs']} runs, {found['description']}"
              for index, found in enumerate(table["protocols_found"], 1) if not found["shown"]]
@@ -343,11 +373,12 @@ def render_markdown(table, command):
     return "\n".join(lines) + "\n"
 
 
-def write_tables(table, out_dir):
-    """Writes table2.json and table2.md into out_dir; returns their paths."""
+def write_tables(table, out_dir, name="table2", reasons=None):
+    """Writes <name>.json and <name>.md into out_dir; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(["python", "make_table2.py", "--runs_dir", table["runs_dir"], "--out_dir", str(out_dir)])
+    command = shlex.join(["python", "make_table2.py", "--runs_dir", table["runs_dir"], "--out_dir", str(out_dir)]
+                         + (["--name", name] if name != "table2" else []) + (["--reasons", reasons] if reasons else []))
     if table["protocol"] is not None:
         command += f" --epochs {table['protocol']['epochs']}"
         if table["protocol"]["subset"] is not None:
@@ -359,7 +390,7 @@ def write_tables(table, out_dir):
     if table["selection"] != "best_val":
         command += f" --select {table['selection']}"
     table = {**table, "command": command}
-    paths = out_dir / "table2.json", out_dir / "table2.md"
+    paths = out_dir / f"{name}.json", out_dir / f"{name}.md"
     checkpoint.write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n", paths[0])
     checkpoint.write_text(render_markdown(table, command), paths[1])
     return paths

@@ -236,3 +236,23 @@ def test_tiny_real_sweep_end_to_end(tmp_path):
     log = json.loads((runs_dir / "sweep.json").read_text())
     assert [item["cells_run"] for item in log["invocations"]] == [2, 0]
     assert log["total_wall_s"] == pytest.approx(sum(item["wall_s"] for item in log["invocations"]))
+
+
+def test_full_protocol_table_shows_all_three_figures_and_the_reason_of_every_far_cell(tmp_path, capsys):
+    run = fake_run(tmp_path / "runs", "controlnet", "9digits_byref", 0, 31.0)  # paper 72.25: far
+    results = json.loads((run / "results.json").read_text())
+    results.update(test_acc_mean_best_test=33.0, best_test_epoch=80)
+    (run / "results.json").write_text(json.dumps(results))
+    fake_run(tmp_path / "runs", "uniform_scaling", "9digits_byref", 0, 30.0)  # paper 29.90: near
+    reasons = tmp_path / "reasons.json"
+    reasons.write_text(json.dumps({"9digits_byref/controlnet": "the curve is flat since epoch 25"}))
+    assert make_table2.main(["--runs_dir", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "out"),
+                             "--name", "table2_full", "--reasons", str(reasons)]) == 0
+    text = (tmp_path / "out" / "table2_full.md").read_text()
+    last, best_test = text.split("at the last epoch, mean over seeds")[1].split("at the best test epoch")
+    assert "| controlnet | – | – | – | 30.00 (-42.25) |" in last  # fake runs' last epoch = acc - 1
+    assert "| controlnet | – | – | – | 33.00 (-39.25) |" in best_test
+    assert "| uniform_scaling | – | – | – | – |" in best_test  # that run has no best-test figure
+    assert "- 9 digits by ref, controlnet (-41.25): the curve is flat since epoch 25" in text
+    assert "uniform_scaling (+0.10)" not in text  # within 2 points: no reason asked
+    assert f"--name table2_full --reasons {reasons}" in text
