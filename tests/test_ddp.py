@@ -30,7 +30,12 @@ PARAMS = {"setting": "9digits_byref", "optimizer": "SGD", "lr": 0.05, "momentum"
           "lr_schedule": "none"}
 RUN = ["--subset", 256, "--device", "cpu"]
 METHODS = {"controlnet": {}, "uniform_scaling": {}, "mgda": {"weighting_options": {"normalization": "loss+"}},
-           "gradnorm": {}, "controlnet_loc": {"method": "controlnet", "spatial_loss_weight": 1.0}}  # name -> params
+           "gradnorm": {}, "controlnet_loc": {"method": "controlnet", "spatial_loss_weight": 1.0},
+           # the weightings beyond the paper (docs/weightings.md), every one synchronised
+           **{name: {} for name in ("dwa", "rlw", "pcgrad", "cagrad", "imtl", "nash_mtl", "aligned_mtl", "famo")}}
+# FAMO's logits take Adam steps on gradients that nearly vanish, whose normalisation enlarges the float32 rounding of
+# the global losses (averaged over the ranks vs. summed in one process) to ~2e-5 after 8 steps (see the docstring)
+LOOSER = {("famo", "weighting.logits"): 1e-4}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 pytestmark = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -102,7 +107,9 @@ def test_two_processes_train_the_single_process_model(runs, method):
     single, ddp = weights(runs / "single" / method), weights(runs / "ddp" / method)
     assert single.keys() == ddp.keys()
     for key in single:
-        torch.testing.assert_close(ddp[key], single[key], rtol=0, atol=1e-5, msg=lambda text, key=key: f"{key}: {text}")
+        tolerance = LOOSER.get((method, key), 1e-5)
+        torch.testing.assert_close(ddp[key], single[key], rtol=0, atol=tolerance,
+                                   msg=lambda text, key=key: f"{key}: {text}")
     results = json.loads((runs / "ddp" / method / "results.json").read_text())
     assert results["world_size"] == 2 and results["epochs"] == 2
     history, expected = read_metrics(runs / "ddp" / method), read_metrics(runs / "single" / method)

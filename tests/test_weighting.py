@@ -281,9 +281,10 @@ def test_mgda_normalization(normalization):
 
 
 def test_build_weighting_errors():
-    assert set(WEIGHTINGS) == {"uniform", "sum", "gradnorm", "kendall", "mgda"}
-    with pytest.raises(ValueError, match="unknown weighting 'dwa'; valid: uniform, sum, gradnorm, kendall, mgda"):
-        build_weighting("dwa", 2, {})
+    assert list(WEIGHTINGS) == ["uniform", "sum", "gradnorm", "kendall", "mgda", "dwa", "rlw", "pcgrad", "cagrad",
+                                "imtl", "nash_mtl", "aligned_mtl", "famo"]
+    with pytest.raises(ValueError, match="unknown weighting 'dwb'; valid: uniform, sum, gradnorm, kendall, mgda, dwa"):
+        build_weighting("dwb", 2, {})
     with pytest.raises(ValueError, match="valid: alpha"):
         build_weighting("gradnorm", 2, {"alhpa": 1.0})
     with pytest.raises(ValueError, match="valid: normalization, max_iter"):

@@ -29,6 +29,7 @@ class AlignedMTL(GradientWeighting):
         if not keep.any():
             return torch.zeros(len(grads), dtype=grads.dtype, device=grads.device)
         eigenvalues, basis = eigenvalues[keep], basis[:, keep]
-        sigma = {"min": eigenvalues.min(), "median": eigenvalues.median(), "rmse": eigenvalues.mean()}[self.scale].sqrt()
+        middle = {"min": eigenvalues.min(), "median": eigenvalues.median(), "rmse": eigenvalues.mean()}[self.scale]
+        sigma = middle.sqrt()
         aligner = sigma * (basis / eigenvalues.sqrt()) @ basis.T
         return aligner.sum(dim=1)

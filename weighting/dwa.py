@@ -1,5 +1,5 @@
 """Dynamic Weight Average of Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019,
-Sec. 3.3 (Eq. 7): task weights from the rate of change of each task's average training loss over the last two epochs."""
+Sec. 3.3: task weights from the rate of change of each task's average training loss over the last two epochs."""
 import torch
 
 import distributed

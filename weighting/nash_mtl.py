@@ -11,7 +11,7 @@ _TOLERANCE = 1e-14  # on the squared Newton decrement of the normalised problem 
 
 
 class NashMTL(GradientWeighting):
-    """The Nash bargaining solution alpha > 0 of G G^T alpha = 1 / alpha (elementwise; Sec. 3.1, Claim 3.1), update
+    """The Nash bargaining solution alpha > 0 of G G^T alpha = 1 / alpha (elementwise; Sec. 3.1), update
     sum_t alpha_t g_t, whose squared norm is then sum_t alpha_t (G G^T alpha)_t = T; the shared parameters' gradient
     is clipped to norm ``max_norm`` (0 = no clipping) and, as the reference (weighted loss sum_t alpha_t L_t), the
     heads get alpha_t grad L_t. alpha is recomputed every ``update_weights_every`` steps and kept in between.
@@ -20,9 +20,9 @@ class NashMTL(GradientWeighting):
     f(alpha) = 1/2 alpha^T G G^T alpha - sum_t log alpha_t on alpha > 0, minimised by damped Newton steps (backtracking
     that keeps alpha > 0) on the Gram matrix divided by its Frobenius norm n (the reference's normalisation; the
     solution for G G^T is that for G G^T / n divided by sqrt(n)), from the previous alpha, to a squared Newton
-    decrement below 1e-14 and one last full step (at most 100 steps). The reference instead runs up to 20 convex-concave iterations of a
-    cvxpy/ECOS problem (Sec. 3.2) and stops when ||G G^T alpha - 1/alpha|| < 1e-3 on the normalised Gram matrix, so
-    its alpha is that solution up to this tolerance. A task whose gradient is 0 (no valid label in the batch) has no
+    decrement below 1e-14 and one last full step (at most 100 steps). The reference instead runs up to 20
+    convex-concave iterations of a cvxpy/ECOS problem (Sec. 3.2) and stops when ||G G^T alpha - 1/alpha|| < 1e-3
+    on the normalised Gram matrix, so its alpha is that solution up to this tolerance. A task whose gradient is 0 (no valid label in the batch) has no
     bargaining point: it gets alpha 0 and the others bargain among themselves; if Newton fails (gradients with a
     non-negative null combination, e.g. g_1 = -g_2), alpha is kept from the previous step, as the reference keeps it
     when its solver fails."""

@@ -7,7 +7,7 @@ from .task_gradients import GradientWeighting
 
 class PCGrad(GradientWeighting):
     """For each task i, g_i^PC = g_i, then for every other task j in a random order: if g_i^PC . g_j < 0,
-    g_i^PC <- g_i^PC - (g_i^PC . g_j) / ||g_j||^2 g_j (Alg. 1, Eq. 1); the shared update is sum_i g_i^PC (a sum, as
+    g_i^PC <- g_i^PC - (g_i^PC . g_j) / ||g_j||^2 g_j (Alg. 1); the shared update is sum_i g_i^PC (a sum, as
     Alg. 1, not the mean of uniform scaling). Each g_i^PC stays a combination of the g_j, so everything runs on the
     Gram matrix. The orders come from torch's global generator, which the training script seeds per epoch alike on
     every rank (DDP: the same step as one process). No hyper-parameter."""

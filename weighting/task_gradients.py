@@ -62,7 +62,8 @@ class GradientWeighting(Weighting):
             trunk_grads = [distributed.mean(grad) for grad in trunk_grads]
         else:
             update = beta @ grads
-            trunk_grads = [part.view_as(p).clone() for part, p in zip(update.split([p.numel() for p in shared]), shared)]
+            parts = update.split([p.numel() for p in shared])
+            trunk_grads = [part.view_as(p).clone() for part, p in zip(parts, shared)]
         head_loss = (self.head_coefficients(beta.double()).to(losses.dtype) * losses).sum()
         head_grads = [None if grad is None else distributed.mean(grad)
                       for grad in torch.autograd.grad(head_loss, specific, allow_unused=True)]
