@@ -9,9 +9,10 @@ from .task_gradients import GradientWeighting
 class IMTL(GradientWeighting):
     """alpha such that the update g = sum_t alpha_t g_t has equal projections on every unit gradient
     u_t = g_t / ||g_t||, with sum_t alpha_t = 1: with D = [g_1 - g_2, ..., g_1 - g_T] and
-    U = [u_1 - u_2, ..., u_1 - u_T] (rows), alpha_{2:T} = g_1 U^T (D U^T)^{-1} and alpha_1 = 1 - sum_{t>1} alpha_t (Sec. 3.2, closed form of Alg. 1).
-    (D U^T)^{-1} is a pseudo-inverse here (singular when two unit gradients coincide). A task whose gradient is 0 (no
-    valid label in the batch) gets alpha 0 and the others are balanced among themselves. No hyper-parameter."""
+    U = [u_1 - u_2, ..., u_1 - u_T] (rows), alpha_{2:T} = g_1 U^T (D U^T)^{-1} and
+    alpha_1 = 1 - sum_{t>1} alpha_t (Sec. 3.2, closed form of Alg. 1). (D U^T)^{-1} is a pseudo-inverse here
+    (singular when two unit gradients coincide). A task whose gradient is 0 (no valid label in the batch) gets
+    alpha 0 and the others are balanced among themselves. No hyper-parameter."""
 
     space = "representation"
 

@@ -22,10 +22,10 @@ class NashMTL(GradientWeighting):
     solution for G G^T is that for G G^T / n divided by sqrt(n)), from the previous alpha, to a squared Newton
     decrement below 1e-14 and one last full step (at most 100 steps). The reference instead runs up to 20
     convex-concave iterations of a cvxpy/ECOS problem (Sec. 3.2) and stops when ||G G^T alpha - 1/alpha|| < 1e-3
-    on the normalised Gram matrix, so its alpha is that solution up to this tolerance. A task whose gradient is 0 (no valid label in the batch) has no
-    bargaining point: it gets alpha 0 and the others bargain among themselves; if Newton fails (gradients with a
-    non-negative null combination, e.g. g_1 = -g_2), alpha is kept from the previous step, as the reference keeps it
-    when its solver fails."""
+    on the normalised Gram matrix, so its alpha is that solution up to this tolerance. A task whose gradient is 0
+    (no valid label in the batch) has no bargaining point: it gets alpha 0 and the others bargain among themselves;
+    if Newton fails (gradients with a non-negative null combination, e.g. g_1 = -g_2), alpha is kept from the
+    previous step, as the reference keeps it when its solver fails."""
 
     def __init__(self, num_tasks, update_weights_every=1, max_norm=1.0):
         super().__init__(num_tasks)
