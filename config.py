@@ -36,9 +36,12 @@ METHODS = {
     "td_only": ("td_only", None),  # Table 6b ablations: ControlNet without BU1 / without TD
     "bu_only": ("bu_only", None),
     "gumbel_matrix": ("gumbel_matrix", "uniform"),  # learned parameter allocation (Maziarz et al.), not in the paper
+    # weightings published after the paper, on the multi-branch LeNet (docs/weightings.md)
+    **{name: ("multi_branch", name) for name in ("dwa", "rlw", "pcgrad", "cagrad", "imtl", "nash_mtl", "aligned_mtl",
+                                                  "famo")},
 }
 
-NEEDS_TRUNK = ("gradnorm", "mgda")  # weightings that use the shared representation or last shared layer
+NEEDS_TRUNK = ("gradnorm", "mgda", "pcgrad", "cagrad", "imtl", "nash_mtl", "aligned_mtl")  # use trunk() and heads()
 OPTIMIZERS = ("Adam", "SGD", "RMSprop")
 LR_SCHEDULES = ("halve_30_60_90", "none")
 

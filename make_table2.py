@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parent
 PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table2_multi_mnist"]
 PAPER_METHODS = tuple(PAPER["rows"])  # the paper's row order
 EXTRA_METHODS = ("gumbel_matrix",)  # our rows that the paper did not run: shown below its rows, no paper value
-METHODS = PAPER_METHODS + EXTRA_METHODS
+# weightings published after the paper (docs/weightings.md), shown below the paper's rows marked "(beyond the paper)"
+BEYOND_METHODS = ("dwa", "rlw", "pcgrad", "cagrad", "imtl", "nash_mtl", "aligned_mtl", "famo")
+METHODS = PAPER_METHODS + EXTRA_METHODS + BEYOND_METHODS
 # our setting -> the paper's column (paper_tables.json order), and its title in the Markdown table
 SETTINGS = {"2digits": "2_digits", "4digits": "4_digits", "9digits": "9_digits_by_loc",
             "9digits_byref": "9_digits_by_ref"}
@@ -205,7 +207,8 @@ def render_markdown(table, command):
     header = ["Method"] + [f"{TITLES[s]} {col}" for s in SETTINGS for col in ("#P", "Acc")]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, row in table["rows"].items():
-        name = f"{method} (ours, not in the paper)" if method in EXTRA_METHODS else method
+        name = f"{method} (ours, not in the paper)" if method in EXTRA_METHODS else \
+            f"{method} (beyond the paper)" if method in BEYOND_METHODS else method
         values = [name] + [text for s in SETTINGS for text in (format_params(row[s]), format_acc(row[s], usual_n))]
         lines.append("| " + " | ".join(values) + " |")
 

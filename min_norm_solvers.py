@@ -51,7 +51,7 @@ def _min_norm_2d(M):
     return best_alpha, best_cost
 
 
-def _projection2simplex(y):
+def projection2simplex(y):
     """Euclidean projection onto {x >= 0, sum x = 1} (sort-based: x = max(y - theta, 0))."""
     u = np.sort(y)[::-1]
     excess = np.cumsum(u) - 1.0
@@ -67,7 +67,7 @@ def _next_point(alpha, grad):
     steps = np.concatenate([-alpha[down] / direction[down], (1.0 - alpha[up]) / direction[up]])
     steps = steps[steps > _MIN_STEP]
     step = steps.min() if steps.size else 1.0
-    return _projection2simplex(alpha + step * direction)
+    return projection2simplex(alpha + step * direction)
 
 
 def _minimize_on_support(alpha, M):

@@ -1,6 +1,6 @@
 """Reproduce Table 2 (Multi-MNIST): train every method x setting x seed, resumably, then build the table.
 
-    python reproduce_table2.py                      # the paper's protocol: 9 methods x 4 settings x 5 seeds, 100 epochs
+    python reproduce_table2.py                      # the paper's protocol: every method (make_table2.METHODS) x 4 settings x 5 seeds, 100 epochs
     python reproduce_table2.py --methods controlnet,ch_mod --settings 9digits --seeds 3 --workers 4 --device cuda
     python reproduce_table2.py --dry_run            # what would run, what is done
 

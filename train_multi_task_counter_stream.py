@@ -178,6 +178,8 @@ def run(args):
             group["lr"] = base_lr * lr_factor(params, epoch, epochs)
         train_loss = train_epoch(trained, weighting, optimizer, data["train"], params, args.seed, epoch, out, state,
                                  stats, locations)
+        if weighting is not None:
+            weighting.after_epoch()
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss}
         evaluated = (epoch + 1) % params["eval_every"] == 0 or epoch + 1 == epochs
         if evaluated:

@@ -84,7 +84,8 @@ def test_markdown_table_cells_and_header(runs, tmp_path):
     main_table = markdown.split("at the last epoch")[0]
     rows = {line.split(" | ")[0].strip("| "): line for line in main_table.splitlines() if line.startswith("| ")}
     assert list(rows)[1:10] == list(make_table2.PAPER_METHODS)  # the paper's row order, after the header row
-    assert list(rows)[10:] == [f"{m} (ours, not in the paper)" for m in make_table2.EXTRA_METHODS]
+    assert list(rows)[10:11] == [f"{m} (ours, not in the paper)" for m in make_table2.EXTRA_METHODS]
+    assert list(rows)[11:] == [f"{m} (beyond the paper)" for m in make_table2.BEYOND_METHODS]
     gumbel = rows["gumbel_matrix (ours, not in the paper)"]
     assert gumbel.count("| – |") == 3 and "80.00 (n=1, no std) (not in the paper) |" in gumbel
     assert "1.004 (–)" in gumbel

@@ -1,18 +1,29 @@
 """Loss-weighting strategies for multi-branch models (Table 2 baselines), independent of the architecture.
 
 A model used with them provides ``trunk(x) -> z``, ``heads(z) -> logits [B, T, C]``, ``forward = heads o trunk``
-and ``last_shared_layer`` (GradNorm's W); uniform and kendall only call ``forward``.
+and ``last_shared_layer`` (GradNorm's W); uniform, kendall, dwa, rlw and famo only call ``forward``.
 """
 import inspect
 
+from .aligned_mtl import AlignedMTL
 from .base import Weighting
+from .cagrad import CAGrad
+from .dwa import DWA
+from .famo import FAMO
 from .gradnorm import GradNorm
+from .imtl import IMTL
 from .kendall import Kendall
 from .mgda import MGDA
+from .nash_mtl import NashMTL
+from .pcgrad import PCGrad
+from .rlw import RLW
 from .sum import Sum
 from .uniform import Uniform
 
-WEIGHTINGS = {"uniform": Uniform, "sum": Sum, "gradnorm": GradNorm, "kendall": Kendall, "mgda": MGDA}
+WEIGHTINGS = {"uniform": Uniform, "sum": Sum, "gradnorm": GradNorm, "kendall": Kendall, "mgda": MGDA,
+              # beyond the paper (docs/weightings.md)
+              "dwa": DWA, "rlw": RLW, "pcgrad": PCGrad, "cagrad": CAGrad, "imtl": IMTL, "nash_mtl": NashMTL,
+              "aligned_mtl": AlignedMTL, "famo": FAMO}
 
 
 def build_weighting(name, num_tasks, options=None):
@@ -27,4 +38,5 @@ def build_weighting(name, num_tasks, options=None):
     return cls(num_tasks, **options)
 
 
-__all__ = ["WEIGHTINGS", "Weighting", "build_weighting", "GradNorm", "Kendall", "MGDA", "Sum", "Uniform"]
+__all__ = ["WEIGHTINGS", "Weighting", "build_weighting", "AlignedMTL", "CAGrad", "DWA", "FAMO", "GradNorm", "IMTL",
+           "Kendall", "MGDA", "NashMTL", "PCGrad", "RLW", "Sum", "Uniform"]

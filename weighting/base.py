@@ -41,6 +41,9 @@ class Weighting(nn.Module):
     def after_step(self):
         """Called after the optimiser step (default: nothing)."""
 
+    def after_epoch(self):
+        """Called after each training epoch, before the checkpoint is written (default: nothing)."""
+
     def weights(self):
         """Current task weights [T], for logging."""
         raise NotImplementedError
