@@ -135,6 +135,9 @@ def run(args):
         raise config.ParamError(f"--param_file: {args.param_file} has setting '{params['setting']}' and model "
                                 f"'{params['model']}'; allowed: setting {SETTING} with model {METHOD} "
                                 f"(e.g. params/mmnist_9digits_byref_controlnet.json)")
+    if params["protocol"] != "held_out":
+        raise config.ParamError(f"{args.param_file}: key 'protocol': add_task.py picks both phases' epochs on the "
+                                f"validation split; allowed: held_out")
     device = resolve_device(args.device)
     saved = read_phase1_model(args.phase1_model) if args.phase1_model else None
     out = Path(args.out)

@@ -19,6 +19,7 @@ from loaders.multi_mnist import RESIZES
 from models import BACKBONE_OPTIONS, LOCATION_HEAD_MODELS, MODELS, ON_BACKBONE, TD_MAP_MODELS
 from models.backbones import BACKBONES, build_backbone
 from models.gumbel_matrix import router_parameters
+from models.lenet import DROPOUTS
 from weighting import WEIGHTINGS, build_weighting
 from weighting.base import Weighting
 
@@ -40,6 +41,7 @@ METHODS = {
 
 NEEDS_TRUNK = ("gradnorm", "mgda")  # weightings that use the shared representation or last shared layer
 OPTIMIZERS = ("Adam", "SGD", "RMSprop")
+PROTOCOLS = ("held_out", "authors")
 LR_SCHEDULES = ("halve_30_60_90", "none")
 
 # Gumbel-matrix allocation logits (models with routers): option -> (default, (min, max)); spec gumbel_matrix.md §1, §5.
@@ -74,7 +76,16 @@ SCHEMA = {
     "batch_size": (int, 512, (1, 1_000_000), "training batch size (paper Table 1: 512)"),
     "eval_batch_size": (int, 0, (0, 10_000_000), "image-task pairs per evaluation pass; 0 = auto (512 on CPU and for the larger backbones, 32768 for LeNet on GPU)"),
     "memory_format": (str, "channels_last", ("channels_last", "contiguous"), "conv memory layout (same maths; channels_last is ~2x faster on CPU)"),
-    "resize": (str, "nearest", RESIZES, "Multi-MNIST resize filter to 28x28"),
+    "resize": (str, "nearest", RESIZES, "Multi-MNIST resize 52 -> 28 (and 36, 40 -> 28): Pillow's NEAREST (Sener & "
+               "Koltun's imresize), BICUBIC clipped to 0..255, or BICUBIC with the uint8 wrap-around of the authors' "
+               "generator under Pillow >= 7 (loaders/multi_mnist.py)"),
+    "protocol": (str, "held_out", PROTOCOLS, "held_out: train on MNIST train[:50k], keep the best-validation epoch "
+                 "(validation on train[50k:]); authors: the authors' released script, train on all 60k, evaluate the "
+                 "test split every epoch and keep the best-on-test model (optimistic; multi_mnist only). Every run "
+                 "also reports the best-test and last-epoch figures (docs/fidelity.md)"),
+    "dropout": (str, "none", DROPOUTS, "none, or sener_koltun: Sener & Koltun's LeNet dropout in the multi-branch and "
+                "single-task LeNets (one channel mask for the batch on conv2, per-element masks on the heads' fc1, no "
+                "rescale, none at eval; models/lenet.py)"),
     "data_seed": (int, 0, (0, 2**31 - 1), "seed of the data: the Multi-MNIST and CLEVR-like generation and the held-out validation split (the same data for every run seed)"),
     "data_root": (str, None, None, "data directory (--data_root overrides it); null = $MTL_DATA_ROOT or ./data (multi_mnist, clevr_like), $MTL_CLEVR_ROOT, $MTL_CELEBA_ROOT or $MTL_CUB_ROOT (the unpacked data set)"),
     "backbone": (str, None, ("lenet",) + tuple(BACKBONES), "BU backbone (paper §4.2); null = the data set's: lenet (multi_mnist), vgg11_clevr (clevr, clevr_like), vgg7 (celeba), resnet18 (cub)"),
@@ -171,9 +182,12 @@ def check_value(key, value, source, schema=SCHEMA):
 
 
 def _complete_data(params, source):
-    """The data set's default backbone and input size, and the checks that tie the setting, the backbone and the
-    input size to the data set."""
+    """The data set's default backbone and input size, and the checks that tie the setting, the backbone, the
+    input size and the protocol to the data set."""
     loader = LOADERS[params["dataset"]]
+    if params["protocol"] != "held_out" and params["dataset"] != "multi_mnist":
+        raise ParamError(f"{source}: key 'protocol': '{params['protocol']}' is the authors' Multi-MNIST protocol, not "
+                         f"defined for data set '{params['dataset']}'; allowed: held_out")
     if params["setting"] not in loader.num_tasks:
         raise ParamError(f"{source}: key 'setting': '{params['setting']}' is not a task set of data set "
                          f"'{params['dataset']}'; allowed: {', '.join(loader.num_tasks)}")
@@ -233,12 +247,15 @@ def backbone_kwargs(params):
 
 def model_kwargs(params):
     """The model's keyword arguments: ``model_options``, on a larger backbone with the backbone's name, the data
-    set's classes and the input size, and ``location_head`` when a baseline trains the localisation loss."""
-    located = {"location_head": True} if params["spatial_loss_weight"] > 0 and params["model"] in LOCATION_HEAD_MODELS \
+    set's classes and the input size, ``location_head`` when a baseline trains the localisation loss, and
+    ``dropout`` when one is asked for."""
+    extra = {"location_head": True} if params["spatial_loss_weight"] > 0 and params["model"] in LOCATION_HEAD_MODELS \
         else {}
+    if params.get("dropout", "none") != "none":
+        extra["dropout"] = params["dropout"]
     if params["backbone"] == "lenet":
-        return {**params["model_options"], **located}
-    return {**backbone_kwargs(params), **params["model_options"], **located}
+        return {**params["model_options"], **extra}
+    return {**backbone_kwargs(params), **params["model_options"], **extra}
 
 
 def _check_pairing(params, source):
@@ -260,7 +277,11 @@ def _check_options(params, source):
         raise ParamError(f"{source}: key 'model': '{params['model']}' does not run on backbone '{params['backbone']}' "
                          f"(data set '{params['dataset']}'); allowed: {', '.join(allowed)}")
     signature = inspect.signature(MODELS[params["model"]]).parameters
-    valid = [name for name in signature if name not in ("num_tasks", "location_head") + BACKBONE_OPTIONS]
+    if params["dropout"] != "none" and "dropout" not in signature:
+        with_dropout = [name for name, cls in MODELS.items() if "dropout" in inspect.signature(cls).parameters]
+        raise ParamError(f"{source}: key 'dropout': model '{params['model']}' has no Sener-Koltun dropout (models with "
+                         f"it: {', '.join(with_dropout)}); allowed: none")
+    valid = [name for name in signature if name not in ("num_tasks", "location_head", "dropout") + BACKBONE_OPTIONS]
     for name, value in params["model_options"].items():
         if name not in valid:
             raise ParamError(f"{source}: unknown key 'model_options.{name}' for model '{params['model']}'; "

@@ -1,12 +1,16 @@
 """Aggregate the Table 2 runs (every results.json under --runs_dir) into mean ± std over seeds, beside the paper.
 
     python make_table2.py --runs_dir runs/table2 --out_dir results
+    python make_table2.py --runs_dir results/fidelity_switches --protocol authors --select best_test
 
-Writes <out_dir>/table2.json and <out_dir>/table2.md. Accuracy is the test accuracy at the best-validation
-epoch, averaged over tasks (percent); std is the sample std over seeds (ddof=1, none for n=1). Runs are grouped
-by (method, setting) and by protocol (epochs, subset). The table shows one protocol, the same in every cell:
---epochs/--subset if given, else the protocol with the most runs; runs under other protocols are never mixed
-in, they are listed below the table.
+Writes <out_dir>/table2.json and <out_dir>/table2.md. Accuracy is a run's test accuracy, averaged over tasks
+(percent), at the epoch that --select names: the best-validation epoch (best_val, the default), the best test
+epoch (best_test: the authors' selection, optimistic, since the test split picks the epoch) or the last epoch
+(last); std is the sample std over seeds (ddof=1, none for n=1). A run whose results.json predates the best-test
+figure gets it from its metrics.jsonl. Runs are grouped by (method, setting) and by protocol (epochs, subset, and
+the param file's ``protocol``: held_out or authors, see docs/fidelity.md). The table shows one protocol, the same
+in every cell: --epochs/--subset/--protocol if given, else the protocol with the most runs; runs under other
+protocols are never mixed in, they are listed below the table.
 """
 import argparse
 import json
@@ -15,6 +19,8 @@ import statistics
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
+
+from metrics import SELECTIONS, select_record
 
 REPO = Path(__file__).resolve().parent
 PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table2_multi_mnist"]
@@ -27,6 +33,12 @@ SETTINGS = {"2digits": "2_digits", "4digits": "4_digits", "9digits": "9_digits_b
 TITLES = {"2digits": "2 digits", "4digits": "4 digits", "9digits": "9 digits by loc",
           "9digits_byref": "9 digits by ref"}
 MARK = "†"
+# how each --select is named in the table
+SELECTED = {"best_val": "at the best-validation epoch",
+            "best_test": "at the best test epoch (the authors' selection; optimistic: the test split picks the epoch)",
+            "last": "at the last epoch"}
+TRAINING_PROTOCOLS = {"held_out": "held_out (trained on MNIST train[:50k], validation split train[50k:])",
+                      "authors": "authors (trained on all 60k MNIST training images, no validation split)"}
 
 
 def parse_args(argv):
@@ -36,9 +48,16 @@ def parse_args(argv):
     parser.add_argument("--epochs", type=int,
                         help="show the runs of this many epochs (default: the protocol with the most runs)")
     parser.add_argument("--subset", type=int, help="with --epochs: the runs with this --subset (default: full data)")
+    parser.add_argument("--protocol", choices=tuple(TRAINING_PROTOCOLS),
+                        help="with --epochs: the runs of this param-file protocol (default: held_out)")
+    parser.add_argument("--select", choices=tuple(SELECTIONS), default="best_val",
+                        help="the test figure of each run: at the best-validation epoch (default), at the best test "
+                             "epoch (the authors' selection, optimistic) or at the last epoch")
     args = parser.parse_args(argv)
     if args.subset is not None and args.epochs is None:
         parser.error("--subset needs --epochs (together they pick the protocol)")
+    if args.protocol is not None and args.epochs is None:
+        parser.error("--protocol needs --epochs (together they pick the protocol)")
     return args
 
 
@@ -47,53 +66,82 @@ def main(argv=None):
     if not Path(args.runs_dir).is_dir():
         print(f"error: --runs_dir {args.runs_dir} is not a directory", file=sys.stderr)
         return 2
-    protocol = None if args.epochs is None else (args.epochs, args.subset)
-    table = aggregate(args.runs_dir, protocol)
+    protocol = None if args.epochs is None else (args.epochs, args.subset, args.protocol or "held_out")
+    table = aggregate(args.runs_dir, protocol, args.select)
+    if table["protocol"] is not None and table["num_runs"] == 0:
+        print(f"error: --select {args.select}: no run of protocol '{table['protocol']['protocol']}' in "
+              f"{args.runs_dir} has that figure (held_out runs have all three; authors runs no best_val); "
+              f"choose another --select", file=sys.stderr)
+        return 2
     for path in write_tables(table, args.out_dir):
         print(f"wrote {path}")
     return 0
 
 
 def load_runs(runs_dir):
+    """Every results.json under runs_dir; one that lacks the best-test figure (made before it existed) gets it from
+    the metrics.jsonl beside it (``best_test_from``), when there is one."""
     runs, unreadable = [], []
     for path in sorted(Path(runs_dir).rglob("results.json")):
         try:
-            runs.append(json.loads(path.read_text()))
+            run = json.loads(path.read_text())
+            if "test_acc_mean_best_test" not in run and (path.parent / "metrics.jsonl").exists():
+                history = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()
+                           if line.strip()]
+                best = select_record(history, "best_test")
+                if best is not None:
+                    run.update({"best_test_epoch": best["epoch"], "test_acc_mean_best_test": best["test_acc_mean"],
+                                "best_test_from": "metrics.jsonl"})
+            runs.append(run)
         except (OSError, json.JSONDecodeError):
             unreadable.append(str(path))
     return runs, unreadable
+
+
+def protocol_of(run):
+    """(epochs, subset, param-file protocol) of a run; runs made before the protocol switch are held_out."""
+    return run["epochs"], run["subset"], run.get("protocol") or run.get("params", {}).get("protocol", "held_out")
+
+
+def figure(run, select):
+    """The run's test accuracy under ``select`` (see SELECTIONS), or None when the run does not have it."""
+    return run.get({"best_val": "test_acc_mean", "best_test": "test_acc_mean_best_test",
+                    "last": "test_acc_mean_last"}[select])
 
 
 def mean_std(values):
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def aggregate(runs_dir, protocol=None):
-    """All results.json under runs_dir -> the table as a dict (see table2.json). protocol: (epochs, subset)
-    to show, subset None = full data; default: the protocol with the most runs (ties: more epochs, full data)."""
+def aggregate(runs_dir, protocol=None, select="best_val"):
+    """All results.json under runs_dir -> the table as a dict (see table2.json). protocol: (epochs, subset,
+    protocol name) to show, subset None = full data; default: the protocol with the most runs (ties: more epochs,
+    full data, held_out). select: the test figure of each run (SELECTIONS); a run without it is left out (noted)."""
     found, unreadable = load_runs(runs_dir)
     runs = [run for run in found if run.get("method") in METHODS and run.get("setting") in SETTINGS]
-    counts = Counter((run["epochs"], run["subset"]) for run in runs)
+    counts = Counter(protocol_of(run) for run in runs)
     if protocol is None and counts:
-        protocol = max(counts, key=lambda p: (counts[p], p[0], p[1] is None, p[1] or 0))
-    shown = [run for run in runs if (run["epochs"], run["subset"]) == protocol]
+        protocol = max(counts, key=lambda p: (counts[p], p[0], p[1] is None, p[1] or 0, p[2] == "held_out"))
+    of_protocol = [run for run in runs if protocol_of(run) == protocol]
+    shown = [run for run in of_protocol if figure(run, select) is not None]
 
     groups = defaultdict(list)
     for run in shown:
         groups[run["method"], run["setting"]].append(run)
-    others = defaultdict(lambda: defaultdict(list))  # (method, setting) -> (epochs, subset) -> accuracies
+    others = defaultdict(lambda: defaultdict(list))  # (method, setting) -> (epochs, subset, name) -> accuracies
     for run in runs:
-        if (run["epochs"], run["subset"]) != protocol:
-            others[run["method"], run["setting"]][run["epochs"], run["subset"]].append(run["test_acc_mean"])
+        if protocol_of(run) != protocol and figure(run, select) is not None:
+            others[run["method"], run["setting"]][protocol_of(run)].append(figure(run, select))
 
     rows, notes = {}, []
     for method in METHODS:
         rows[method] = {}
         for index, setting in enumerate(SETTINGS):
             paper = PAPER["rows"].get(method, {"acc": [None] * len(SETTINGS), "params_x": [None] * len(SETTINGS)})
-            cell = make_cell(groups[method, setting], paper["acc"][index], paper["params_x"][index])
-            cell["other_protocols"] = [{"epochs": e, "subset": s, "n": len(accs), "acc_mean": statistics.fmean(accs)}
-                                       for (e, s), accs in sorted(others[method, setting].items(), key=str)]
+            cell = make_cell(groups[method, setting], paper["acc"][index], paper["params_x"][index], select)
+            cell["other_protocols"] = [{"epochs": e, "subset": s, "protocol": name, "n": len(accs),
+                                        "acc_mean": statistics.fmean(accs)}
+                                       for (e, s, name), accs in sorted(others[method, setting].items(), key=str)]
             duplicated = sorted(seed for seed, n in Counter(cell["seeds"]).items() if n > 1)
             if duplicated:
                 notes.append(f"{setting}/{method}: seed(s) {duplicated} found in more than one run dir; all counted")
@@ -101,6 +149,13 @@ def aggregate(runs_dir, protocol=None):
     notes += [f"unreadable, skipped: {path}" for path in unreadable]
     if len(found) > len(runs):
         notes.append(f"{len(found) - len(runs)} results.json of another method or setting than Table 2's, skipped")
+    if len(of_protocol) > len(shown):
+        notes.append(f"{len(of_protocol) - len(shown)} run(s) of this protocol without a test figure "
+                     f"{SELECTED[select]} (no validation split, or no metrics.jsonl), left out")
+    derived = sum(run.get("best_test_from") == "metrics.jsonl" for run in shown)
+    if derived and select == "best_test":
+        notes.append(f"{derived} run(s) predate the best-test figure in results.json: it was read off their "
+                     f"metrics.jsonl")
 
     sweep = Path(runs_dir) / "sweep.json"
     invocations = json.loads(sweep.read_text())["invocations"] if sweep.exists() else []
@@ -114,8 +169,11 @@ def aggregate(runs_dir, protocol=None):
                     f"lr schedule {r['params']['lr_schedule']}" for r in shown)
     return {
         "runs_dir": str(runs_dir),
-        "protocol": None if protocol is None else {"epochs": protocol[0], "subset": protocol[1]},
-        "protocols_found": [{"epochs": e, "subset": s, "runs": n} for (e, s), n in sorted(counts.items(), key=str)],
+        "protocol": None if protocol is None else {"epochs": protocol[0], "subset": protocol[1],
+                                                    "protocol": protocol[2]},
+        "selection": select,
+        "protocols_found": [{"epochs": e, "subset": s, "protocol": name, "runs": n}
+                            for (e, s, name), n in sorted(counts.items(), key=str)],
         "num_runs": len(shown),
         "seeds": sorted({run["seed"] for run in shown}),
         "optimisation": dict(optim),
@@ -130,13 +188,13 @@ def aggregate(runs_dir, protocol=None):
     }
 
 
-def make_cell(runs, paper_acc, paper_params_x):
+def make_cell(runs, paper_acc, paper_params_x, select="best_val"):
     cell = {"n": len(runs), "seeds": sorted(run["seed"] for run in runs), "acc_mean": None, "acc_std": None,
             "acc_last_mean": None, "params_x": None, "weights_x": None, "paper_acc": paper_acc,
             "paper_params_x": paper_params_x, "diff": None, "outside_2std": None, "note": None}
     if not runs:
         return cell
-    cell["acc_mean"], cell["acc_std"] = mean_std([run["test_acc_mean"] for run in runs])
+    cell["acc_mean"], cell["acc_std"] = mean_std([figure(run, select) for run in runs])
     cell["acc_last_mean"] = statistics.fmean(run["test_acc_mean_last"] for run in runs)
     cell["params_x"] = statistics.fmean(run["params_x"] for run in runs)
     cell["weights_x"] = statistics.fmean(run["weights_x"] for run in runs)
@@ -183,7 +241,8 @@ def render_markdown(table, command):
         shown = "no runs found"
     else:
         data = "full data" if protocol["subset"] is None else f"subset {protocol['subset']} training images (smoke run)"
-        shown = f"{protocol['epochs']} epochs, {data}, seeds {seeds} ({usual_n} per cell unless marked [n=k])"
+        shown = f"{TRAINING_PROTOCOLS[protocol['protocol']]}, {protocol['epochs']} epochs, {data}, seeds {seeds} " \
+                f"({usual_n} per cell unless marked [n=k])"
     seconds = table["wall_time"]["seconds"]
     lines = [
         "# Table 2: Multi-MNIST, ours vs the paper",
@@ -196,7 +255,7 @@ def render_markdown(table, command):
         "- Sweep command(s): " + ("; ".join(f"`{c}`" for c in table["sweep_commands"]) or "–") + ".",
         f"- Generated by: `{command}`.",
         "",
-        "Acc: test accuracy (%) at the best-validation epoch, mean over tasks, then mean ± sample std over seeds; "
+        f"Acc: test accuracy (%) {SELECTED[table['selection']]}, mean over tasks, then mean ± sample std over seeds; "
         "in brackets the paper's value and Δ = ours − paper. "
         f"{MARK}: the paper's value lies outside ours ± 2 std (only for n ≥ 2). "
         "#P: parameters as a multiple of one LeNet (24,390 weights and biases), ours (paper).",
@@ -215,7 +274,8 @@ def render_markdown(table, command):
         values = ["–" if row[s]["n"] == 0 else f"{row[s]['acc_last_mean']:.2f}" for s in SETTINGS]
         lines.append(f"| {method} | " + " | ".join(values) + " |")
 
-    other = [f"- {s}/{m}: epochs {o['epochs']}, " + ("full data" if o["subset"] is None else f"subset {o['subset']}")
+    other = [f"- {s}/{m}: protocol {o['protocol']}, epochs {o['epochs']}, "
+             + ("full data" if o["subset"] is None else f"subset {o['subset']}")
              + f", n={o['n']}, acc {o['acc_mean']:.2f}"
              for m, row in table["rows"].items() for s, cell in row.items() for o in cell["other_protocols"]]
     if other:
@@ -234,6 +294,8 @@ def write_tables(table, out_dir):
         command += f" --epochs {table['protocol']['epochs']}"
         if table["protocol"]["subset"] is not None:
             command += f" --subset {table['protocol']['subset']}"
+        command += f" --protocol {table['protocol']['protocol']}"
+    command += f" --select {table['selection']}"
     table = {**table, "command": command}
     paths = out_dir / "table2.json", out_dir / "table2.md"
     paths[0].write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n")

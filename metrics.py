@@ -29,3 +29,19 @@ class TaskAccuracy:
 
     def mean(self):
         return float(self.per_task().nanmean())
+
+
+# How a run's reported test figure is chosen (results.json, make_table2.py --select): the metrics.jsonl key that
+# picks the epoch; "last" is the last evaluated epoch.
+SELECTIONS = {"best_val": "val_acc_mean", "best_test": "test_acc_mean", "last": None}
+
+
+def select_record(history, selection):
+    """The epoch record (a metrics.jsonl line) that ``selection`` reports: the first evaluated epoch with the
+    highest validation (``best_val``) or test (``best_test``, the authors' choice: optimistic) accuracy, or the
+    last evaluated one (``last``); None when no record has the key (no validation split: the authors' protocol)."""
+    key = SELECTIONS[selection]
+    scored = [record for record in history if record.get(key or "test_acc_mean") is not None]
+    if not scored:
+        return None
+    return scored[-1] if key is None else max(scored, key=lambda record: record[key])

@@ -213,7 +213,7 @@ def main(argv=None):
     print(f"sweep: {len(todo) - len(failed)} of {len(todo)} cells trained, {len(failed) + len(conflicts)} failed or "
           f"skipped, {num_done} were already done")
     if not args.no_table:
-        table = make_table2.aggregate(args.runs_dir, (args.epochs, args.subset))
+        table = make_table2.aggregate(args.runs_dir, (args.epochs, args.subset, "held_out"))
         for path in make_table2.write_tables(table, args.out_dir):
             print(f"wrote {path}")
     return 1 if failed or conflicts else 0

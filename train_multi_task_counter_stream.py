@@ -11,8 +11,12 @@ ch-mod, task routing) get one task drawn per training sample, among the tasks va
 see every task label of an image in one pass. On CLEVR and CUB-200 a run can add the localisation loss
 (``spatial_loss_weight``, the 'loc' of Table 3): at the bottom of TD for ControlNet, on an FC location head at
 the top of the network for the baselines. Every epoch (or every ``eval_every``) evaluates every task on every
-validation and test image where it is defined; the kept model is the best-validation one. Outputs in --out:
-metrics.jsonl, results.json, checkpoint.pt (resume state) and best_model.pt, all written atomically.
+validation and test image where it is defined. Under ``protocol: held_out`` (the default) the kept model
+(best_model.pt) is the best-validation one; under ``protocol: authors`` (Multi-MNIST: the authors' released
+script) training uses all 60k MNIST training images, there is no validation split, and the kept model is the
+best-on-test one. results.json reports three test figures: at the best-validation epoch (held_out only), at the
+best test epoch (optimistic) and at the last epoch. Outputs in --out: metrics.jsonl, results.json, checkpoint.pt
+(resume state) and best_model.pt, all written atomically.
 
 Started by torchrun (``torchrun --nproc_per_node=N train_multi_task_counter_stream.py ...``), it trains one model
 with DistributedDataParallel over N processes (one GPU each, or CPU processes) with the same global batches,
@@ -38,7 +42,7 @@ import losses_spatial
 from loaders import LOADERS, NUM_TASKS
 from loaders.image_sets import MissingDatasetError
 from loaders.mnist import MNISTUnavailable
-from metrics import TaskAccuracy
+from metrics import SELECTIONS, TaskAccuracy, select_record
 from models import LOCATION_HEAD_MODELS, TD_MAP_MODELS, build_model, count_parameters, unit_counts
 from models.gumbel_matrix import add_budget_gradient, allocation_matrix, router_parameters, set_temperature, \
     temperature_schedule
@@ -167,11 +171,12 @@ def run(args):
     info = {"command": args.command,
             "git_commit": git_commit(), "device": describe_device(device), "world_size": distributed.world_size(),
             "seed": args.seed, "epochs": epochs, "method": params["method"], "setting": params["setting"],
-            "subset": args.subset, **parameter_counts(params, model)}
+            "subset": args.subset, "protocol": params["protocol"], **parameter_counts(params, model)}
     processes = f" x {info['world_size']} processes" if distributed.is_distributed() else ""
     log(f"{params['exp_id']}: {params['method']} on {params['setting']}, {info['num_params']} params "
         f"(x{info['params_x']:.3f}), {len(data['train'][0])} train images, {info['device']}{processes}, out {out}")
 
+    kept = SELECTIONS[KEPT_MODEL[params["protocol"]]]  # the accuracy that picks best_model.pt
     for epoch in range(state["epoch"], epochs):
         start = time.perf_counter()
         for group, base_lr in zip(optimizer.param_groups, base_learning_rates(params)):
@@ -181,38 +186,62 @@ def run(args):
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss}
         evaluated = (epoch + 1) % params["eval_every"] == 0 or epoch + 1 == epochs
         if evaluated:
-            val, test = (evaluate(model, *data[split], num_tasks, rows, MEMORY_FORMATS[params["memory_format"]], stats,
-                                  pairs) for split in ("val", "test"))
-            record.update({"val_acc_mean": float(val.nanmean()), "test_acc_mean": float(test.nanmean()),
-                           "val_acc_per_task": val.tolist(), "test_acc_per_task": test.tolist()})
+            for split in ("val", "test"):
+                if split in data:  # no val split under the authors' protocol
+                    acc = evaluate(model, *data[split], num_tasks, rows, MEMORY_FORMATS[params["memory_format"]],
+                                   stats, pairs)
+                    record.update({f"{split}_acc_mean": float(acc.nanmean()), f"{split}_acc_per_task": acc.tolist()})
         state["wall_time_s"] += time.perf_counter() - start
         if weighting is not None:
             record["task_weights"] = weighting.weights().detach().cpu().tolist()
         if router_parameters(model):
             record["active_fraction_per_task"] = allocation_matrix(model).mean(dim=1).cpu().tolist()
         state["history"].append(record)
-        best = evaluated and (state["best"] is None or record["val_acc_mean"] > state["best"]["val_acc_mean"])
+        best = evaluated and (state["best"] is None or record[kept] > state["best"][kept])
         if best:
             state["best"] = record
         state["epoch"] = epoch + 1
         distributed.on_main(save_epoch, out, model, weighting, optimizer, params, args, epochs, state, best)
-        scores = f"val {record['val_acc_mean']:.2f}  test {record['test_acc_mean']:.2f}  (best val " \
-                 f"{state['best']['val_acc_mean']:.2f} at epoch {state['best']['epoch']})" if evaluated else \
-                 f"(evaluated every {params['eval_every']} epochs)"
+        scores = f"(evaluated every {params['eval_every']} epochs)"
+        if evaluated:
+            now = "  ".join(f"{split} {record[f'{split}_acc_mean']:.2f}" for split in ("val", "test") if split in data)
+            scores = f"{now}  (best {kept.split('_')[0]} {state['best'][kept]:.2f} at epoch {state['best']['epoch']})"
         log(f"epoch {epoch + 1}/{epochs}  loss {train_loss:.4f}  {scores}  {time.perf_counter() - start:.1f}s")
 
-    results = {**info, "best_epoch": state["best"]["epoch"], "val_acc_mean": state["best"]["val_acc_mean"],
-               "test_acc_mean": state["best"]["test_acc_mean"], "test_acc_per_task": state["best"]["test_acc_per_task"],
-               "val_acc_per_task": state["best"]["val_acc_per_task"],
-               "test_acc_mean_last": state["history"][-1]["test_acc_mean"],
-               "test_acc_per_task_last": state["history"][-1]["test_acc_per_task"],
+    results = {**info, **reported_figures(state["history"], KEPT_MODEL[params["protocol"]]),
                **({"active_fraction_per_task": state["best"]["active_fraction_per_task"]}
                   if "active_fraction_per_task" in state["best"] else {}),
                "wall_time_s": round(state["wall_time_s"], 2), "params": params}
     distributed.on_main(write, checkpoint.write_json, results, out / "results.json")
-    log(f"test accuracy at the best-validation epoch {results['best_epoch']}: {results['test_acc_mean']:.2f} "
-        f"(last epoch: {results['test_acc_mean_last']:.2f}); results in {out / 'results.json'}")
+    at_val = "none at a best-validation epoch (protocol authors: no validation split)"
+    if results["best_epoch"] is not None:
+        at_val = f"at the best-validation epoch {results['best_epoch']}: {results['test_acc_mean']:.2f}"
+    log(f"test accuracy {at_val}; at the best test epoch {results['best_test_epoch']} (optimistic): "
+        f"{results['test_acc_mean_best_test']:.2f}; at the last epoch: {results['test_acc_mean_last']:.2f}; "
+        f"best_model.pt: epoch {results['best_model_epoch']} ({results['best_model_selection']}); "
+        f"results in {out / 'results.json'}")
     return 0
+
+
+# protocol -> the selection whose epoch best_model.pt keeps: the held-out validation split, or (the authors' released
+# script, TD_MultiTask train_multi_task_counter_stream.py: `_model_best` by accuracy on the test split) the test split.
+KEPT_MODEL = {"held_out": "best_val", "authors": "best_test"}
+
+
+def reported_figures(history, kept):
+    """results.json's three test figures from the epoch records: at the best-validation epoch (``best_epoch``,
+    ``test_acc_mean``, ...; null without a validation split), at the best test epoch (``test_acc_mean_best_test``:
+    the authors' selection, optimistic) and at the last epoch (``test_acc_mean_last``); and which one best_model.pt
+    holds (``kept``)."""
+    val, test, last = (select_record(history, selection) for selection in ("best_val", "best_test", "last"))
+    at_val = {key: None if val is None else val[key]
+              for key in ("epoch", "val_acc_mean", "test_acc_mean", "test_acc_per_task", "val_acc_per_task")}
+    return {"best_epoch": at_val.pop("epoch"), **at_val,
+            "best_test_epoch": test["epoch"], "test_acc_mean_best_test": test["test_acc_mean"],
+            "test_acc_per_task_best_test": test["test_acc_per_task"],
+            "last_epoch": last["epoch"], "test_acc_mean_last": last["test_acc_mean"],
+            "test_acc_per_task_last": last["test_acc_per_task"],
+            "best_model_selection": kept, "best_model_epoch": {"best_val": val, "best_test": test}[kept]["epoch"]}
 
 
 def save_epoch(out, model, weighting, optimizer, params, args, epochs, state, best):
@@ -525,7 +554,9 @@ def read_checkpoint(path, params, args, epochs):
     if missing:
         raise RunError(f"cannot resume: {path} is not a checkpoint of this script (it lacks "
                        f"{', '.join(sorted(missing))}); move it away to start the run again")
-    changed = sorted(key for key in set(params) | set(saved["params"]) if params.get(key) != saved["params"].get(key))
+    before = {key: spec[1] for key, spec in config.SCHEMA.items() if spec[1] is not config.REQUIRED}
+    before.update(saved["params"])  # a key added to the schema since the checkpoint was written has its default
+    changed = sorted(key for key in set(params) | set(before) if params.get(key) != before.get(key))
     if saved["seed"] != args.seed:
         changed.append(f"--seed ({saved['seed']} -> {args.seed})")
     if saved["epochs"] != epochs:

@@ -1,7 +1,8 @@
 """Loader registry (paper §4.1): ``LOADERS[name]`` describes one data set, ``LOADERS[name].load`` loads it.
 
 ``load(setting, params, root) -> {split: (images, labels, locations)}`` for the splits ``train``, ``val`` and
-``test``, all in memory (the training script moves them to the device and cuts batches by index):
+``test`` (no ``val`` under the authors' protocol, ``protocol: authors``, Multi-MNIST only), all in memory (the
+training script moves them to the device and cuts batches by index):
 
 - ``images``: uint8, [N, 28, 28] (Multi-MNIST) or [N, 3, S, S] (RGB, S = the param ``input_size``);
 - ``labels``: integers [N, T] (int64; int8 for CLEVR, whose 1645 tasks on 70K images would take 0.9 GB in
@@ -36,9 +37,13 @@ class Loader(NamedTuple):
 
 
 def load_multi_mnist(setting, params, root=None):
-    return {split: multi_mnist.make_multi_mnist(setting, split, params["data_seed"], root, params["resize"],
+    """Held-out protocol: train / val / test from MNIST train[:50k] / train[50k:] / test. The authors' protocol
+    (``protocol: authors``): train from all 60k MNIST training images, test, no val split."""
+    sources = {"train": "train", "val": "val", "test": "test"} if params.get("protocol", "held_out") == "held_out" \
+        else {"train": "train_all", "test": "test"}
+    return {split: multi_mnist.make_multi_mnist(setting, source, params["data_seed"], root, params["resize"],
                                                 locations=True)
-            for split in multi_mnist.SPLITS}
+            for split, source in sources.items()}
 
 
 def in_memory(task_sets, with_locations=True):

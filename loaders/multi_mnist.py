@@ -10,7 +10,10 @@ drawn uniformly with replacement from the same pool; the canvas is the pixelwise
   exactly once and not in the last column (label -1 otherwise: ignored by the loss and the metrics).
 
 Pools: ``train`` = MNIST train[:50000], ``val`` = MNIST train[50000:] (held out of training), ``test`` =
-MNIST test. Generation is seeded, vectorised and cached, keyed by every generation parameter.
+MNIST test; ``train_all`` = all 60000 MNIST training images, the authors' training pool (their generator,
+TD_MultiTask ``data/multi_mnist_loader_extratask9.py``, composes every MNIST training image with partners
+from all of them; the ``authors`` protocol of the training script). Generation is seeded, vectorised and
+cached, keyed by every generation parameter.
 """
 import numpy as np
 import torch
@@ -19,8 +22,9 @@ from . import cache
 from .mnist import data_root, load_mnist
 
 KINDS = ("2digits", "4digits", "9digits", "9digits_byref")
-SPLITS = ("train", "val", "test")
-RESIZES = ("nearest", "bicubic_clipped")
+SPLITS = ("train", "val", "test")  # the held-out protocol's splits
+ALL_SPLITS = SPLITS + ("train_all",)  # new splits go last: the index seeds the generator
+RESIZES = ("nearest", "bicubic_clipped", "bicubic_wrap")
 NUM_TASKS = {"2digits": 2, "4digits": 4, "9digits": 9, "9digits_byref": 10}
 GENERATOR_VERSION = 1
 
@@ -37,8 +41,8 @@ def make_multi_mnist(kind, split, seed=0, root=None, resize="nearest", locations
     ``locations`` also ``task_locations`` [N, T, 2]."""
     if kind not in KINDS:
         raise ValueError(f"unknown Multi-MNIST kind {kind!r}; valid: {', '.join(KINDS)}")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if split not in ALL_SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {', '.join(ALL_SPLITS)}")
     if resize not in RESIZES:
         raise ValueError(f"unknown resize {resize!r}; valid: {', '.join(RESIZES)}")
     grid_kind = "9digits" if kind == "9digits_byref" else kind
@@ -56,10 +60,10 @@ def _generate(kind, split, seed, root, resize):
     if split == "test":
         pool_images, pool_labels = mnist["test_images"], mnist["test_labels"]
     else:
-        part = slice(0, 50_000) if split == "train" else slice(50_000, 60_000)
+        part = {"train": slice(0, 50_000), "val": slice(50_000, 60_000), "train_all": slice(0, 60_000)}[split]
         pool_images, pool_labels = mnist["train_images"][part], mnist["train_labels"][part]
     size, offsets = LAYOUTS[kind]
-    rng = np.random.default_rng([seed, KINDS.index(kind), SPLITS.index(split)])
+    rng = np.random.default_rng([seed, KINDS.index(kind), ALL_SPLITS.index(split)])
     n = len(pool_images)
     index = np.concatenate([np.arange(n)[:, None], rng.integers(0, n, size=(n, len(offsets) - 1))], axis=1)
     canvas = compose(pool_images, index, size, offsets)
@@ -78,15 +82,29 @@ def compose(pool_images, index, size, offsets):
 def resize_to_28(canvas, resize):
     """``nearest``: Pillow's NEAREST (output x reads source floor((x + 0.5) * S / 28)), as
     ``scipy.misc.imresize(interp='nearest')`` in Sener & Koltun. ``bicubic_clipped``: Pillow's BICUBIC on
-    a float image as in the released TD code, clipped to [0, 255] before the uint8 cast (the released
-    code wraps around instead)."""
+    a float image as in the released TD code, clipped to [0, 255] before the uint8 cast. ``bicubic_wrap``: the
+    released TD code exactly (``Image.fromarray(float64 canvas).resize((28, 28))``, whose default filter is BICUBIC
+    from Pillow 7.0 on, then ``astype(np.uint8)``): the overshoot below 0 and above 255 wraps around
+    (``wrap_uint8``)."""
     size = canvas.shape[-1]
     if resize == "nearest":
         src = _pillow_nearest_index(size)
         return np.ascontiguousarray(canvas[:, src][:, :, src])
+    if resize == "bicubic_wrap":
+        from PIL import Image
+        out = np.empty((len(canvas), 28, 28), dtype=np.uint8)
+        for n, image in enumerate(canvas):
+            out[n] = wrap_uint8(np.asarray(Image.fromarray(image.astype(np.float64)).resize((28, 28), Image.BICUBIC)))
+        return out
     weights = _pillow_bicubic_matrix(size)
     out = weights @ (canvas.astype(np.float32) @ weights.T)
     return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def wrap_uint8(values):
+    """NumPy's float -> uint8 ``astype`` on x86-64, made explicit (the C cast of an out-of-range value is otherwise
+    platform-dependent): truncate toward zero, then modulo 256, e.g. -2.8 -> 254, -0.5 -> 0, 257.8 -> 1."""
+    return (np.trunc(values).astype(np.int64) % 256).astype(np.uint8)
 
 
 def _pillow_nearest_index(size):

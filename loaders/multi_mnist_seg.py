@@ -7,8 +7,9 @@ canvas at the digit's offset and resized to 28x28 exactly as the composite image
 - ``nearest`` (the default): the same pixel selection as the image's resize, so the masks are exact: for any
   threshold, the union over the digits of an image of their masks is ``image > threshold``, pixel for pixel
   (the canvas is the pixelwise max of the placed digits, and max > t iff some digit > t).
-- ``bicubic_clipped``: the 0/1 mask is resized with the image's BICUBIC matrix and thresholded again at 0.5
-  (the union then matches ``image > threshold`` closely, not exactly).
+- ``bicubic_clipped`` and ``bicubic_wrap``: the 0/1 mask is resized with the image's BICUBIC matrix and
+  thresholded again at 0.5 (the union then matches ``image > threshold`` closely, not exactly; the wrap-around
+  of ``bicubic_wrap`` changes pixel values, not where a digit lies).
 
 The generator of ``loaders.multi_mnist`` does not store which MNIST digit went where, so the placements are
 regenerated here with its seeded procedure (same pool, same ``default_rng([seed, kind, split])`` draw) and checked
@@ -26,7 +27,7 @@ import torch
 
 from . import cache
 from .mnist import data_root, load_mnist
-from .multi_mnist import (GENERATOR_VERSION, KINDS, LAYOUTS, RESIZES, SPLITS, _pillow_bicubic_matrix,
+from .multi_mnist import (ALL_SPLITS, GENERATOR_VERSION, KINDS, LAYOUTS, RESIZES, _pillow_bicubic_matrix,
                           _pillow_nearest_index, by_ref_labels, compose, make_multi_mnist, resize_to_28)
 
 SEG_VERSION = 1
@@ -78,7 +79,7 @@ def placements(kind, split, seed, n):
     """[n, K] index into the split's pool of the digit at each grid position: the same draw as
     ``multi_mnist._generate`` (position 0: every pool image once, in order; the others uniform with replacement)."""
     offsets = LAYOUTS[kind][1]
-    rng = np.random.default_rng([seed, KINDS.index(kind), SPLITS.index(split)])
+    rng = np.random.default_rng([seed, KINDS.index(kind), ALL_SPLITS.index(split)])
     return np.concatenate([np.arange(n)[:, None], rng.integers(0, n, size=(n, len(offsets) - 1))], axis=1)
 
 
@@ -102,8 +103,9 @@ def _generate_masks(kind, split, seed, root, resize, threshold):
 
 def place_and_resize(digit_masks, which, size, offset, resize, chunk=10_000):
     """Masks [N, 28, 28] of ``digit_masks[which]`` placed at ``offset`` on a ``size`` canvas, resized to 28x28 as
-    the images: nearest = the image's pixel selection; bicubic_clipped = the image's BICUBIC matrix on the 0/1
-    mask, then >= 0.5. Only the canvas rows/columns that the digit covers are touched (no full canvas)."""
+    the images: nearest = the image's pixel selection; bicubic_clipped and bicubic_wrap = the image's BICUBIC
+    matrix on the 0/1 mask, then >= 0.5. Only the canvas rows/columns that the digit covers are touched (no full
+    canvas)."""
     row, col = offset
     if resize == "nearest":
         src = _pillow_nearest_index(size)
@@ -113,7 +115,7 @@ def place_and_resize(digit_masks, which, size, offset, resize, chunk=10_000):
         out_r, out_c = np.nonzero(in_r)[0], np.nonzero(in_c)[0]
         out[:, out_r[:, None], out_c[None, :]] = digit_masks[which][:, rows[in_r][:, None], cols[in_c][None, :]]
         return out
-    if resize != "bicubic_clipped":
+    if resize not in ("bicubic_clipped", "bicubic_wrap"):
         raise ValueError(f"unknown resize {resize!r}; valid: {', '.join(RESIZES)}")
     weights = _pillow_bicubic_matrix(size)  # [28, size]
     w_rows, w_cols = weights[:, row:row + SIDE], weights[:, col:col + SIDE]

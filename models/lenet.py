@@ -1,9 +1,12 @@
 """The LeNet backbone shared by every row of Table 2 (spec §0.1), and the multi-branch / single-task nets.
 
 conv1 1->10 k5 (28->24), ReLU, maxpool (->12), conv2 10->20 k5 (->8), ReLU, maxpool (->4), fc 320->50, ReLU,
-fc1 50->50, ReLU, fc2 50->10. No dropout anywhere, so that the rows of Table 2 differ only in the method.
-Widths are arguments so that the wider variants (ch-mod extended, Figure 3) reuse the same code.
+fc1 50->50, ReLU, fc2 50->10. No dropout by default (the authors' LeNet has none), so that the rows of Table 2
+differ only in the method; the multi-branch and single-task LeNets can take Sener & Koltun's dropout
+(``dropout="sener_koltun"``, ``SenerKoltunDropout``). Widths are arguments so that the wider variants (ch-mod
+extended, Figure 3) reuse the same code.
 """
+import contextlib
 import math
 
 import torch
@@ -11,6 +14,64 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 NUM_CLASSES = 10
+DROPOUTS = ("none", "sener_koltun")
+
+
+class SenerKoltunDropout(nn.Module):
+    """The dropout of Sener & Koltun's MultiLeNetR / MultiLeNetO (isl-org/MultiObjectiveOptimization,
+    ``multi_task/models/multi_lenet.py``), the source of the multi-branch baselines. In training only:
+
+    - ``channel``: conv2's output (before pooling and ReLU) times one Bernoulli(0.5) mask per channel, of shape
+      [1, C, 1, 1]: the same channels are dropped for every image of the batch;
+    - ``element``: a head's fc1 output (after ReLU) times a Bernoulli(0.5) mask per element (per image, task and
+      unit);
+    - no 1/(1-p) rescale, and the identity in eval mode (so activations at test time are about twice those seen
+      in training, as in the original).
+
+    Masks come from torch's global generator, which the training script seeds per epoch (exact resume). Inside
+    ``hold()`` the first masks drawn are reused by every later forward, as Sener & Koltun's MGDA-UB reuses the
+    masks of its gradient passes in its final pass (``multi_task/train_multi_task.py``). Under DDP each rank draws
+    the masks of its own part of the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.held = None
+
+    def channel(self, x):
+        return self._mask(x, "channel", (1, x.shape[1], 1, 1))
+
+    def element(self, x):
+        return self._mask(x, "element", x.shape)
+
+    def _mask(self, x, name, shape):
+        if not self.training:
+            return x
+        mask = None if self.held is None else self.held.get(name)
+        if mask is None:
+            mask = torch.bernoulli(torch.full(shape, 0.5, dtype=x.dtype, device=x.device))
+            if self.held is not None:
+                self.held[name] = mask
+        return x * mask
+
+    @contextlib.contextmanager
+    def hold(self):
+        self.held = {}
+        try:
+            yield
+        finally:
+            self.held = None
+
+
+def held_dropout_masks(model):
+    """A context in which ``model``'s Sener-Koltun dropout masks stay fixed (a no-op for a model without them)."""
+    dropout = getattr(model, "dropout", None)
+    return dropout.hold() if isinstance(dropout, SenerKoltunDropout) else contextlib.nullcontext()
+
+
+def make_dropout(dropout):
+    if dropout not in DROPOUTS:
+        raise ValueError(f"unknown dropout {dropout!r}; valid: {', '.join(DROPOUTS)}")
+    return SenerKoltunDropout() if dropout == "sener_koltun" else None
 
 
 class LeNet(nn.Module):
@@ -74,14 +135,17 @@ class BatchedLinear(nn.Module):
 
 
 class MultiBranchLeNet(nn.Module):
-    """Shared trunk (conv1, conv2, fc) and one head (fc1, fc2) per task (spec §0.1: the split that
-    reproduces the paper's #P). ``forward(x) -> [B, T, 10]``."""
+    """Shared trunk (conv1, conv2, fc) and one head (fc1, fc2) per task: Sener & Koltun's MultiLeNetR and
+    MultiLeNetO, the split that reproduces the paper's #P (Table 2). ``forward(x) -> [B, T, 10]``. ``dropout``:
+    none, or sener_koltun (``SenerKoltunDropout``: a batch-shared channel mask on conv2, per-element masks on
+    each head's fc1)."""
 
     paradigm = "multi_branch"
 
-    def __init__(self, num_tasks, c1=10, c2=20, hidden=50):
+    def __init__(self, num_tasks, c1=10, c2=20, hidden=50, dropout="none"):
         super().__init__()
         self.num_tasks = num_tasks
+        self.dropout = make_dropout(dropout)
         self.conv1 = nn.Conv2d(1, c1, kernel_size=5)
         self.conv2 = nn.Conv2d(c1, c2, kernel_size=5)
         self.fc = nn.Linear(c2 * 4 * 4, hidden)
@@ -94,12 +158,17 @@ class MultiBranchLeNet(nn.Module):
         return self.fc
 
     def trunk(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = self.conv2(F.max_pool2d(F.relu(self.conv1(x)), 2))
+        if self.dropout is not None:
+            x = self.dropout.channel(x)
+        x = F.max_pool2d(F.relu(x), 2)
         return F.relu(self.fc(x.flatten(1)))
 
     def heads(self, rep):
-        return self.fc2(F.relu(self.fc1(rep)))
+        x = F.relu(self.fc1(rep))
+        if self.dropout is not None:
+            x = self.dropout.element(x)
+        return self.fc2(x)
 
     def forward(self, x):
         return self.heads(self.trunk(x))
@@ -109,13 +178,16 @@ class SingleTaskLeNets(nn.Module):
     """T independent LeNets (Table 2 'Single task', #P = T x LeNet), run as one grouped network:
     conv1 has T*c1 output channels, conv2 is grouped by task, the fc layers are batched per task.
     Every weight belongs to exactly one task, so training all T with the summed loss is the same as
-    training T separate networks. ``forward(x) -> [B, T, 10]``."""
+    training T separate networks. ``forward(x) -> [B, T, 10]``. ``dropout`` as ``MultiBranchLeNet``'s: with
+    sener_koltun each task's LeNet gets its own batch-shared channel mask on conv2 (one mask over the T x c2
+    channels) and per-element masks on fc1."""
 
     paradigm = "multi_branch"
 
-    def __init__(self, num_tasks, c1=10, c2=20, hidden=50):
+    def __init__(self, num_tasks, c1=10, c2=20, hidden=50, dropout="none"):
         super().__init__()
         self.num_tasks, self.c2 = num_tasks, c2
+        self.dropout = make_dropout(dropout)
         self.conv1 = nn.Conv2d(1, num_tasks * c1, kernel_size=5)
         self.conv2 = nn.Conv2d(num_tasks * c1, num_tasks * c2, kernel_size=5, groups=num_tasks)
         self.fc = BatchedLinear(num_tasks, c2 * 4 * 4, hidden)
@@ -123,8 +195,12 @@ class SingleTaskLeNets(nn.Module):
         self.fc2 = BatchedLinear(num_tasks, hidden, NUM_CLASSES)
 
     def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = self.conv2(F.max_pool2d(F.relu(self.conv1(x)), 2))
+        if self.dropout is not None:
+            x = self.dropout.channel(x)
+        x = F.max_pool2d(F.relu(x), 2)
         x = x.reshape(x.shape[0], self.num_tasks, self.c2 * 16)
-        x = F.relu(self.fc(x))
-        return self.fc2(F.relu(self.fc1(x)))
+        x = F.relu(self.fc1(F.relu(self.fc(x))))
+        if self.dropout is not None:
+            x = self.dropout.element(x)
+        return self.fc2(x)

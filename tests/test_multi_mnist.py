@@ -124,7 +124,7 @@ def test_generation_is_deterministic_and_seeded(tmp_path, monkeypatch):
 def test_bad_arguments_fail_with_valid_choices():
     with pytest.raises(ValueError, match="valid: 2digits, 4digits, 9digits, 9digits_byref"):
         make_multi_mnist("3digits", "train")
-    with pytest.raises(ValueError, match="valid: train, val, test"):
+    with pytest.raises(ValueError, match="valid: train, val, test, train_all"):
         make_multi_mnist("2digits", "training")
-    with pytest.raises(ValueError, match="valid: nearest, bicubic_clipped"):
+    with pytest.raises(ValueError, match="valid: nearest, bicubic_clipped, bicubic_wrap"):
         make_multi_mnist("2digits", "train", resize="bilinear")

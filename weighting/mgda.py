@@ -4,6 +4,7 @@ import torch
 import distributed
 from losses import per_task_cross_entropy
 from min_norm_solvers import NORMALIZATIONS, find_min_norm_element, gradient_normalizers
+from models.lenet import held_dropout_masks
 
 from .base import Weighting
 
@@ -23,20 +24,21 @@ class MGDA(Weighting):
         """alpha from the gradients w.r.t. z = trunk(x) (SK Eq. 6 upper bound), then backward of sum_t alpha_t L_t.
         Under DDP the ranks' gradients (their images' columns) are gathered: every rank solves for the global batch."""
         net = distributed.unwrap(model)
-        with torch.no_grad():
-            z = net.trunk(images)
-        z = z.detach().requires_grad_()  # detached leaf: the task gradients stop at the shared representation
-        losses = per_task_cross_entropy(net.heads(z), labels, num_valid)
-        grads = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].flatten() for loss in losses])
-        # a rank's losses are world_size x its share of the global batch's losses, and so are their gradients
-        grads, losses = distributed.cat(grads) / distributed.world_size(), distributed.mean(losses)
-        grads = grads / gradient_normalizers(grads, losses, self.normalization)[:, None]
-        alpha, _ = find_min_norm_element(grads, self.max_iter)
-        self.alpha.copy_(alpha)
+        with held_dropout_masks(net):  # Sener & Koltun's dropout: the final pass reuses the masks of the others
+            with torch.no_grad():
+                z = net.trunk(images)
+            z = z.detach().requires_grad_()  # detached leaf: the task gradients stop at the shared representation
+            losses = per_task_cross_entropy(net.heads(z), labels, num_valid)
+            grads = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].flatten() for loss in losses])
+            # a rank's losses are world_size x its share of the global batch's losses, and so are their gradients
+            grads, losses = distributed.cat(grads) / distributed.world_size(), distributed.mean(losses)
+            grads = grads / gradient_normalizers(grads, losses, self.normalization)[:, None]
+            alpha, _ = find_min_norm_element(grads, self.max_iter)
+            self.alpha.copy_(alpha)
 
-        losses = per_task_cross_entropy(model(images), labels, num_valid)  # raw L_t: normalisation only changes alpha
-        (alpha * losses).sum().backward()
-        return losses.detach()
+            losses = per_task_cross_entropy(model(images), labels, num_valid)  # raw L_t: the normaliser moves alpha
+            (alpha * losses).sum().backward()
+            return losses.detach()
 
     def weights(self):
         return self.alpha.clone()
