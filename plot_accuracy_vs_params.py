@@ -94,12 +94,8 @@ def figure(plt, table, setting):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("error: this plot needs matplotlib: pip install matplotlib", file=sys.stderr)
+    plt = cli.pyplot("plot_accuracy_vs_params.py")
+    if plt is None:
         return 2
     if not Path(args.table).is_file():
         print(f"error: {args.table} not found; run make_table2.py (or reproduce_table2.py) first", file=sys.stderr)
@@ -109,10 +105,7 @@ def main(argv=None):
         print(f"error: {args.table} has no column '{args.setting}'; rebuild it with make_table2.py", file=sys.stderr)
         return 2
     out = Path(args.out or f"runs/table2_{args.setting}_acc_vs_params.png")
-    fig = figure(plt, table, args.setting)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150)
-    plt.close(fig)
+    cli.save_figure(plt, figure(plt, table, args.setting), out, dpi=150)
     print(f"wrote {out}")
     return 0
 

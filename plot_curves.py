@@ -180,12 +180,8 @@ def plot(plt, groups, with_tasks, sources):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("error: plot_curves.py needs matplotlib: pip install matplotlib", file=sys.stderr)
+    plt = cli.pyplot("plot_curves.py")
+    if plt is None:
         return 2
     try:
         runs = [load_run(directory) for directory in find_runs(args.runs)]
@@ -194,9 +190,7 @@ def main(argv=None):
         return 2
     fig = plot(plt, group_runs(runs, args.group == "seeds"), args.per_task, args.runs)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    cli.save_figure(plt, fig, out, dpi=120)
     print(f"wrote {out} ({len(runs)} run(s))")
     return 0
 

@@ -23,7 +23,6 @@ import train_multi_task_counter_stream as train_script
 from loaders.multi_mnist import LAYOUTS, NUM_TASKS, make_multi_mnist
 from losses_spatial import map_argmax
 from models import build_model
-from provenance import REPO
 
 CHUNK = 2048
 
