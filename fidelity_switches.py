@@ -2,12 +2,12 @@
 each Multi-MNIST resize (nearest, bicubic_clipped, bicubic_wrap) and each protocol (held_out, authors), one seed.
 
     python fidelity_switches.py run --epochs 10 --jobs 2   # trains the 12 runs into runs/fidelity_switches
-    python fidelity_switches.py table --epochs 10          # results/fidelity_switches/ and fidelity_switches.md
+    python fidelity_switches.py table --epochs 10 --results_dir results/fidelity_switches --table results/fidelity_switches.md
 
 ``run`` writes one param file per run (the shipped params/mmnist_9digits_<method>.json with ``resize`` and
 ``protocol`` set) and trains it with the training script, ``--jobs`` at a time, at ``nice -n 10`` with one thread
 each; a finished run is skipped, a killed one resumed. ``table`` copies every finished run's results.json and
-metrics.jsonl (no checkpoints) to --results_dir and writes the table of its three test figures: at the
+metrics.jsonl (no checkpoints) to --results_dir (default under runs/tables/) and writes the table of its three test figures: at the
 best-validation epoch (held_out only), at the best test epoch (the authors' selection: optimistic) and at the last
 epoch.
 """
@@ -20,9 +20,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import checkpoint
+import cli
 from loaders.multi_mnist import RESIZES
+from provenance import REPO
 
-REPO = Path(__file__).resolve().parent
 METHODS = ("controlnet", "uniform_scaling")
 PROTOCOLS = ("held_out", "authors")
 
@@ -37,14 +39,15 @@ def name_of(method, resize, protocol):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("run", "table"))
     parser.add_argument("--runs_dir", default="runs/fidelity_switches", help="where the runs train")
-    parser.add_argument("--results_dir", default="results/fidelity_switches",
-                        help="table: where results.json and metrics.jsonl are copied")
-    parser.add_argument("--table", default="results/fidelity_switches.md", help="table: the Markdown table")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results_dir", default="runs/tables/fidelity_switches",
+                        help="table: where results.json and metrics.jsonl are copied (default under runs/tables/)")
+    parser.add_argument("--table", default="runs/tables/fidelity_switches.md",
+                        help="table: the Markdown table (default under runs/tables/)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10)")
+    parser.add_argument("--seed", type=int, default=0, help="run seed (default 0)")
     parser.add_argument("--jobs", type=int, default=1, help="run: runs at a time")
     return parser.parse_args(argv)
 
@@ -128,8 +131,10 @@ def table(args):
               f"- Git commit(s): {', '.join(f'`{c}`' for c in commits) or '–'}; "
               f"device(s): {', '.join(devices) or '–'}.",
               f"- Made by: `python fidelity_switches.py run --epochs {args.epochs} --jobs 2` then "
-              f"`python fidelity_switches.py table --epochs {args.epochs}`."]
-    Path(args.table).write_text("\n".join(lines) + "\n")
+              f"`python fidelity_switches.py table --epochs {args.epochs} --results_dir {results_dir} "
+              f"--table {args.table}`."]
+    Path(args.table).parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_text("\n".join(lines) + "\n", Path(args.table))
     print(f"wrote {args.table} ({len(done)} of {len(rows)} runs)")
     return 0
 
@@ -140,4 +145,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)
