@@ -1,11 +1,11 @@
-"""MGDA min-norm solver (min_norm_solvers.py) against an exact brute-force reference."""
+"""MGDA min-norm solver (weighting/min_norm_solvers.py) against an exact brute-force reference."""
 import itertools
 
 import numpy as np
 import pytest
 import torch
 
-from min_norm_solvers import NORMALIZATIONS, find_min_norm_element, gradient_normalizers
+from weighting.min_norm_solvers import NORMALIZATIONS, find_min_norm_element, gradient_normalizers
 
 torch.set_num_threads(1)
 

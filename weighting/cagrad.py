@@ -5,7 +5,7 @@ default). Defaults c = 0.4 (the paper's NYUv2 / Cityscapes value) and the refere
 import numpy as np
 import torch
 
-from min_norm_solvers import projection2simplex
+from .min_norm_solvers import projection2simplex
 
 from .task_gradients import GradientWeighting
 

@@ -4,7 +4,7 @@ import torch
 
 import distributed
 from losses import per_task_cross_entropy
-from min_norm_solvers import NORMALIZATIONS, find_min_norm_element, gradient_normalizers
+from .min_norm_solvers import NORMALIZATIONS, find_min_norm_element, gradient_normalizers
 from models.lenet import held_dropout_masks
 
 from .base import Weighting
