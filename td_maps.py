@@ -21,7 +21,6 @@ import checkpoint
 import cli
 import train_multi_task_counter_stream as train_script
 from loaders.multi_mnist import LAYOUTS, NUM_TASKS, make_multi_mnist
-from losses_spatial import map_argmax
 from models import build_model
 
 CHUNK = 2048
@@ -136,6 +135,13 @@ def plot(images, model, labels, locations, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def map_argmax(td_map):
+    """[B, 2] (x, y) pixel of each map's maximum: the predicted location (for Figure 4c/d-style plots)."""
+    width = td_map.shape[-1]
+    flat = td_map.flatten(1).argmax(dim=1)
+    return torch.stack([flat % width, torch.div(flat, width, rounding_mode="floor")], dim=1)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ import distributed
 import gumbel_experiment
 import losses
 from provenance import REPO, describe_device, git_commit
-import losses_spatial
 import run_lock
 import tensorboard_log
 from loaders import LOADERS, NUM_TASKS
@@ -562,12 +561,12 @@ def location_loss(where, xy, batch_xy, size):
     """The localisation loss ('loc', paper §4.2) of this rank's samples, divided as ``loss_divisor`` does: by the
     targets of the whole global batch (``batch_xy``) over the number of ranks. ``where`` is ControlNet's TD bottom
     map [B, 1, S, S] (the spatial classification loss) or a baseline's regressed (x, y) [B, 2] (one task per image;
-    a scalar) or [B, T, 2] (every task; [T] losses) in pixels of the ``size`` x ``size`` input (``losses_spatial``)."""
+    a scalar) or [B, T, 2] (every task; [T] losses) in pixels of the ``size`` x ``size`` input (``losses``)."""
     if where.dim() == 4:
-        num_valid = losses_spatial.has_location(batch_xy, *where.shape[-2:]).sum().clamp(min=1)
-        return losses_spatial.spatial_classification_loss(where, xy, num_valid=num_valid / distributed.world_size())
+        num_valid = losses.has_location(batch_xy, *where.shape[-2:]).sum().clamp(min=1)
+        return losses.spatial_classification_loss(where, xy, num_valid=num_valid / distributed.world_size())
     num_valid = (batch_xy >= 0).all(dim=-1).sum(dim=0).clamp(min=1)
-    return losses_spatial.location_regression_loss(where, xy, size, num_valid / distributed.world_size())
+    return losses.location_regression_loss(where, xy, size, num_valid / distributed.world_size())
 
 
 def report_nonfinite(step, epoch, params, order, tasks, batch_size, out, state, bad_losses):

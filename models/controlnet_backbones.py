@@ -15,7 +15,7 @@ With stages 0..n-1 of the backbone (C_k channels at stage k):
 As in the authors' CLEVR model: the task embedding is ``Linear(T, e*h*w)`` on the one-hot task (e = 32,
 h = w = the top size), then a 1x1 conv to C_{n-1}; there is no BU1 lateral at stage 0 and no gate on the
 top stage or the image; the TD bottom is conv3x3 C_0 -> C_0/2 then conv1x1 -> 1, trained by the
-localisation loss (``losses_spatial``); neither bottom conv has a bias: the map feeds only that loss, a softmax
+localisation loss (``losses``); neither bottom conv has a bias: the map feeds only that loss, a softmax
 over all pixels, so a constant added to the map (all that either bias adds) would never be trained. Laterals are
 1x1 convs C_k -> C_k. For the CLEVR VGG-11 this gives the paper's #P of x1.56 over the backbone (Table 3a).
 """

@@ -12,7 +12,7 @@ and gives every task its own head (for CLEVR the VGG classifier, the split that 
 ``location_head=True`` adds the baselines' localisation variant (Table 3, 'loc' column): "an additional
 regression loss, calculated by a FC layer at the top of the network" -- a Linear(F, 2) on the head's
 penultimate features (one per task for uniform scaling), returned by ``forward(..., with_location=True)`` and
-trained with ``losses_spatial.location_regression_loss``. The training script sets it when ``spatial_loss_weight``
+trained with ``losses.location_regression_loss``. The training script sets it when ``spatial_loss_weight``
 is positive.
 """
 import torch

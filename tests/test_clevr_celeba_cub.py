@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import losses_spatial
+import losses
+import td_maps
 from loaders import celeba, clevr, clevr_like, cub
 from loaders.image_sets import MissingDatasetError, held_out_split, normalize_rgb, stack
 from losses import per_task_cross_entropy
@@ -238,7 +239,7 @@ def test_generated_scenes_run_through_the_clevr_loader_and_a_training_step(gener
     out = model.streams(normalize_rgb(images), tasks)
     rows = torch.arange(len(tasks))
     loss = F.cross_entropy(out.bu2_logits, labels[rows, tasks]) + \
-        losses_spatial.spatial_classification_loss(out.td_map, locations[rows, tasks])
+        losses.spatial_classification_loss(out.td_map, locations[rows, tasks])
     loss.backward()
     assert torch.isfinite(loss)
 
@@ -397,7 +398,7 @@ def test_controlnet_training_step(backbone, size):
     out = model.streams(images, tasks)
     assert out.bu2_logits.shape == out.bu1_logits.shape == (4, classes)
     assert out.td_map.shape == (4, 1, size, size)
-    loss = F.cross_entropy(out.bu2_logits, labels) + losses_spatial.spatial_classification_loss(out.td_map, xy)
+    loss = F.cross_entropy(out.bu2_logits, labels) + losses.spatial_classification_loss(out.td_map, xy)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loss.backward()
     assert torch.isfinite(loss)
@@ -413,7 +414,7 @@ def test_controlnet_has_no_parameter_the_loss_cannot_train(backbone, size):
     model = BackboneControlNet(3, backbone, width=1 / 8, input_size=size)
     images, tasks, labels, xy = batch(size, model.bu.head.out.out_features)
     out = model.streams(images, tasks)
-    (F.cross_entropy(out.bu2_logits, labels) + losses_spatial.spatial_classification_loss(out.td_map, xy)).backward()
+    (F.cross_entropy(out.bu2_logits, labels) + losses.spatial_classification_loss(out.td_map, xy)).backward()
     untrained = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().max() < 1e-5]
     assert untrained == []
 
@@ -441,7 +442,7 @@ def test_modulated_baselines_training_step(cls, backbone, size):
     images, tasks, labels, xy = batch(size, classes)
     assert model(images, tasks).shape == (4, classes)
     logits, where = model(images, tasks, with_location=True)
-    loss = F.cross_entropy(logits, labels) + losses_spatial.location_regression_loss(where, xy, size)
+    loss = F.cross_entropy(logits, labels) + losses.location_regression_loss(where, xy, size)
     loss.backward()
     assert torch.isfinite(loss)
     assert_every_parameter_has_a_gradient(model)
@@ -459,7 +460,7 @@ def test_multi_branch_training_step(backbone, size):
     assert model.last_shared_layer.weight.dim() == 4
     logits, where = model(images, with_location=True)
     loss = per_task_cross_entropy(logits, targets).sum() + \
-        losses_spatial.location_regression_loss(where, xy[:, None].expand(-1, 3, -1), size).sum()
+        losses.location_regression_loss(where, xy[:, None].expand(-1, 3, -1), size).sum()
     loss.backward()
     assert torch.isfinite(loss)
     assert_every_parameter_has_a_gradient(model)
@@ -484,7 +485,7 @@ def test_input_size_must_match_the_stride():
 # ------------------------------------------------------------------------------------------------
 
 def test_blurred_target_is_a_unit_gaussian_at_the_point():
-    target = losses_spatial.blurred_targets(torch.tensor([[20.7, 12.2]]), 30, 40)[0]
+    target = losses.blurred_targets(torch.tensor([[20.7, 12.2]]), 30, 40)[0]
     assert target.shape == (30, 40)
     assert abs(float(target.sum()) - 1.0) < 1e-5
     assert divmod(int(target.argmax()), 40) == (12, 20)
@@ -493,13 +494,13 @@ def test_blurred_target_is_a_unit_gaussian_at_the_point():
 
 def test_spatial_loss_is_minimal_at_the_target_and_skips_missing_points():
     xy = torch.tensor([[20.0, 12.0], [-1.0, -1.0]])
-    target = losses_spatial.blurred_targets(xy[:1], 30, 40)
+    target = losses.blurred_targets(xy[:1], 30, 40)
     perfect = torch.log(target.clamp_min(1e-30))[:, None].repeat(2, 1, 1, 1)
-    assert float(losses_spatial.spatial_classification_loss(perfect, xy)) == pytest.approx(0.0, abs=1e-4)
+    assert float(losses.spatial_classification_loss(perfect, xy)) == pytest.approx(0.0, abs=1e-4)
     logits = torch.zeros(2, 1, 30, 40, requires_grad=True)
-    loss = losses_spatial.spatial_classification_loss(logits, xy)
+    loss = losses.spatial_classification_loss(logits, xy)
     loss.backward()
     assert loss.item() > 1.0 and logits.grad[1].abs().sum() == 0
-    none = losses_spatial.spatial_classification_loss(logits, torch.full((2, 2), -1.0))
+    none = losses.spatial_classification_loss(logits, torch.full((2, 2), -1.0))
     assert none.item() == 0.0
-    assert losses_spatial.map_argmax(perfect)[0].tolist() == [20, 12]
+    assert td_maps.map_argmax(perfect)[0].tolist() == [20, 12]

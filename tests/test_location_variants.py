@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import config
-import losses_spatial
+import losses
 import train_multi_task_counter_stream as train_script
 from losses import masked_cross_entropy
 from models import build_model, count_parameters
@@ -25,20 +25,20 @@ OPTIONS = {"backbone": "resnet18", "width": 1 / 8, "input_size": SIZE, "num_clas
 def test_regression_loss_by_hand():
     predicted = torch.tensor([[3.0, 4.0], [10.0, 0.0], [7.0, 7.0]], requires_grad=True)
     xy = torch.tensor([[1.0, 2.0], [-1.0, -1.0], [7.0, 9.0]])  # the second sample has no target
-    loss = losses_spatial.location_regression_loss(predicted, xy, 4.0)
+    loss = losses.location_regression_loss(predicted, xy, 4.0)
     # ((2/4)^2 + (2/4)^2) / 2 = 0.25 and (0 + (2/4)^2) / 2 = 0.125, over the 2 samples with a target
     assert loss.item() == pytest.approx((0.25 + 0.125) / 2)
     loss.backward()
     assert predicted.grad[1].tolist() == [0.0, 0.0]
     # d/dp of ((p - t) / 4)^2 / 2 / 2 = (p - t) / 32 for sample 0
     assert predicted.grad[0].tolist() == pytest.approx([2 / 32, 2 / 32])
-    assert losses_spatial.location_regression_loss(predicted, xy, 4.0, num_valid=3).item() == pytest.approx(0.125)
+    assert losses.location_regression_loss(predicted, xy, 4.0, num_valid=3).item() == pytest.approx(0.125)
 
 
 def test_regression_loss_per_task():
     predicted = torch.zeros(2, 3, 2)
     xy = torch.tensor([[[2.0, 0.0], [-1.0, -1.0], [-1.0, -1.0]], [[0.0, 0.0], [0.0, 4.0], [-1.0, -1.0]]])
-    got = losses_spatial.location_regression_loss(predicted, xy, 2.0)
+    got = losses.location_regression_loss(predicted, xy, 2.0)
     # task 0: (1 + 0) / 2 and 0 over 2 samples; task 1: (0 + 4) / 2 over 1; task 2: no target
     torch.testing.assert_close(got, torch.tensor([0.25, 2.0, 0.0]))
 
