@@ -135,7 +135,7 @@ def apply_overrides(raw, overrides, schema=SCHEMA):
             raise ParamError(f"--set {item}: unknown key '{top}'; {hint}valid keys: {', '.join(schema)}")
         if dot:
             if schema[top][0] is not dict or not entry:
-                dicts = [name for name, spec in schema.items() if spec[0] is dict]
+                dicts = [name for name, entry in schema.items() if entry[0] is dict]
                 raise ParamError(f"--set {item}: only dict keys take a dotted entry; allowed: "
                                  f"{', '.join(name + '.NAME' for name in dicts)}")
             current = raw.get(top) or {}
@@ -387,7 +387,7 @@ def _check_option_type(key, value, default, source):
 
 
 def required_keys(schema=SCHEMA):
-    return [key for key, spec in schema.items() if spec[1] is REQUIRED]
+    return [key for key, entry in schema.items() if entry[1] is REQUIRED]
 
 
 def _allowed(key, schema=SCHEMA):

@@ -149,7 +149,7 @@ def completed_defaults(dataset, setting):
         return config.validate({"exp_id": "defaults", "method": "uniform_scaling", "dataset": dataset,
                                 "setting": setting}, "defaults")
     except config.ParamError:
-        return {key: spec[1] for key, spec in config.SCHEMA.items()}
+        return {key: entry[1] for key, entry in config.SCHEMA.items()}
 
 
 def describe_protocol(protocol, reference=None):

@@ -763,7 +763,7 @@ def read_checkpoint(path, params, args, epochs):
     if missing:
         raise RunError(f"cannot resume: {path} is not a checkpoint of this script (it lacks "
                        f"{', '.join(sorted(missing))}); move it away to start the run again")
-    before = {key: spec[1] for key, spec in config.SCHEMA.items() if spec[1] is not config.REQUIRED}
+    before = {key: entry[1] for key, entry in config.SCHEMA.items() if entry[1] is not config.REQUIRED}
     before.update(saved["params"])  # a key added to the schema since the checkpoint was written has its default
     changed = sorted(key for key in set(params) | set(before) if params.get(key) != before.get(key))
     if saved["seed"] != args.seed:
