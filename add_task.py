@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
+from runtime import files
 import cli
 import config
 from models import build_model
@@ -198,8 +199,8 @@ def run(args):
         "paper": paper,
         "params": params,
     }
-    write(checkpoint.write_text, "".join(json.dumps(m) + "\n" for m in metrics), out / "metrics.jsonl")
-    write(checkpoint.write_json, results, out / "results.json")
+    write(files.write_text, "".join(json.dumps(m) + "\n" for m in metrics), out / "metrics.jsonl")
+    write(files.write_json, results, out / "results.json")
     acc = results["test_acc"]
     log(f"existing tasks {acc['existing_tasks']['before']:.2f} -> {acc['existing_tasks']['after']:.2f} "
         f"(paper {paper['existing_tasks']['before']} -> {paper['existing_tasks']['after']}); added task "

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+from runtime import files
 import cli
 import losses
 import train_multi_task_counter_stream as trainer
@@ -45,7 +46,7 @@ from loaders.multi_mnist_seg import make_multi_mnist_seg
 from metrics import TaskAccuracy
 from models import LENET_PARAMS, LENET_WEIGHTS, count_parameters
 from models.cls_seg import RECOGNISE, SEGMENT, TABLE5_ROWS, VARIANTS, build_cls_seg_model
-from provenance import REPO
+from runtime.files import REPO
 
 MEMORY_FORMATS = trainer.MEMORY_FORMATS
 PAPER_TABLES = REPO / "paper" / "paper_tables.json"
@@ -208,7 +209,7 @@ def run(args):
             if not args.no_model_file:
                 trainer.write(checkpoint.save, {"epoch": epoch + 1, "model": model.state_dict(), "params": params},
                               out / "best_model.pt")
-        trainer.write(checkpoint.write_text, "".join(json.dumps(r) + "\n" for r in history), out / "metrics.jsonl")
+        trainer.write(files.write_text, "".join(json.dumps(r) + "\n" for r in history), out / "metrics.jsonl")
         scores = (f"val acc {record['val_acc_mean']:.2f} iou {record['val_iou_mean']:.2f}  test acc "
                   f"{record['test_acc_mean']:.2f} iou {record['test_iou_mean']:.2f}") if evaluated else ""
         print(f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f} (cls {record['train_cls_loss']:.4f}, seg "
@@ -220,7 +221,7 @@ def run(args):
                "test_acc_per_task_last": history[-1]["test_acc_per_task"],
                "test_iou_per_task_last": history[-1]["test_iou_per_task"],
                "wall_time_s": round(wall, 2), "params": params}
-    trainer.write(checkpoint.write_json, results, out / "results.json")
+    trainer.write(files.write_json, results, out / "results.json")
     print(f"test at the best-validation epoch {best['epoch']}: accuracy {results['test_acc_mean']:.2f}, IoU "
           f"{results['test_iou_mean']:.2f}; results in {out / 'results.json'}", flush=True)
     return 0
@@ -478,7 +479,7 @@ def write_table(runs_dir):
     lines.append(f"- commits: {', '.join(sorted({r['git_commit'] for r in all_runs}))}")
     lines.append("- commands: " + "; ".join(f"`{r['command']}`" for r in all_runs))
     text = "\n".join(lines) + "\n"
-    checkpoint.write_text(text, runs_dir / "table5.md")
+    files.write_text(text, runs_dir / "table5.md")
     return text
 
 

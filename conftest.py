@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from provenance import REPO
+from runtime.files import REPO
 
 _state = {"data_root": None, "status": None}
 

@@ -20,10 +20,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import checkpoint
+from runtime import files
 import cli
 from loaders.multi_mnist import RESIZES
-from provenance import REPO
+from runtime.files import REPO
 
 METHODS = ("controlnet", "uniform_scaling")
 PROTOCOLS = ("held_out", "authors")
@@ -134,7 +134,7 @@ def table(args):
               f"`python fidelity_switches.py table --epochs {args.epochs} --results_dir {results_dir} "
               f"--table {args.table}`."]
     Path(args.table).parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_text("\n".join(lines) + "\n", Path(args.table))
+    files.write_text("\n".join(lines) + "\n", Path(args.table))
     print(f"wrote {args.table} ({len(done)} of {len(rows)} runs)")
     return 0
 

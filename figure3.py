@@ -20,11 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import checkpoint
+from runtime import files
 import cli
 import reproduce_table2
 from make_table2 import PAPER
-from provenance import REPO
+from runtime.files import REPO
 
 SCRIPT = REPO / "train_multi_task_counter_stream.py"
 FAMILIES = ("single_task", "uniform_scaling", "ch_mod", "controlnet")  # the figure's four curves
@@ -76,7 +76,7 @@ def param_file(runs_dir, name, family, options):
     params.update(exp_id=f"figure3_{name}", model_options={**params.get("model_options", {}), **options})
     path = runs_dir / name / "params.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_text(json.dumps(params, indent=4) + "\n", path)
+    files.write_text(json.dumps(params, indent=4) + "\n", path)
     return path
 
 
@@ -134,7 +134,7 @@ def write_outputs(points, args, command, out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {"command": command, "epochs": args.epochs, "subset": args.subset, "seeds": args.seeds,
                "setting": "9digits", "points": points, "paper_table2_points": paper_points()}
-    checkpoint.write_json(summary, out_dir / "figure3.json")
+    files.write_json(summary, out_dir / "figure3.json")
     protocol = f"{args.epochs} epochs, " + (f"subset {args.subset}" if args.subset else "full data") + \
         f", seeds {', '.join(map(str, args.seeds))}"
     lines = ["# Figure 3: accuracy vs #weights, 9 digits by location", "", f"- Protocol: {protocol}.",
@@ -147,7 +147,7 @@ def write_outputs(points, args, command, out_dir):
         lines.append(f"| {point['family']} | {point['variant']} | `{json.dumps(point['model_options'])}` | "
                      f"{point['weights_x']:.3f} | {point['acc_mean']:.2f}{std} (n={point['n']}) | "
                      f"x{paper['params_x']:g}, {paper['acc']:.2f} |")
-    checkpoint.write_text("\n".join(lines) + "\n", out_dir / "figure3.md")
+    files.write_text("\n".join(lines) + "\n", out_dir / "figure3.md")
     plot(summary, out_dir / "figure3.png")
 
 

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
+from runtime import files
 import cli
 import gumbel_experiment
 from gumbel_experiment import ArgumentParser, ParamError, evaluate, positive_int, train
-from provenance import REPO, describe_device, git_commit
+from provenance import describe_device, git_commit
+from runtime.files import REPO
 from loaders.fashion_mnist import FashionMNISTUnavailable
 from loaders.mnist import MNISTUnavailable
 from loaders.task_clusters import DATASETS, NUM_CLASSES, TASKS, load_task_clusters
@@ -146,8 +147,8 @@ def run(args, command):
     allocation = {"tasks": list(TASKS), "layers": ["Layer 1", "Layer 2", "Layer 3"],
                   "num_components": greedy.shape[1] // len(model.layers), "greedy": greedy.tolist(),
                   "probabilities": allocation_matrix(model, greedy=False).tolist(), "snapshots": snapshots}
-    checkpoint.write_json(allocation, out / "allocation.json")
-    checkpoint.write_json(results, out / "results.json")
+    files.write_json(allocation, out / "allocation.json")
+    files.write_json(results, out / "results.json")
     print(f"test accuracy per task {[round(a, 2) for a in test]}, mean {results['test_acc_mean']:.2f} "
           f"{ {k: round(v, 2) for k, v in results['test_acc_mean_per_cluster'].items()} }; allocation similarity "
           f"{ {k: round(v, 3) for k, v in results['allocation_similarity'].items()} }; results in "

@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import checkpoint
+from runtime import files
 import cli
-from provenance import REPO, describe_device, git_commit
+from provenance import describe_device, git_commit
+from runtime.files import REPO
 from loaders.rotated_mnist import TASKS, load_rotated_mnist
 from models.gumbel_matrix import (ALLOCATIONS, GumbelMatrixMNISTNet, allocation_matrix, budget_penalty,
                                   router_parameters, set_temperature, temperature_schedule, weight_parameters)
@@ -239,8 +240,8 @@ def run(args, command):
     allocation = {"tasks": list(TASKS), "layers": ["L1", "L2", "L3"], "num_components": params["num_components"],
                   "greedy": greedy.tolist(), "probabilities": allocation_matrix(model, greedy=False).tolist(),
                   "snapshots": snapshots}
-    checkpoint.write_json(allocation, out / "allocation.json")
-    checkpoint.write_json(results, out / "results.json")
+    files.write_json(allocation, out / "allocation.json")
+    files.write_json(results, out / "results.json")
     print(f"test accuracy per task {[round(a, 2) for a in test]}, mean {results['test_acc_mean']:.2f}; "
           f"greedy allocation {greedy.int().tolist()}; results in {out / 'results.json'}", flush=True)
     return 0

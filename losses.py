@@ -24,7 +24,7 @@ def per_task_cross_entropy(logits, labels, num_valid=None):
     """Batch-mean cross-entropy of every task at once: logits [B, T, C], labels [B, T] (int64, -1 = invalid)
     -> [T]. Each task is averaged over its valid images only; a task with no valid image gets loss 0 and a
     zero gradient (not NaN). ``num_valid`` [T] replaces the divisor, the batch's valid-label counts (at least
-    1): a DDP rank passes the global batch's counts / world size (see distributed.py)."""
+    1): a DDP rank passes the global batch's counts / world size (see runtime/distributed.py)."""
     losses = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
     if num_valid is None:
         num_valid = (labels != IGNORE_INDEX).sum(0).clamp(min=1)

@@ -22,11 +22,11 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import checkpoint
+from runtime import files
 import cli
 import config
 from metrics import SELECTIONS, select_record
-from provenance import REPO
+from runtime.files import REPO
 
 PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table2_multi_mnist"]
 PAPER_METHODS = tuple(PAPER["rows"])  # the paper's row order
@@ -394,8 +394,8 @@ def write_tables(table, out_dir, name="table2", reasons=None):
         command += f" --select {table['selection']}"
     table = {**table, "command": command}
     paths = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    checkpoint.write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n", paths[0])
-    checkpoint.write_text(render_markdown(table, command), paths[1])
+    files.write_text(json.dumps(table, indent=2, ensure_ascii=False) + "\n", paths[0])
+    files.write_text(render_markdown(table, command), paths[1])
     return paths
 
 

@@ -17,11 +17,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import checkpoint
+from runtime import files
 import cli
 from make_table2 import load_runs, mean_std
 from make_table6a import majority_accuracy
-from provenance import REPO
+from runtime.files import REPO
 
 PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table3_other_datasets"]
 # our (dataset, setting) -> (the paper's table, section title)
@@ -135,7 +135,7 @@ def main(argv=None):
         return 1
     command = "python make_table3.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_text(markdown(group(runs), command.strip()), out)
+    files.write_text(markdown(group(runs), command.strip()), out)
     print(f"wrote {out}")
     return 0
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
+from runtime import files
 import cli
 from loaders import LOADERS
-from provenance import REPO
+from runtime.files import REPO
 
 PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table6a_clevr_scaling"]
 TASKS = tuple(PAPER["tasks"])
@@ -133,7 +133,7 @@ def main(argv=None):
                 for n in sorted({n for _, n in runs})}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_text(markdown(runs, majority, runs_dir, out), out)
+    files.write_text(markdown(runs, majority, runs_dir, out), out)
     print(out)
     return 0
 

@@ -1,11 +1,10 @@
 """What made a result: the git commit of the code (``-dirty`` when tracked files differ from it) and the device."""
 import platform
 import subprocess
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent
+from runtime.files import REPO
 
 
 def git_commit():

@@ -25,10 +25,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import checkpoint
+from runtime import files
 import cli
 import make_table2
-from provenance import REPO
+from runtime.files import REPO
 
 SCRIPT = REPO / "train_multi_task_counter_stream.py"
 METHODS = make_table2.METHODS
@@ -153,7 +153,7 @@ def run_cell(cell, args, env):
 
 def report_failure(cell, returncode, stderr):
     lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()][-40:]
-    checkpoint.write_text("\n".join(lines) + "\n", cell["out"] / "stderr.txt")
+    files.write_text("\n".join(lines) + "\n", cell["out"] / "stderr.txt")
     errors = [line for line in lines if line.startswith("error:")] or lines or ["(no stderr)"]
     return f"FAILED {cell['name']} (exit {returncode}): {errors[-1]}  [stderr tail: {cell['out'] / 'stderr.txt'}]"
 
@@ -241,7 +241,7 @@ def log_invocation(runs_dir, entry):
     log["invocations"].append(entry)
     log["total_wall_s"] = round(sum(item["wall_s"] for item in log["invocations"]), 2)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_json(log, path)
+    files.write_json(log, path)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
+from runtime import files
 import cli
 import config
 from loaders import NUM_TASKS
@@ -269,7 +270,7 @@ def run(args):
         "paper_selectivity_index": paper.get(PAPER_SETTINGS.get(setting), {}).get(method),
         "wall_time_s": round(wall_time, 2),
     }
-    write(checkpoint.write_json, results, out / f"selectivity_{args.readout}.json")
+    write(files.write_json, results, out / f"selectivity_{args.readout}.json")
     plot(matrix.numpy(), index, names, f"{method}, {setting} ({args.readout} readouts)",
          out / f"selectivity_{args.readout}.png")
     paper_text = f" (paper {results['paper_selectivity_index']})" if results["paper_selectivity_index"] else ""

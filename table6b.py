@@ -17,10 +17,10 @@ import statistics
 import sys
 from pathlib import Path
 
-import checkpoint
+from runtime import files
 import cli
 import reproduce_table2
-from provenance import REPO
+from runtime.files import REPO
 
 METHODS = ("ch_mod_extended", "td_only", "bu_only", "controlnet")  # the paper's row order
 SETTINGS = {"9digits": "mmnist_by_loc", "9digits_byref": "mmnist_by_ref"}  # ours -> the paper's column
@@ -62,8 +62,8 @@ def main(argv=None):
              "runs_dir": args.runs_dir, "rows": rows}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_json(table, out_dir / "table6b.json")
-    checkpoint.write_text(render(table), out_dir / "table6b.md")
+    files.write_json(table, out_dir / "table6b.json")
+    files.write_text(render(table), out_dir / "table6b.md")
     print(f"wrote {out_dir / 'table6b.md'}")
     for line in failed:
         print(f"FAILED {line}", file=sys.stderr)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
+from runtime import files
 import cli
 import train_multi_task_counter_stream as train_script
 from loaders.multi_mnist import LAYOUTS, NUM_TASKS, make_multi_mnist
@@ -104,7 +105,7 @@ def main(argv=None):
               "test_acc_mean": trained.get("test_acc_mean")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_json(report, out / "td_maps.json")
+    files.write_json(report, out / "td_maps.json")
     plot(images[:args.images], model, labels[:args.images], locations[:args.images], out / "td_maps.png")
     print(f"{params['setting']}: TD map peak in the right cell for {report['peak_in_right_cell_pct']:.1f}% of "
           f"{len(hits)} test image-task pairs (chance {report['chance_pct']:.1f}%); {out / 'td_maps.json'}")

@@ -24,7 +24,7 @@ RUN's best_model.pt (or a given .pt) without training into RUN/eval.json.
 
 Started by torchrun (``torchrun --nproc_per_node=N train_multi_task_counter_stream.py ...``), it trains one model
 with DistributedDataParallel over N processes (one GPU each, or CPU processes) with the same global batches,
-task draws and gradients as one process (see distributed.py); rank 0 writes the outputs.
+task draws and gradients as one process (see runtime/distributed.py); rank 0 writes the outputs.
 """
 import argparse
 import hashlib
@@ -40,11 +40,13 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
+from runtime import files
 import config
-import distributed
+from runtime import distributed
 import gumbel_experiment
 import losses
-from provenance import REPO, describe_device, git_commit
+from provenance import describe_device, git_commit
+from runtime.files import REPO
 import run_lock
 import tensorboard_log
 from loaders import LOADERS, NUM_TASKS
@@ -138,7 +140,7 @@ def main(argv=None):
     args = parse_args(argv)
     args.command = shlex.join(["python", Path(__file__).name] + [str(a) for a in (sys.argv[1:] if argv is None else argv)])
     code = exit_code(evaluate_only if args.eval_only else run, args)
-    distributed.shutdown()  # the ranks end together: every error above is raised on all of them (distributed.py)
+    distributed.shutdown()  # the ranks end together: every error above is raised on all of them (runtime/distributed.py)
     return code
 
 
@@ -266,7 +268,7 @@ def train(args, params, epochs, device, out, summary_writer=None):
                **({"active_fraction_per_task": state["best"]["active_fraction_per_task"]}
                   if "active_fraction_per_task" in state["best"] else {}),
                "wall_time_s": round(state["wall_time_s"], 2), "params": params}
-    distributed.on_main(write, checkpoint.write_json, results, out / "results.json")
+    distributed.on_main(write, files.write_json, results, out / "results.json")
     at_val = "none at a best-validation epoch (protocol authors: no validation split)"
     if results["best_epoch"] is not None:
         at_val = f"at the best-validation epoch {results['best_epoch']}: {results['test_acc_mean']:.2f}"
@@ -381,7 +383,7 @@ def evaluate_only(args):
             result.update({f"{split}_acc_mean": float(accuracy.nanmean()), f"{split}_acc_per_task": accuracy.tolist()})
             log(f"{split} accuracy {result[f'{split}_acc_mean']:.2f}, per task "
                 f"{', '.join(f'{a:.2f}' for a in result[f'{split}_acc_per_task'])}")
-    write(checkpoint.write_json, {**result, "params": params}, model_file.parent / "eval.json")
+    write(files.write_json, {**result, "params": params}, model_file.parent / "eval.json")
     log(f"{model_file} (epoch {result['epoch']}): evaluated without training; written to "
         f"{model_file.parent / 'eval.json'}")
     return 0
@@ -416,7 +418,7 @@ def save_epoch(out, model, weighting, optimizer, params, args, epochs, state, be
     write(checkpoint.save, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "weighting": weighting.state_dict() if weighting else {}, "params": params,
                             "seed": args.seed, "epochs": epochs, "subset": args.subset, **state}, out / "checkpoint.pt")
-    write(checkpoint.write_text, "".join(json.dumps(r) + "\n" for r in state["history"]), out / "metrics.jsonl")
+    write(files.write_text, "".join(json.dumps(r) + "\n" for r in state["history"]), out / "metrics.jsonl")
 
 
 LOG_FILES = []  # train.log of the run in progress (rank 0)
@@ -726,7 +728,7 @@ def check_writable(out):
     """Creates ``out`` and writes a probe file into it; RunError (one line) if it cannot."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        checkpoint.write_text("ok", out / ".write_probe")
+        files.write_text("ok", out / ".write_probe")
         (out / ".write_probe").unlink()
     except OSError as err:
         raise RunError(f"output dir {out} is not writable: {err.strerror or err}; choose another with --out") from None

@@ -5,7 +5,7 @@ Layout for a cache entry ``path`` (e.g. ``data/mnist/mnist_raw.npz``):
 * ``path``          an uncompressed ``.npz`` written with ``allow_pickle=False``;
 * ``path + ".json"`` a sidecar ``{"sha256", "size", "arrays": {name: {"shape", "dtype"}}, "meta"}``.
 
-Both files are written by the project's one atomic writer, ``checkpoint.atomic_write_bytes`` (a temporary file
+Both files are written by the project's one atomic writer, ``files.atomic_write_bytes`` (a temporary file
 ``<name>.<random>.tmp`` in the same directory, flushed, fsync'ed and moved into place with ``os.replace``), so a
 reader never sees a half-written file under the final name. ``load_arrays`` checks size, sha256 and every array's
 shape/dtype against the sidecar; on any mismatch it reports one line on stderr, deletes the entry and returns ``None``
@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-import checkpoint
+from runtime import files
 
 __all__ = ["sha256_file", "save_arrays", "load_arrays", "read_meta", "cached_arrays", "sidecar_path"]
 
@@ -86,7 +86,7 @@ def save_arrays(path: str | os.PathLike, meta: dict | None = None, **arrays: np.
     _remove_stale_tmp(sidecar)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_bytes(path, lambda handle: np.savez(handle, allow_pickle=False, **clean))
+    files.atomic_write_bytes(path, lambda handle: np.savez(handle, allow_pickle=False, **clean))
 
     record = {
         "sha256": sha256_file(path),
@@ -94,7 +94,7 @@ def save_arrays(path: str | os.PathLike, meta: dict | None = None, **arrays: np.
         "arrays": {name: {"shape": list(a.shape), "dtype": a.dtype.str} for name, a in clean.items()},
         "meta": meta,
     }
-    checkpoint.write_text(json.dumps(record, indent=1, sort_keys=True), sidecar)
+    files.write_text(json.dumps(record, indent=1, sort_keys=True), sidecar)
 
 
 def _discard(path: Path, reason: str) -> None:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-import checkpoint
-from provenance import REPO
+from runtime import files
+from runtime.files import REPO
 
 from .cache import load_arrays, read_meta, save_arrays, sha256_file
 
@@ -407,7 +407,7 @@ def _download_from_mirrors(mdir: Path, fname: str) -> Path:
         if md5 != MIRROR_MD5[fname]:
             errors.append(f"{url}: md5 {md5}, expected {MIRROR_MD5[fname]}")
             continue
-        checkpoint.atomic_write_bytes(dest, lambda handle: handle.write(blob))
+        files.atomic_write_bytes(dest, lambda handle: handle.write(blob))
         return dest
     raise _SourceFailed("; ".join(errors))
 

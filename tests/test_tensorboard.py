@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import pytest
 
-import distributed
+from runtime import distributed
 import tensorboard_log
 import train_multi_task_counter_stream as train_script
 from test_train import param_file

@@ -11,7 +11,7 @@ class Weighting(nn.Module):
     ``state_dict()``; its parameters go into the same optimiser as the model's. ``backward`` accumulates into
     ``.grad`` like ``loss.backward()``: the caller zeroes the gradients before and steps the optimiser after.
 
-    Under DDP (see distributed.py) ``model`` is the DDP wrapper and each rank's task losses average to the global
+    Under DDP (see runtime/distributed.py) ``model`` is the DDP wrapper and each rank's task losses average to the global
     batch's, so a rule linear in the losses (uniform, sum, kendall) is exact with DDP's averaged gradients; the
     caller averages the weighting's own gradients. Rules that use task gradients (GradNorm, MGDA) take them with
     ``autograd.grad``, which DDP does not synchronise, and combine them over the ranks themselves.

@@ -2,7 +2,7 @@
 Sec. 3.3: task weights from the rate of change of each task's average training loss over the last two epochs."""
 import torch
 
-import distributed
+from runtime import distributed
 
 from .base import Weighting
 

@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-import distributed
+from runtime import distributed
 from losses import per_task_cross_entropy
 
 from .base import Weighting

@@ -14,7 +14,7 @@ not, so DDP's own gradient hooks never fire.
 """
 import torch
 
-import distributed
+from runtime import distributed
 from losses import per_task_cross_entropy
 
 from .base import Weighting
