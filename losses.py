@@ -10,8 +10,12 @@ of the border does not have unit mass (the reflection adds a mirrored copy of th
 row or column itself, and the blur that leaves the map is lost).
 
 ``location_regression_loss`` is the baselines' variant: an FC layer regresses (x, y); squared error on
-coordinates divided by the image size.
+coordinates divided by the image size. ``location_loss`` picks between the two by the model's output, and
+``LocationTargets`` carries one training step's targets to whichever code runs the forward (the training loop or a
+weighting's ``backward``).
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -90,3 +94,30 @@ def location_regression_loss(predicted, xy, size, num_valid=None):
     squared = ((predicted - xy.to(predicted.dtype)) / size).pow(2).mean(dim=-1)
     total = torch.where(valid, squared, torch.zeros_like(squared)).sum(dim=0)
     return total / (valid.sum(dim=0).clamp(min=1) if num_valid is None else num_valid)
+
+
+def location_loss(where, xy, batch_xy, size, ranks=1):
+    """The localisation loss ('loc', paper §4.2) of this rank's samples, divided by the targets of the whole global
+    batch (``batch_xy``) over the number of ``ranks``, as the task losses are: the ranks' losses then average to
+    the global batch's. ``where`` is ControlNet's TD bottom map [B, 1, S, S] (``spatial_classification_loss``) or a
+    baseline's regressed (x, y) [B, 2] (one task per image; a scalar) or [B, T, 2] (every task; [T] losses) in
+    pixels of the ``size`` x ``size`` input (``location_regression_loss``)."""
+    if where.dim() == 4:
+        num_valid = has_location(batch_xy, *where.shape[-2:]).sum().clamp(min=1)
+        return spatial_classification_loss(where, xy, num_valid=num_valid / ranks)
+    num_valid = (batch_xy >= 0).all(dim=-1).sum(dim=0).clamp(min=1)
+    return location_regression_loss(where, xy, size, num_valid / ranks)
+
+
+class LocationTargets(NamedTuple):
+    """One training step's 'loc' targets: ``xy`` of this rank's samples, ``batch_xy`` of the whole global batch
+    (the divisor), the input ``size`` in pixels, the loss ``weight`` (``spatial_loss_weight``) and the number of
+    ``ranks``. ``loss(where)`` is the weighted ``location_loss`` of the model's location output ``where``."""
+    xy: torch.Tensor
+    batch_xy: torch.Tensor
+    size: int
+    weight: float
+    ranks: int = 1
+
+    def loss(self, where):
+        return self.weight * location_loss(where, self.xy, self.batch_xy, self.size, self.ranks)

@@ -490,7 +490,7 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
                 locations=None):
     """One epoch; ``model`` is the DDP wrapper in a distributed run, where each rank trains on its part of every
     global batch and the logged losses are averaged over the ranks: the global batch's, as in one process.
-    ``locations`` (float [N, T, 2]) adds the localisation loss ('loc', ``location_loss``), weighted by
+    ``locations`` (float [N, T, 2]) adds the localisation loss ('loc', ``losses.location_loss``), weighted by
     ``spatial_loss_weight``: on ControlNet's TD map, or on a baseline's location head."""
     images, labels = train
     device, n, batch_size = images.device, len(images), params["batch_size"]
@@ -523,16 +523,16 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
                 loss = losses.masked_cross_entropy(model(x, t), labels[index, t].long(), divisor)
             else:
                 logits, where = model(x, t, **{LOCATION_OUTPUT[params["model"]]: True})
-                xy, batch_xy = locations[index, t], locations[batch, tasks[batch]]
-                loss = losses.masked_cross_entropy(logits, labels[index, t].long(), divisor) + \
-                    params["spatial_loss_weight"] * location_loss(where, xy, batch_xy, x.shape[-1])
+                targets = losses.LocationTargets(locations[index, t], locations[batch, tasks[batch]], x.shape[-1],
+                                                 params["spatial_loss_weight"], distributed.world_size())
+                loss = losses.masked_cross_entropy(logits, labels[index, t].long(), divisor) + targets.loss(where)
             loss.backward()
             task_losses = loss.detach()
         else:
-            located = {}
+            located = {}  # the 'loc' targets, passed only with 'loc' (the weightings that take them: base.Weighting)
             if locations is not None:
-                located["location_loss"] = lambda where: params["spatial_loss_weight"] * location_loss(
-                    where, locations[index], locations[batch], x.shape[-1])
+                located["locations"] = losses.LocationTargets(locations[index], locations[batch], x.shape[-1],
+                                                              params["spatial_loss_weight"], distributed.world_size())
             task_losses = weighting.backward(model, x, labels[index].long(), loss_divisor(labels[batch]), **located)
             distributed.average_gradients(weighting.parameters())
         if routing and routing["budget_penalty"] > 0:
@@ -557,18 +557,6 @@ def loss_divisor(labels):
     (DDP's average): the same step as one process, also when the ranks' parts hold different numbers of valid
     labels (by-reference tasks)."""
     return (labels >= 0).sum(0).clamp(min=1) / distributed.world_size()
-
-
-def location_loss(where, xy, batch_xy, size):
-    """The localisation loss ('loc', paper §4.2) of this rank's samples, divided as ``loss_divisor`` does: by the
-    targets of the whole global batch (``batch_xy``) over the number of ranks. ``where`` is ControlNet's TD bottom
-    map [B, 1, S, S] (the spatial classification loss) or a baseline's regressed (x, y) [B, 2] (one task per image;
-    a scalar) or [B, T, 2] (every task; [T] losses) in pixels of the ``size`` x ``size`` input (``losses``)."""
-    if where.dim() == 4:
-        num_valid = losses.has_location(batch_xy, *where.shape[-2:]).sum().clamp(min=1)
-        return losses.spatial_classification_loss(where, xy, num_valid=num_valid / distributed.world_size())
-    num_valid = (batch_xy >= 0).all(dim=-1).sum(dim=0).clamp(min=1)
-    return losses.location_regression_loss(where, xy, size, num_valid / distributed.world_size())
 
 
 def report_nonfinite(step, epoch, params, order, tasks, batch_size, out, state, bad_losses):

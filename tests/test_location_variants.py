@@ -43,6 +43,20 @@ def test_regression_loss_per_task():
     torch.testing.assert_close(got, torch.tensor([0.25, 2.0, 0.0]))
 
 
+def test_location_loss_divides_by_the_global_batch_over_the_ranks():
+    """A rank's share: its samples' summed loss over (targets in the whole global batch / ranks), so the ranks'
+    shares average to the global batch's loss; the TD map [B, 1, S, S] and the regressed (x, y) take the same rule."""
+    xy = torch.tensor([[1.0, 2.0], [-1.0, -1.0]])  # this rank's 2 samples, 1 with a target
+    batch_xy = torch.tensor([[1.0, 2.0], [-1.0, -1.0], [3.0, 3.0], [0.0, 1.0]])  # the global batch: 3 with a target
+    predicted = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    assert losses.location_loss(predicted, xy, batch_xy, 4.0, ranks=2).item() == pytest.approx(0.25 / (3 / 2))
+    td_map = torch.randn(2, 1, 8, 8)
+    alone = losses.spatial_classification_loss(td_map, xy)  # divided by this rank's 1 target
+    assert losses.location_loss(td_map, xy, batch_xy, 8, ranks=2).item() == pytest.approx(alone.item() / 1.5)
+    targets = losses.LocationTargets(xy, batch_xy, 4, weight=2.5, ranks=2)
+    assert targets.loss(predicted).item() == pytest.approx(2.5 * 0.25 / 1.5)
+
+
 def one_step(model, params, images, labels, locations, weighting=None, seed=3):
     """One epoch of one full batch through the script's ``train_epoch`` with SGD at lr 1: returns the step -grad."""
     before = copy.deepcopy(model.state_dict())

@@ -25,16 +25,17 @@ class Weighting(nn.Module):
         """Scalar training loss from the per-task losses [T]."""
         raise NotImplementedError
 
-    def backward(self, model, images, labels, num_valid=None, location_loss=None):
+    def backward(self, model, images, labels, num_valid=None, locations=None):
         """Forward and backward of ``combine(losses)``; returns the per-task losses [T], detached (this rank's
         under DDP). ``num_valid``: divisor of the summed task losses (see ``per_task_cross_entropy``).
-        ``location_loss`` (the 'loc' variants, Table 3): a function of the model's regressed locations [B, T, 2]
-        giving per-task losses [T], added to the classification losses before they are combined."""
-        if location_loss is None:
+        ``locations`` (the 'loc' variants, Table 3): the step's ``losses.LocationTargets``; the per-task location
+        losses [T] of the model's regressed locations [B, T, 2] are added to the classification losses before they
+        are combined."""
+        if locations is None:
             losses = per_task_cross_entropy(model(images), labels, num_valid)
         else:
             logits, where = model(images, with_location=True)
-            losses = per_task_cross_entropy(logits, labels, num_valid) + location_loss(where)
+            losses = per_task_cross_entropy(logits, labels, num_valid) + locations.loss(where)
         self.combine(losses).backward()
         return losses.detach()
 
