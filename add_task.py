@@ -39,15 +39,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoint
-from runtime import files
-import cli
-import config
 from models import build_model
-from train_multi_task_counter_stream import (
-    MEMORY_FORMATS, REPO, ArgumentParser, RunError, describe_device, eval_rows, evaluate, exit_code, git_commit,
-    load_data, log, lr_factor, make_optimizer, non_negative_int, positive_float, positive_int, prepare_output_dir,
-    resolve_device, train_epoch, write)
+from runtime import files
+from runtime.files import REPO
+from training import checkpoint, cli, config
+from training.cli import (
+    ArgumentParser, RunError, exit_code, non_negative_int, positive_float, positive_int, resolve_device)
+from training.data import MEMORY_FORMATS, load_data
+from training.evaluate import eval_rows, evaluate
+from training.loop import train_epoch
+from training.optim import lr_factor, make_optimizer
+from training.provenance import describe_device, git_commit
+from training.run_dir import log, prepare_output_dir, write
 
 SETTING, METHOD = "9digits_byref", "controlnet"
 NEW_TASK = 9  # the by-reference task of digit 9, as in the paper

@@ -35,25 +35,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import checkpoint
-from runtime import files
-import cli
-import losses
-import train_multi_task_counter_stream as trainer
 from loaders.mnist import MNISTUnavailable
 from loaders.multi_mnist import NUM_TASKS, RESIZES
 from loaders.multi_mnist_seg import make_multi_mnist_seg
+import losses
 from metrics import TaskAccuracy
 from models import LENET_PARAMS, LENET_WEIGHTS, count_parameters
 from models.cls_seg import RECOGNISE, SEGMENT, TABLE5_ROWS, VARIANTS, build_cls_seg_model
+from runtime import files
 from runtime.files import REPO
+from training import checkpoint, cli, config, data, loop, optim, provenance, run_dir
 
-MEMORY_FORMATS = trainer.MEMORY_FORMATS
+MEMORY_FORMATS = data.MEMORY_FORMATS
 PAPER_TABLES = REPO / "paper" / "paper_tables.json"
 SETTINGS = ("9digits", "9digits_byref", "4digits", "2digits")
 SETTING_COLUMNS = {"9digits": "by_loc", "9digits_byref": "by_ref"}  # the paper's Table 5 columns
 
-REQUIRED = trainer.config.REQUIRED
+REQUIRED = config.REQUIRED
 # key: (type, default (REQUIRED = must be given), allowed: tuple of strings or (min, max), meaning)
 SCHEMA = {
     "exp_id": (str, REQUIRED, None, "experiment name; default output dir is runs/cls_seg/<exp_id>/seed<k>"),
@@ -77,21 +75,21 @@ SCHEMA = {
 }
 
 
-ParamError = trainer.config.ParamError  # a mistake in the param file or on the command line: one line, exit code 2
+ParamError = config.ParamError  # a mistake in the param file or on the command line: one line, exit code 2
 
 
-RunError = trainer.RunError  # a fault during the run (non-finite loss, data, a failing write): one line, exit code 1
+RunError = cli.RunError  # a fault during the run (non-finite loss, data, a failing write): one line, exit code 1
 
 
 def parse_args(argv):
-    parser = trainer.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--param_file", help="JSON param file (params/cls_seg/*.json)")
-    parser.add_argument("--epochs", type=trainer.positive_int, help="training epochs (default: the param file's)")
-    parser.add_argument("--seed", type=trainer.non_negative_int, default=0, help="run seed: initialisation, order, draws")
+    parser.add_argument("--epochs", type=cli.positive_int, help="training epochs (default: the param file's)")
+    parser.add_argument("--seed", type=cli.non_negative_int, default=0, help="run seed: initialisation, order, draws")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--out", help="output dir (default runs/cls_seg/<exp_id>/seed<k>)")
-    parser.add_argument("--subset", type=trainer.positive_int, help="use only N training and N/5 val/test images")
-    parser.add_argument("--eval_subset", type=trainer.positive_int,
+    parser.add_argument("--subset", type=cli.positive_int, help="use only N training and N/5 val/test images")
+    parser.add_argument("--eval_subset", type=cli.positive_int,
                         help="use only M val and M test images (default: all, or N/5 with --subset)")
     parser.add_argument("--data_root", help="data directory (default: the param data_root, else $MTL_DATA_ROOT or ./data)")
     parser.add_argument("--force", action="store_true", help="overwrite the results already in --out")
@@ -109,7 +107,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     args.command = " ".join(["python", Path(__file__).name] + argv)
-    return trainer.exit_code(table if args.table else run, args)
+    return cli.exit_code(table if args.table else run, args)
 
 
 def table(args):
@@ -120,11 +118,11 @@ def table(args):
 # ----------------------------------------------------------------------------------------------------- params
 def load_params(path):
     """Reads, validates and completes a param file; raises ParamError on any problem."""
-    return validate(trainer.config.read_param_file(path, trainer.config.required_keys(SCHEMA)), str(Path(path)))
+    return validate(config.read_param_file(path, config.required_keys(SCHEMA)), str(Path(path)))
 
 
 def validate(raw, source):
-    params = trainer.config.check_keys(raw, source, SCHEMA)
+    params = config.check_keys(raw, source, SCHEMA)
     _check_model_options(params, source)
     return params
 
@@ -166,18 +164,18 @@ def run(args):
     if args.dry_run:
         print(json.dumps({"variant": params["variant"], "setting": params["setting"], **parameter_counts(build(params))}))
         return 0
-    device = trainer.resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     out = Path(args.out or REPO / "runs" / "cls_seg" / params["exp_id"] / f"seed{args.seed}")
     prepare_output_dir(out, args.force)
     memory_format = MEMORY_FORMATS[params["memory_format"]]
 
     torch.manual_seed(args.seed)
     model = build(params).to(device, memory_format=memory_format)
-    optimizer = trainer.make_optimizer(params, [{"params": list(model.parameters()), "lr": params["lr"]}])
+    optimizer = optim.make_optimizer(params, [{"params": list(model.parameters()), "lr": params["lr"]}])
     splits = load_data(params, args.subset, args.data_root or params["data_root"], args.eval_subset)
     data = {split: tuple(array.to(device) for array in arrays) for split, arrays in splits.items()}
     per_pass = params["eval_batch_size"] or (512 if device.type == "cpu" else 8192)
-    info = {"command": args.command, "git_commit": trainer.git_commit(), "device": trainer.describe_device(device),
+    info = {"command": args.command, "git_commit": provenance.git_commit(), "device": provenance.describe_device(device),
             "torch": torch.__version__, "seed": args.seed, "epochs": epochs, "subset": args.subset,
             "eval_subset": args.eval_subset,
             "variant": params["variant"], "table5_row": TABLE5_ROWS[params["variant"]], "setting": params["setting"],
@@ -189,7 +187,7 @@ def run(args):
     history, best, wall = [], None, 0.0
     for epoch in range(epochs):
         start = time.perf_counter()
-        lr = params["lr"] * trainer.lr_factor(params, epoch, epochs)
+        lr = params["lr"] * optim.lr_factor(params, epoch, epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
         train_losses = train_epoch(model, optimizer, data["train"], params, args.seed, epoch)
@@ -207,9 +205,9 @@ def run(args):
         if is_best:
             best = record
             if not args.no_model_file:
-                trainer.write(checkpoint.save, {"epoch": epoch + 1, "model": model.state_dict(), "params": params},
+                run_dir.write(checkpoint.save, {"epoch": epoch + 1, "model": model.state_dict(), "params": params},
                               out / "best_model.pt")
-        trainer.write(files.write_text, "".join(json.dumps(r) + "\n" for r in history), out / "metrics.jsonl")
+        run_dir.write(files.write_text, "".join(json.dumps(r) + "\n" for r in history), out / "metrics.jsonl")
         scores = (f"val acc {record['val_acc_mean']:.2f} iou {record['val_iou_mean']:.2f}  test acc "
                   f"{record['test_acc_mean']:.2f} iou {record['test_iou_mean']:.2f}") if evaluated else ""
         print(f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f} (cls {record['train_cls_loss']:.4f}, seg "
@@ -221,14 +219,14 @@ def run(args):
                "test_acc_per_task_last": history[-1]["test_acc_per_task"],
                "test_iou_per_task_last": history[-1]["test_iou_per_task"],
                "wall_time_s": round(wall, 2), "params": params}
-    trainer.write(files.write_json, results, out / "results.json")
+    run_dir.write(files.write_json, results, out / "results.json")
     print(f"test at the best-validation epoch {best['epoch']}: accuracy {results['test_acc_mean']:.2f}, IoU "
           f"{results['test_iou_mean']:.2f}; results in {out / 'results.json'}", flush=True)
     return 0
 
 
 def prepare_output_dir(out, force):
-    trainer.check_writable(out)
+    run_dir.check_writable(out)
     if (out / "results.json").exists() and not force:
         raise ParamError(f"--out: {out} already holds results (results.json); pass --force to overwrite them, or "
                          f"choose another --out")
@@ -285,11 +283,11 @@ def train_epoch(model, optimizer, train, params, seed, epoch):
     images, labels, masks = train
     device, n, batch_size = images.device, len(images), params["batch_size"]
     memory_format = MEMORY_FORMATS[params["memory_format"]]
-    generator = trainer.epoch_generator(seed, epoch)
-    torch.manual_seed(trainer.epoch_seed(seed, epoch))
+    generator = loop.epoch_generator(seed, epoch)
+    torch.manual_seed(loop.epoch_seed(seed, epoch))
     order = torch.randperm(n, generator=generator)
     single = model.paradigm == "single_branch"
-    tasks = trainer.draw_tasks((labels >= 0).cpu(), generator).to(device) if single else None
+    tasks = loop.draw_tasks((labels >= 0).cpu(), generator).to(device) if single else None
     ops = torch.randint(0, 2, (n,), generator=generator).to(device) if single and model.instructed else None
     order = order.to(device)
     model.train()
@@ -297,7 +295,7 @@ def train_epoch(model, optimizer, train, params, seed, epoch):
     steps = 0
     for begin in range(0, n, batch_size):
         index = order[begin:begin + batch_size]
-        x = trainer.normalize(images[index], memory_format)
+        x = data.normalize(images[index], memory_format)
         if single:
             t = tasks[index]
             cls_loss, seg_loss = step_losses(model, x, labels[index, t], masks[index, t], t,
@@ -354,7 +352,7 @@ def evaluate(model, images, labels, masks, num_tasks, per_pass, memory_format=to
     instructed = bool(getattr(model, "instructed", False))
     acc_other, iou_other = TaskAccuracy(num_tasks, device), TaskIoU(num_tasks, device)
     for begin in range(0, len(images), per_pass):
-        x = trainer.normalize(images[begin:begin + per_pass], memory_format)
+        x = data.normalize(images[begin:begin + per_pass], memory_format)
         y, m = labels[begin:begin + per_pass].t(), masks[begin:begin + per_pass].transpose(0, 1)  # [T,B], [T,B,H,W]
         valid = y >= 0
         if model.paradigm == "multi_branch":

@@ -20,10 +20,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from runtime import files
-import cli
 from loaders.multi_mnist import RESIZES
+from runtime import files
 from runtime.files import REPO
+from training import cli
 
 METHODS = ("controlnet", "uniform_scaling")
 PROTOCOLS = ("held_out", "authors")

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from runtime import files
-import cli
+from training import cli
 import reproduce_table2
 from make_table2 import PAPER
 from runtime.files import REPO

@@ -6,7 +6,7 @@ google-research/google-research@0c1bbe5f), reduced to its MNIST and Fashion-MNIS
 
 20 leave-one-class-out tasks (``loaders.task_clusters``: 10 MNIST, 10 Fashion-MNIST, 9-way each, 32x32, pad-and-
 crop augmentation) on the routed network of ``models.gumbel_clusters`` (3 routed layers x 16 components). Training
-as ``gumbel_experiment.py`` (whose loop this script reuses): every step shuffles the task order and makes one update
+as ``training/round_robin.py`` (whose loop this script reuses): every step shuffles the task order and makes one update
 per task on a batch of that task; Adam for the weights and a second Adam for the allocation logits; Gumbel
 temperature max(min, init / sqrt(update + 1)); budget penalty. The original runs 20,000 steps and no validation
 split; here ``val_size`` training images per dataset are held out, and after the last step the greedy allocation is
@@ -20,17 +20,16 @@ from pathlib import Path
 
 import torch
 
-from runtime import files
-import cli
-import gumbel_experiment
-from gumbel_experiment import ArgumentParser, ParamError, evaluate, positive_int, train
-from provenance import describe_device, git_commit
-from runtime.files import REPO
 from loaders.fashion_mnist import FashionMNISTUnavailable
 from loaders.mnist import MNISTUnavailable
 from loaders.task_clusters import DATASETS, NUM_CLASSES, TASKS, load_task_clusters
 from models.gumbel_clusters import GumbelClustersNet
 from models.gumbel_matrix import allocation_matrix, router_parameters, weight_parameters
+from runtime import files
+from runtime.files import REPO
+from training import cli, round_robin
+from training.provenance import describe_device, git_commit
+from training.round_robin import ArgumentParser, ParamError, evaluate, positive_int, train
 from plot_allocation import task_similarity
 
 METHODS = ("gumbel_matrix", "shared_bottom")  # the two methods the original runs (clusters_train.py --method)
@@ -73,8 +72,8 @@ def parse_args(argv):
 
 
 def load_params(path):
-    """Reads and validates a param file against this script's ``SCHEMA`` (``gumbel_experiment.load_params``)."""
-    return gumbel_experiment.load_params(path, SCHEMA)
+    """Reads and validates a param file against this script's ``SCHEMA`` (``round_robin.load_params``)."""
+    return round_robin.load_params(path, SCHEMA)
 
 
 def build_model(params):

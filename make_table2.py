@@ -22,11 +22,10 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from runtime import files
-import cli
-import config
 from metrics import SELECTIONS, select_record
+from runtime import files
 from runtime.files import REPO
+from training import cli, config
 
 PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table2_multi_mnist"]
 PAPER_METHODS = tuple(PAPER["rows"])  # the paper's row order

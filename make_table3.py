@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from runtime import files
-import cli
+from training import cli
 from make_table2 import load_runs, mean_std
 from make_table6a import majority_accuracy
 from runtime.files import REPO

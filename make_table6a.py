@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from runtime import files
-import cli
 from loaders import LOADERS
+from runtime import files
 from runtime.files import REPO
+from training import cli
 
 PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table6a_clevr_scaling"]
 TASKS = tuple(PAPER["tasks"])

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-import cli
+from training import cli
 from make_table2 import SETTINGS, TITLES
 
 CLOSE = 1.03   # #P within this ratio of each other share a position: their markers are spread

@@ -1,6 +1,6 @@
 """Plots a learned parameter allocation (Maziarz et al., arXiv 1910.04915, allocation figures of Sec. 5;
 ``learning_parameter_allocation/clusters/plot.py`` of google-research/google-research@0c1bbe5f) from the
-``allocation.json`` that ``gumbel_experiment.py`` writes.
+``allocation.json`` that ``training/round_robin.py`` writes.
 
     python plot_allocation.py results/gumbel_mnist/gumbel_matrix --out results/gumbel_mnist/gumbel_matrix [--probabilities]
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
+from training import cli
 
 
 def task_similarity(allocation):
@@ -110,7 +110,7 @@ def main(argv=None):
     source = Path(args.run)
     source = source / "allocation.json" if source.is_dir() else source
     if not source.is_file():
-        print(f"error: {source} not found; pass a gumbel_experiment.py output dir or its allocation.json",
+        print(f"error: {source} not found; pass a training/round_robin.py output dir or its allocation.json",
               file=sys.stderr)
         return 2
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
+from training import cli
 
 SETTING_TITLES = {"2digits": "2 digits", "4digits": "4 digits", "9digits": "9 digits by location",
                   "9digits_byref": "9 digits by reference"}

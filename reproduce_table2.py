@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from runtime import files
-import cli
+from training import cli
 import make_table2
 from runtime.files import REPO
 

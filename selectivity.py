@@ -34,16 +34,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoint
-from runtime import files
-import cli
-import config
 from loaders import NUM_TASKS
 from models import build_model
 from models.lenet import BatchedLinear
-from train_multi_task_counter_stream import (
-    MEMORY_FORMATS, REPO, ArgumentParser, RunError, all_task_logits, describe_device, eval_rows, evaluate, exit_code,
-    git_commit, load_data, log, non_negative_int, normalize, positive_float, positive_int, resolve_device, write)
+from runtime import files
+from runtime.files import REPO
+from training import checkpoint, cli, config
+from training.cli import (
+    ArgumentParser, RunError, exit_code, non_negative_int, positive_float, positive_int, resolve_device)
+from training.data import MEMORY_FORMATS, load_data, normalize
+from training.evaluate import all_task_logits, eval_rows, evaluate
+from training.provenance import describe_device, git_commit
+from training.run_dir import log, write
 
 CHANCE = 10.0  # percent: ten digit classes
 MODELS = ("controlnet", "ch_mod", "ch_mod_extended", "task_routing", "td_only")  # BU2 = one call of model.bu

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from runtime import files
-import cli
+from training import cli
 import reproduce_table2
 from runtime.files import REPO
 

@@ -17,22 +17,20 @@ from pathlib import Path
 
 import torch
 
-import checkpoint
-from runtime import files
-import cli
-import train_multi_task_counter_stream as train_script
 from loaders.multi_mnist import LAYOUTS, NUM_TASKS, make_multi_mnist
 from models import build_model
+from runtime import files
+from training import checkpoint, cli, data, provenance
 
 CHUNK = 2048
 
 
 def parse_args(argv):
-    parser = train_script.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="output dir of a ControlNet training run (holds best_model.pt)")
     parser.add_argument("--out", required=True, help="where td_maps.json and td_maps.png go")
-    parser.add_argument("--images", type=train_script.positive_int, default=4, help="test images in the PNG")
-    parser.add_argument("--test_images", type=train_script.positive_int, help="measure on the first N test images "
+    parser.add_argument("--images", type=cli.positive_int, default=4, help="test images in the PNG")
+    parser.add_argument("--test_images", type=cli.positive_int, help="measure on the first N test images "
                         "(default: all 10,000)")
     parser.add_argument("--data_root", help="data directory (default $MTL_DATA_ROOT or ./data)")
     return parser.parse_args(argv)
@@ -56,7 +54,7 @@ def td_maps(model, images, tasks):
     """TD bottom maps [N, 28, 28] of (image, task) pairs."""
     maps = []
     for begin in range(0, len(images), CHUNK):
-        x = train_script.normalize(images[begin:begin + CHUNK])
+        x = data.normalize(images[begin:begin + CHUNK])
         maps.append(model.streams(x, tasks[begin:begin + CHUNK]).td_map[:, 0])
     return torch.cat(maps)
 
@@ -96,7 +94,7 @@ def main(argv=None):
     results_file = Path(args.run) / "results.json"
     trained = json.loads(results_file.read_text()) if results_file.exists() else {}
     report = {"command": " ".join(["python", Path(__file__).name, *(sys.argv[1:] if argv is None else argv)]),
-              "git_commit": train_script.git_commit(), "run": str(args.run), "run_command": trained.get("command"),
+              "git_commit": provenance.git_commit(), "run": str(args.run), "run_command": trained.get("command"),
               "run_git_commit": trained.get("git_commit"), "run_epochs": trained.get("epochs"),
               "run_seed": trained.get("seed"), "run_subset": trained.get("subset"), "best_epoch": epoch,
               "setting": params["setting"], "spatial_loss_weight": params.get("spatial_loss_weight", 0.0),

@@ -42,11 +42,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # train_epoch's progress bar; must b
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import cli  # noqa: E402
-import config  # noqa: E402
-import train_multi_task_counter_stream as train  # noqa: E402
 from loaders import NUM_TASKS  # noqa: E402
 from models import build_model  # noqa: E402
+from training import cli, config, evaluate, loop, optim, provenance  # noqa: E402
+from training.data import MEMORY_FORMATS, load_data  # noqa: E402
 from weighting import build_weighting  # noqa: E402
 
 from reference_pipeline import (REF_EVAL_BATCH, reference_evaluate, reference_loader,  # noqa: E402
@@ -64,24 +63,24 @@ MB = 2 ** 20
 
 def our_train(model, weighting, optimizer, data, params, seed, epoch):
     state = {"epoch": 0}  # only read by the non-finite-loss report
-    return train.train_epoch(model, weighting, optimizer, data["train"], params, seed, epoch, REPO / "runs", state)
+    return loop.train_epoch(model, weighting, optimizer, data["train"], params, seed, epoch, REPO / "runs", state)
 
 
 def our_evaluate(model, data, split, params, device):
-    memory_format = train.MEMORY_FORMATS[params["memory_format"]]
-    return train.evaluate(model, *data[split], data["num_tasks"], train.eval_rows(params, device), memory_format)
+    memory_format = MEMORY_FORMATS[params["memory_format"]]
+    return evaluate.evaluate(model, *data[split], data["num_tasks"], evaluate.eval_rows(params, device), memory_format)
 
 
 def build(params, num_tasks, device, seed):
     """Model (seeded init, the params' memory format), weighting, optimiser, as the training script."""
     torch.manual_seed(seed)
     model = build_model(params["model"], num_tasks, **params["model_options"])
-    model = model.to(device, memory_format=train.MEMORY_FORMATS[params["memory_format"]])
+    model = model.to(device, memory_format=MEMORY_FORMATS[params["memory_format"]])
     weighting = None
     if params["weighting"] is not None:
         weighting = build_weighting(params["weighting"], num_tasks, params["weighting_options"]).to(device)
     extra = list(weighting.parameters()) if weighting is not None else []
-    return model, weighting, train.make_optimizer(params, list(model.parameters()) + extra)
+    return model, weighting, optim.make_optimizer(params, list(model.parameters()) + extra)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,7 +213,7 @@ def reference_epoch(model, optimizer, params, data, args, device, epoch):
 
 def warm_up_ours(model, weighting, optimizer, params, data, args, device, context):
     """Our train and eval on a few chunks (full and last-partial shapes), undone afterwards."""
-    n, rows = len(data["train"][0]), train.eval_rows(params, device)
+    n, rows = len(data["train"][0]), evaluate.eval_rows(params, device)
     per_pass = max(1, rows // data["num_tasks"])
     warm = {"num_tasks": data["num_tasks"]}
     warm["train"] = tuple(t[:warm_size(n, params["batch_size"])] for t in data["train"])
@@ -273,7 +272,7 @@ def rates(phases, test_accuracy, data):
 
 def load_split_data(params, sizes, device):
     """{split: (uint8 images, int64 labels)} on ``device``, cut to ``sizes``."""
-    data = train.load_data(params, None, None)
+    data = load_data(params, None, None)
     out = {"num_tasks": NUM_TASKS[params["setting"]]}
     for split, (images, labels, _) in data.items():
         out[split] = (images[:sizes[split]].to(device), labels[:sizes[split]].to(device))
@@ -302,8 +301,8 @@ def variant_rows(args, base_params, model, data, device, default):
         if not on:
             continue
         params = dict(base_params, memory_format="contiguous") if name == "contiguous" else base_params
-        variant = copy.deepcopy(model).to(memory_format=train.MEMORY_FORMATS[params["memory_format"]])
-        optimizer = train.make_optimizer(params, variant.parameters())
+        variant = copy.deepcopy(model).to(memory_format=MEMORY_FORMATS[params["memory_format"]])
+        optimizer = optim.make_optimizer(params, variant.parameters())
         if name == "compile":
             variant.forward_all_tasks = torch.compile(variant.forward_all_tasks)
             variant = torch.compile(variant)
@@ -364,7 +363,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = train.resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.workers is None:
@@ -379,14 +378,14 @@ def main(argv=None):
     data = load_split_data(params, sizes, device)
     num_tasks = data["num_tasks"]
     n = {split: len(data[split][0]) for split in ("train", "val", "test")}
-    print(f"ControlNet, 9 digits, {train.describe_device(device)}, torch {torch.__version__}, "
+    print(f"ControlNet, 9 digits, {provenance.describe_device(device)}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; images: {n}; reference workers: {args.workers}", flush=True)
     mem_method = memory_method(device)
 
     model, _, optimizer = build(params, num_tasks, device, args.seed)
     initial = copy.deepcopy(model)
     ref_model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-    ref_optimizer = train.make_optimizer(params, ref_model.parameters())
+    ref_optimizer = optim.make_optimizer(params, ref_model.parameters())
     ref_warmup_s = warm_up_reference(ref_model, ref_optimizer, params, data, args, device)
     warmup_s = warm_up_ours(model, None, optimizer, params, data, args, device, nullcontext)
     best_ref, best = {}, {}
@@ -419,12 +418,12 @@ def main(argv=None):
     methods = time_methods(args.methods, method_sizes, args, device)
 
     result = {
-        "device": train.describe_device(device), "device_tag": device_tag(device), "git_commit": read_commit(),
+        "device": provenance.describe_device(device), "device_tag": device_tag(device), "git_commit": read_commit(),
         "command": " ".join(["python", "benchmarks/bench_train.py"] + list(sys.argv[1:] if argv is None else argv)),
         "torch_version": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
         "quick": args.quick, "repeats": args.repeats, "seed": args.seed, "reference_workers": args.workers,
         "reference_eval_batch": REF_EVAL_BATCH, "train_batch": params["batch_size"],
-        "eval_rows": train.eval_rows(params, device), "n_images": n,
+        "eval_rows": evaluate.eval_rows(params, device), "n_images": n,
         "n_images_methods": {split: method_sizes[split] or n[split] for split in n},
         "train_imgs_per_s_ref": ref["train_imgs_per_s"], "train_imgs_per_s": ours["train_imgs_per_s"],
         "train_speedup": ours["train_imgs_per_s"] / ref["train_imgs_per_s"],

@@ -77,7 +77,7 @@ def leave_one_out(labels, left_out):
 class TaskImages:
     """One task's images as a lazy view of its dataset's uint8 ``[M, 28, 28]`` source: indexing with an index tensor
     or a slice returns float ``[n, 32, 32]`` images, resized and, when a ``generator`` is given (training), pad-and-
-    crop augmented, on the 0..255 scale of the source, so that ``gumbel_experiment.to_input`` (add the channel,
+    crop augmented, on the 0..255 scale of the source, so that ``round_robin.to_input`` (add the channel,
     divide by 255) makes the network input of it."""
 
     def __init__(self, source, index, generator=None):

@@ -32,7 +32,7 @@ def train(*args):
 
 @pytest.mark.parametrize("name", ABLATIONS)
 def test_registered_single_branch_with_the_controlnet_interface(name):
-    import config
+    from training import config
     assert config.METHODS[name] == (name, None)
     model = build_model(name, 9)
     assert MODELS[name].paradigm == "single_branch"

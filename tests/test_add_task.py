@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import add_task
-import checkpoint
 from models import build_model
-from train_multi_task_counter_stream import all_task_logits, make_optimizer
+from training import checkpoint
+from training.evaluate import all_task_logits
+from training.optim import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"optimizer": "Adam", "lr": 0.05, "momentum": 0.9}

@@ -9,8 +9,8 @@ import cls_seg
 from loaders import multi_mnist, multi_mnist_seg
 from loaders.mnist import data_root, load_mnist
 from loaders.multi_mnist_seg import make_multi_mnist_seg
-from models.cls_seg import (NUM_OPS, RECOGNISE, SEGMENT, VARIANTS, ClsSegChannelModulated, ClsSegControlNet,
-                            build_cls_seg_model)
+from models.cls_seg import (
+    ClsSegChannelModulated, ClsSegControlNet, NUM_OPS, RECOGNISE, SEGMENT, VARIANTS, build_cls_seg_model)
 
 
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.distributed
 
-import checkpoint
 import train_multi_task_counter_stream as train_script
+from training import checkpoint
 from run_files import metrics_without_timing
 
 REPO = Path(__file__).resolve().parents[1]

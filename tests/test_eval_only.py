@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-import checkpoint
 import train_multi_task_counter_stream as train_script
+from training import checkpoint
 from test_train import param_file, train
 
 RUN = ["--epochs", 2, "--subset", 300, "--device", "cpu"]

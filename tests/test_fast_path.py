@@ -11,9 +11,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import train_multi_task_counter_stream as train  # noqa: E402
 from loaders.multi_mnist import make_multi_mnist  # noqa: E402
 from models import build_model  # noqa: E402
+from training import data, evaluate, loop  # noqa: E402
 from reference_pipeline import ReferenceMultiMNIST, reference_batch  # noqa: E402
 from weighting import build_weighting  # noqa: E402
 
@@ -47,7 +47,7 @@ def test_reference_pipeline_batch_equals_normalize(test_split):
     index = [0, 7, 42, 199, 5]
     batch = torch.utils.data.default_collate([ReferenceMultiMNIST(images, labels)[i] for i in index])
     ref_images, ref_labels = reference_batch(batch, torch.device("cpu"))
-    ours = train.normalize(images[index])
+    ours = data.normalize(images[index])
     assert ref_images.shape == ours.shape == (5, 1, 28, 28) and ref_images.dtype == ours.dtype
     torch.testing.assert_close(ref_images, ours, rtol=0, atol=1e-6)
     assert torch.equal(ref_labels, labels[index])
@@ -68,7 +68,7 @@ def briefly_train(model, train_split, labels=None):
     params = {"batch_size": 64, "memory_format": "channels_last", "method": "test"}
     weighting = build_weighting("uniform", labels.shape[1]) if model.paradigm == "multi_branch" else None
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    train.train_epoch(model, weighting, optimizer, (train_split[0], labels), params, 0, 0, None, {"epoch": 0})
+    loop.train_epoch(model, weighting, optimizer, (train_split[0], labels), params, 0, 0, None, {"epoch": 0})
     return model
 
 
@@ -111,7 +111,7 @@ def scale(logits):
 def test_evaluate_all_tasks_at_once_equals_per_task_loop(name, state, test_split, train_split):
     images, labels = test_split
     model = make_model(name)
-    x = train.normalize(images, torch.channels_last)
+    x = data.normalize(images, torch.channels_last)
     if state == "trained":
         fresh = loop_logits(model, x)
         briefly_train(model, train_split)
@@ -123,12 +123,12 @@ def test_evaluate_all_tasks_at_once_equals_per_task_loop(name, state, test_split
     expected_accuracy, near_ties = loop_accuracy(expected, labels)
     with torch.inference_mode():
         model.eval()
-        all_at_once = train.all_task_logits(model, x, 9)
+        all_at_once = evaluate.all_task_logits(model, x, 9)
     torch.testing.assert_close(all_at_once, expected, rtol=0, atol=1e-5 * scale(expected))
     if state == "scrambled":
         assert len(expected.argmax(dim=2).unique()) >= 3, "predictions are (nearly) constant"
     for rows in (512, 4096):  # 56 images per pass with a short last one; all 200 in one pass
-        accuracy = train.evaluate(model, images, labels, 9, rows, torch.channels_last)
+        accuracy = evaluate.evaluate(model, images, labels, 9, rows, torch.channels_last)
         # Identical, except that an image whose top-2 logits tie within rounding may flip (none in practice).
         assert (accuracy.double() - expected_accuracy).abs().max() <= 100.0 * near_ties / len(images) + 1e-9
 
@@ -138,17 +138,17 @@ def test_evaluate_skips_invalid_labels_like_the_loop(test_split, train_split):
     images, by_ref = test_split[0], load("9digits_byref", "test")[1][:NUM_TEST]
     model = briefly_train(make_model("controlnet", num_tasks=10), train_split,
                           labels=load("9digits_byref", "train")[1][:len(train_split[1])])
-    predictions = loop_logits(model, train.normalize(images, torch.channels_last), num_tasks=10).argmax(dim=2)
+    predictions = loop_logits(model, data.normalize(images, torch.channels_last), num_tasks=10).argmax(dim=2)
     valid = by_ref.t() >= 0
     expected = 100.0 * ((predictions == by_ref.t()) & valid).sum(1).double() / valid.sum(1).double()
-    accuracy = train.evaluate(model, images, by_ref, 10, 512, torch.channels_last)
+    accuracy = evaluate.evaluate(model, images, by_ref, 10, 512, torch.channels_last)
     torch.testing.assert_close(accuracy.double(), expected, rtol=0, atol=1e-9, equal_nan=True)
 
 
 def test_forward_all_tasks_matches_forward_per_task(test_split, train_split):
     model = briefly_train(make_model("controlnet"), train_split)
     model.eval()
-    x = train.normalize(test_split[0][:64], torch.channels_last)
+    x = data.normalize(test_split[0][:64], torch.channels_last)
     with torch.inference_mode():
         all_tasks = model.forward_all_tasks(x)
     assert all_tasks.shape == (9, 64, 10)
@@ -163,7 +163,7 @@ def test_draw_tasks_is_uniform_among_valid_tasks(valid_tasks):
     n, num_tasks = 40_000, 10
     valid = torch.zeros(n, num_tasks, dtype=torch.bool)
     valid[:, valid_tasks] = True
-    tasks = train.draw_tasks(valid, torch.Generator().manual_seed(1))
+    tasks = loop.draw_tasks(valid, torch.Generator().manual_seed(1))
     assert valid[torch.arange(n), tasks].all()
     counts = torch.bincount(tasks, minlength=num_tasks)[valid_tasks].double()
     expected = n / len(valid_tasks)
@@ -174,7 +174,7 @@ def test_draw_tasks_is_uniform_among_valid_tasks(valid_tasks):
 def test_draw_tasks_never_picks_an_invalid_task():
     labels = load("9digits_byref", "train")[1][:20_000]
     valid = labels >= 0
-    tasks = train.draw_tasks(valid, torch.Generator().manual_seed(2))
+    tasks = loop.draw_tasks(valid, torch.Generator().manual_seed(2))
     has_valid = valid.any(dim=1)
     assert has_valid.any() and (~has_valid).any()  # both kinds of image occur in the by-reference data
     assert valid[torch.arange(len(labels)), tasks][has_valid].all()

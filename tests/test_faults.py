@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import train_multi_task_counter_stream as train_script
 from loaders import cache, multi_mnist
 from loaders.mnist import CACHE_NAME, IDX_NAMES, data_root, load_mnist
+import train_multi_task_counter_stream as train_script
+from training import checkpoint
 from run_files import TIMING, metrics_without_timing
 
 REPO = Path(__file__).resolve().parents[1]

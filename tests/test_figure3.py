@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import config
+from training import config
 import figure3
 from models import build_model, count_parameters
 

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 import gumbel_clusters
-import gumbel_experiment
 from loaders import fashion_mnist, task_clusters
 from loaders.fashion_mnist import FashionMNISTUnavailable, load_fashion_mnist
 from loaders.mnist import IDX_NAMES
 from loaders.task_clusters import TASKS, TaskImages, leave_one_out, random_crop, resize, resize_matrix
 from models.gumbel_clusters import GumbelClustersNet, routed_conv_layer, same_padding
 from models.gumbel_matrix import router_parameters, weight_parameters
+from training import round_robin
 
 torch.set_num_threads(1)
 
@@ -197,7 +197,7 @@ def test_task_images_view():
     augmented = TaskImages(source, index, torch.Generator().manual_seed(0))
     first = augmented[torch.tensor([0, 2])]
     assert first.shape == (2, 32, 32) and not torch.equal(first, clean[torch.tensor([0, 2])])
-    net_input = gumbel_experiment.to_input(clean[:])
+    net_input = round_robin.to_input(clean[:])
     assert net_input.shape == (3, 1, 32, 32) and 0 <= net_input.min() and net_input.max() <= 1
 
 
@@ -324,12 +324,12 @@ def test_short_learning_run_reduces_the_loss():
     def loss():
         model.eval()
         with torch.no_grad():
-            losses = [F.cross_entropy(model(gumbel_experiment.to_input(TaskImages(x.source, x.index)[:]),
+            losses = [F.cross_entropy(model(round_robin.to_input(TaskImages(x.source, x.index)[:]),
                                             torch.full((len(y),), t)), y) for t, (x, y) in enumerate(tasks)]
         return sum(losses).item() / 2
 
     before = loss()
-    snapshots = gumbel_experiment.train(model, tasks, params, steps=40, seed=0, log=lambda _: None)
+    snapshots = round_robin.train(model, tasks, params, steps=40, seed=0, log=lambda _: None)
     after = loss()
     assert after < 0.7 * before, (before, after)
     assert snapshots[-1]["update"] == 80 and len(snapshots[-1]["probabilities"][0]) == 48

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-import gumbel_experiment
+from training import round_robin
 import plot_allocation
 from loaders.rotated_mnist import TASKS, load_rotated_mnist, make_tasks, rotate90
-from models.gumbel_matrix import (FixedRouter, GumbelMatrixLeNet, GumbelMatrixMNISTNet, GumbelMatrixRouter,
-                                  RoutedLayer, allocation_matrix, budget_penalty, linear_components, make_router,
-                                  router_parameters, temperature_schedule, weight_parameters)
+from models.gumbel_matrix import (
+    FixedRouter, GumbelMatrixLeNet, GumbelMatrixMNISTNet, GumbelMatrixRouter, RoutedLayer, allocation_matrix,
+    budget_penalty, linear_components, make_router, router_parameters, temperature_schedule, weight_parameters)
 from models.lenet import MultiBranchLeNet
 
 torch.set_num_threads(1)
@@ -189,12 +189,12 @@ def test_load_rotated_mnist_is_seeded(small_mnist):
 
 
 def test_short_learning_run_beats_chance(small_mnist):
-    params = gumbel_experiment.load_params("params/gumbel_mnist/gumbel_matrix.json")
+    params = round_robin.load_params("params/gumbel_mnist/gumbel_matrix.json")
     torch.manual_seed(0)
-    model = gumbel_experiment.build_model(params, len(TASKS))
-    snapshots = gumbel_experiment.train(model, small_mnist["train"], params, steps=150, seed=0, log=lambda _: None)
+    model = round_robin.build_model(params, len(TASKS))
+    snapshots = round_robin.train(model, small_mnist["train"], params, steps=150, seed=0, log=lambda _: None)
     test = [(images[:1000], labels[:1000]) for images, labels in small_mnist["test"]]
-    accuracies = gumbel_experiment.evaluate(model, test)
+    accuracies = round_robin.evaluate(model, test)
     assert min(accuracies) > 40.0, accuracies  # chance is 10%
     assert snapshots[-1]["update"] == 600 and len(snapshots[-1]["probabilities"]) == 4
 
@@ -217,7 +217,7 @@ def write_params(tmp_path, **changes):
     ({"temperature_min": 60.0}, "temperature_min"),
 ])
 def test_param_file_errors_are_one_line_and_exit_2(tmp_path, capsys, changes, message):
-    assert gumbel_experiment.main(["--param_file", str(write_params(tmp_path, **changes))]) == 2
+    assert round_robin.main(["--param_file", str(write_params(tmp_path, **changes))]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
@@ -225,15 +225,15 @@ def test_param_file_errors_are_one_line_and_exit_2(tmp_path, capsys, changes, me
 def test_malformed_and_missing_param_files_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{ not json")
-    assert gumbel_experiment.main(["--param_file", str(bad)]) == 2
-    assert gumbel_experiment.main(["--param_file", str(tmp_path / "absent.json")]) == 2
+    assert round_robin.main(["--param_file", str(bad)]) == 2
+    assert round_robin.main(["--param_file", str(tmp_path / "absent.json")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert "malformed JSON" in err[0] and "not found" in err[1]
 
 
 @pytest.mark.parametrize("variant", ["no_sharing", "shared_bottom", "gumbel_matrix", "gumbel_matrix_budget075"])
 def test_shipped_param_files_are_valid(variant):
-    params = gumbel_experiment.load_params(f"params/gumbel_mnist/{variant}.json")
+    params = round_robin.load_params(f"params/gumbel_mnist/{variant}.json")
     assert params["exp_id"] == f"gumbel_mnist_{variant}"
 
 
@@ -246,10 +246,10 @@ def test_cli_writes_results_and_allocation(tmp_path, monkeypatch):
                               torch.randint(0, 10, (n,), generator=generator))
         return {"train": split(64), "test": split(32)}
 
-    monkeypatch.setattr(gumbel_experiment, "load_rotated_mnist", tiny_data)
+    monkeypatch.setattr(round_robin, "load_rotated_mnist", tiny_data)
     out = tmp_path / "run"
     params = "params/gumbel_mnist/gumbel_matrix_budget075.json"
-    assert gumbel_experiment.main(["--param_file", params, "--steps", "3", "--out", str(out)]) == 0
+    assert round_robin.main(["--param_file", params, "--steps", "3", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     for key in ("command", "git_commit", "device", "seed", "steps", "epochs", "test_acc_per_task", "test_acc_mean",
                 "wall_time_s", "allocation"):

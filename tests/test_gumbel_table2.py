@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import config
-import train_multi_task_counter_stream as train_script
-from models.gumbel_matrix import (GumbelMatrixLeNet, add_budget_gradient, budget_penalty, router_parameters,
-                                  temperature_schedule)
+from models.gumbel_matrix import (
+    GumbelMatrixLeNet, add_budget_gradient, budget_penalty, router_parameters, temperature_schedule)
+from training import config, loop, optim
+from weighting import build_weighting
 from run_files import TIMING
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,13 +90,13 @@ def test_router_options_are_checked_and_completed(tmp_path):
 def test_allocation_logits_get_their_own_learning_rate_and_schedule(tmp_path):
     params = config.load_params(write_params(tmp_path, lr_schedule="halve_30_60_90"))
     model = GumbelMatrixLeNet(2)
-    groups = train_script.parameter_groups(params, model, None)
+    groups = optim.parameter_groups(params, model, None)
     assert [g["lr"] for g in groups] == [0.003, 0.01]
     assert groups[1]["params"] == router_parameters(model)
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
-    assert train_script.lr_factor(params, 29, 100) == 0.5  # both groups are halved together
+    assert optim.lr_factor(params, 29, 100) == 0.5  # both groups are halved together
     plain = config.load_params(write_params(tmp_path, method="uniform_scaling", router_options={}))
-    assert [g["lr"] for g in train_script.parameter_groups(plain, GumbelMatrixLeNet(2, "shared_bottom"), None)] \
+    assert [g["lr"] for g in optim.parameter_groups(plain, GumbelMatrixLeNet(2, "shared_bottom"), None)] \
         == [0.003]
 
 
@@ -138,10 +138,10 @@ def test_training_sets_the_temperature_from_the_task_update_count():
     params = {**config.validate({"exp_id": "t", "method": "gumbel_matrix", "setting": "4digits", "batch_size": 8},
                                 "test"), "memory_format": "contiguous"}
     model = GumbelMatrixLeNet(4)
-    weighting = train_script.build_weighting("uniform", 4, {})
-    optimizer = train_script.make_optimizer(params, train_script.parameter_groups(params, model, weighting))
+    weighting = build_weighting("uniform", 4, {})
+    optimizer = optim.make_optimizer(params, optim.parameter_groups(params, model, weighting))
     images, labels = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (40, 4))
     state = {"epoch": 1}
-    train_script.train_epoch(model, weighting, optimizer, (images, labels), params, 0, 1, Path("unused"), state)
+    loop.train_epoch(model, weighting, optimizer, (images, labels), params, 0, 1, Path("unused"), state)
     expected = temperature_schedule((2 * 5 - 1) * 4, 50.0, 0.5)
     assert [layer.router.temperature for layer in model.layers] == [expected] * 3

@@ -8,12 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import config
 import losses
-import train_multi_task_counter_stream as train_script
 from losses import masked_cross_entropy
 from models import build_model, count_parameters
 from models.backbones import build_backbone
+from runtime import files
+from training import config, loop
+from training.data import normalize
 from weighting import build_weighting
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -62,7 +63,7 @@ def one_step(model, params, images, labels, locations, weighting=None, seed=3):
     before = copy.deepcopy(model.state_dict())
     optimizer = torch.optim.SGD(list(model.parameters()) + (list(weighting.parameters()) if weighting else []), lr=1.0)
     stats = ((0.5,) * 3, (0.25,) * 3)
-    train_script.train_epoch(model, weighting, optimizer, (images, labels), params, seed, 0, None, None, stats,
+    loop.train_epoch(model, weighting, optimizer, (images, labels), params, seed, 0, None, None, stats,
                              locations)
     return {name: value - before[name] for name, value in model.state_dict().items()}, stats
 
@@ -86,10 +87,10 @@ def test_single_branch_step_is_cross_entropy_plus_weighted_regression(name):
     params = {"batch_size": 6, "memory_format": "contiguous", "spatial_loss_weight": 2.5, "model": name}
     delta, stats = one_step(model, params, images, labels, locations)
 
-    generator = train_script.epoch_generator(3, 0)
+    generator = loop.epoch_generator(3, 0)
     order = torch.randperm(6, generator=generator)
-    tasks = train_script.draw_tasks(labels >= 0, generator)[order]
-    x = train_script.normalize(images[order], torch.contiguous_format, stats)
+    tasks = loop.draw_tasks(labels >= 0, generator)[order]
+    x = normalize(images[order], torch.contiguous_format, stats)
     reference.train()
     logits, where = reference(x, tasks, with_location=True)
     rows = torch.arange(6)
@@ -111,9 +112,9 @@ def test_multi_branch_step_adds_each_tasks_regression_to_its_loss():
               "model": "backbone_multi_branch"}
     delta, stats = one_step(model, params, images, labels, locations, build_weighting("uniform", 3))
 
-    order = torch.randperm(6, generator=train_script.epoch_generator(3, 0))
+    order = torch.randperm(6, generator=loop.epoch_generator(3, 0))
     reference.train()
-    logits, where = reference(train_script.normalize(images[order], torch.contiguous_format, stats), with_location=True)
+    logits, where = reference(normalize(images[order], torch.contiguous_format, stats), with_location=True)
     total = 0.0
     for t in range(3):
         y, xy = labels[order, t].long(), locations[order, t]
@@ -181,5 +182,5 @@ def test_single_task_backbones_are_independent_networks():
 
 
 def test_cub_single_task_param_file_is_one_resnet_per_task():
-    params = config.load_params(train_script.REPO / "params" / "cub_single_task.json")
+    params = config.load_params(files.REPO / "params" / "cub_single_task.json")
     assert params["model"] == "backbone_single_task" and params["weighting"] == "sum"

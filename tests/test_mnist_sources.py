@@ -23,7 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SESSION_DATA_ROOT = Path(os.environ["MTL_DATA_ROOT"])  # read before ``no_mirrors`` clears it for each test
 from loaders import mnist
-from loaders.mnist import IDX_NAMES, IDXError, MNISTUnavailable, check_mnist, load_mnist, read_idx
+from loaders.mnist import IDXError, IDX_NAMES, MNISTUnavailable, check_mnist, load_mnist, read_idx
 
 SMALL_TRAIN = (2,) * 10  # 20 training images, two per class
 SMALL_TEST = (1,) * 10  # 10 test images, one per class

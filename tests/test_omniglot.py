@@ -6,8 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from loaders.omniglot import (OMNIGLOT_ORDER, OmniglotUnavailable, alphabet_id, load_alphabet, load_omniglot,
-                              read_image)
+from loaders.omniglot import OMNIGLOT_ORDER, OmniglotUnavailable, alphabet_id, load_alphabet, load_omniglot, read_image
 
 # alphabet -> (release folder, number of characters); the first three of OMNIGLOT_ORDER, from both folders
 FIXTURE = {"Gujarati": ("images_background", 3), "Sylheti": ("images_evaluation", 2),

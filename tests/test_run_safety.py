@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import run_lock
+import models
 import train_multi_task_counter_stream as train_script
+from training import data, evaluate, loop, optim, run_lock
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_multi_task_counter_stream.py"
@@ -69,7 +70,7 @@ def test_a_lock_left_by_a_killed_run_is_detected_and_taken_over(params, tmp_path
 
 
 def test_lock_is_exclusive_between_processes(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, run_lock; run_lock.acquire(sys.argv[1], 'x'); "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from training import run_lock; run_lock.acquire(sys.argv[1], 'x'); "
                                "print('locked', flush=True); time.sleep(60)", str(tmp_path)],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
@@ -98,8 +99,8 @@ def test_resuming_a_finished_run_changes_nothing(params, tmp_path, capsys, one_t
 
 def test_resume_on_other_data_is_refused(params, tmp_path, capsys, monkeypatch, one_thread):
     out = tmp_path / "run"
-    load = train_script.load_data
-    monkeypatch.setattr(train_script, "lr_factor", lambda *args: 1.0)
+    load = data.load_data
+    monkeypatch.setattr(loop, "lr_factor", lambda *args: 1.0)
     assert main(capsys, "--param_file", params, "--epochs", "1", "--subset", "300", "--out", out)[0] == 0
     (out / "results.json").unlink()  # as if killed before the end: a run to resume
 
@@ -107,7 +108,7 @@ def test_resume_on_other_data_is_refused(params, tmp_path, capsys, monkeypatch, 
         data = load(*args)
         images, labels, locations = data["train"]
         return {**data, "train": (255 - images, labels, locations)}
-    monkeypatch.setattr(train_script, "load_data", other_data)
+    monkeypatch.setattr(loop, "load_data", other_data)
     code, _, err = main(capsys, "--param_file", params, "--epochs", "1", "--subset", "300", "--out", out, "--resume")
     assert code == 2 and "was trained on other data (fingerprint " in one_error_line(err)
 
@@ -143,10 +144,10 @@ def test_bad_set_is_one_line_and_exit_2(setting, expected, params, tmp_path, cap
                                            (100, [30, 60, 90]), (900, [270, 540, 810])])
 def test_lr_schedule_halves_at_30_60_90_percent_and_never_before_epoch_1(epochs, halved):
     params = {"lr_schedule": "halve_30_60_90"}
-    factors = [train_script.lr_factor(params, epoch, epochs) for epoch in range(epochs)]
+    factors = [optim.lr_factor(params, epoch, epochs) for epoch in range(epochs)]
     assert factors[0] == 1.0
     assert [epoch + 1 for epoch in range(1, epochs) if factors[epoch] < factors[epoch - 1]] == halved
-    text = train_script.describe_schedule(params, epochs)
+    text = optim.describe_schedule(params, epochs)
     assert text == (f"lr halved at epochs {', '.join(map(str, halved))}" if halved else
                     "constant lr (fewer than 7 epochs)")
 
@@ -167,17 +168,17 @@ def test_logs_train_log_metrics_fields_and_no_progress_frames_off_a_terminal(par
 
 def test_evaluation_loss_is_the_mean_over_tasks_of_each_tasks_cross_entropy(one_thread):
     torch.manual_seed(0)
-    model = train_script.build_model("multi_branch", 3).eval()
+    model = models.build_model("multi_branch", 3).eval()
     images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (40, 3))
     labels[::3, 1] = -1  # undefined pairs are not counted
-    accuracy, loss = train_script.evaluate(model, images, labels, 3, 12, torch.contiguous_format, with_loss=True)
+    accuracy, loss = evaluate.evaluate(model, images, labels, 3, 12, torch.contiguous_format, with_loss=True)
     with torch.no_grad():
-        logits = model(train_script.normalize(images))  # [B, T, C]
+        logits = model(data.normalize(images))  # [B, T, C]
     by_hand = [torch.nn.functional.cross_entropy(logits[labels[:, t] >= 0, t], labels[labels[:, t] >= 0, t])
                for t in range(3)]
     assert loss == pytest.approx(float(sum(by_hand) / 3), rel=1e-5)
-    assert torch.equal(accuracy, train_script.evaluate(model, images, labels, 3, 12, torch.contiguous_format))
+    assert torch.equal(accuracy, evaluate.evaluate(model, images, labels, 3, 12, torch.contiguous_format))
 
 
 def test_ctrl_c_is_one_line_exit_130_and_its_command_continues_the_run(params, tmp_path):
@@ -208,7 +209,7 @@ def test_ctrl_c_is_one_line_exit_130_and_its_command_continues_the_run(params, t
 
 
 def test_ctrl_c_in_any_entry_point_is_one_line_and_exit_130(capsys):
-    import cli
+    from training import cli
 
     def interrupted():
         raise KeyboardInterrupt

@@ -8,8 +8,8 @@ from collections import defaultdict
 import pytest
 
 from runtime import distributed
-import tensorboard_log
 import train_multi_task_counter_stream as train_script
+from training import tensorboard_log
 from test_train import param_file
 
 RUN = ["--epochs", 2, "--subset", 300, "--device", "cpu"]

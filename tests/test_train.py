@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import checkpoint
+from training import checkpoint
 from run_files import metrics_without_timing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,14 +91,14 @@ def test_dry_run_prints_parameter_counts_without_data(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "params").glob("*.json")))
 def test_every_shipped_param_file_is_valid(name):
-    import config
+    from training import config
     params = config.load_params(REPO / "params" / name)
     assert params["exp_id"] == Path(name).stem
 
 
 def test_docs_document_the_whole_schema_and_the_readme_the_ci_command():
-    """docs/params.md holds config.py's generated schema table verbatim: a schema change without the doc fails."""
-    import config
+    """docs/params.md holds training/config.py's generated schema table verbatim: a schema change without the doc fails."""
+    from training import config
     assert config.schema_markdown() in (REPO / "docs" / "params.md").read_text()
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()

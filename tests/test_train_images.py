@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import train_multi_task_counter_stream as train_script
 from loaders import LOADERS, cub
 from loaders.image_sets import normalize_rgb
 from models import build_model
+import train_multi_task_counter_stream as train_script
+from training import data, evaluate
 from test_clevr_celeba_cub import PARTS, scene_a, write_celeba, write_clevr, write_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +160,7 @@ def test_dry_run_of_every_image_param_file(name, tmp_path, capsys):
 def test_rgb_normalisation_on_the_device_is_the_data_sets():
     images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     stats = (LOADERS["clevr"].mean, LOADERS["clevr"].std)
-    torch.testing.assert_close(train_script.normalize(images, stats=stats), normalize_rgb(images))
+    torch.testing.assert_close(data.normalize(images, stats=stats), normalize_rgb(images))
 
 
 def test_evaluating_valid_pairs_gives_the_dense_accuracies():
@@ -171,8 +172,8 @@ def test_evaluating_valid_pairs_gives_the_dense_accuracies():
     images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8)
     labels = torch.randint(-1, 8, (5, 7), generator=torch.Generator().manual_seed(1)).to(torch.int8)
     stats = (LOADERS["clevr"].mean, LOADERS["clevr"].std)
-    dense = train_script.evaluate(model, images, labels, 7, 512, torch.contiguous_format, stats)
-    pairs = train_script.evaluate(model, images, labels, 7, 4, torch.contiguous_format, stats, pairs=True)
+    dense = evaluate.evaluate(model, images, labels, 7, 512, torch.contiguous_format, stats)
+    pairs = evaluate.evaluate(model, images, labels, 7, 4, torch.contiguous_format, stats, pairs=True)
     torch.testing.assert_close(pairs, dense, equal_nan=True)
 
 

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from losses import per_task_cross_entropy
+from weighting import GradNorm, Kendall, WEIGHTINGS, build_weighting
 from weighting.min_norm_solvers import find_min_norm_element
-from weighting import WEIGHTINGS, GradNorm, Kendall, build_weighting
 
 torch.set_num_threads(1)
 DTYPE = torch.float64

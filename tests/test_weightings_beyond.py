@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import config
+from training import config
 from test_weighting import DTYPE, assert_grads_close, grads_of, loop_losses, make_problem, param_grads
 from weighting import WEIGHTINGS, build_weighting
 

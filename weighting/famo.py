@@ -4,8 +4,8 @@ on every parameter through the weighted loss. Defaults as the reference (Cranial
 LibMTL's): logits' learning rate 0.025, weight decay gamma = 1e-5, minimum losses 0."""
 import torch
 
-from runtime import distributed
 from losses import per_task_cross_entropy
+from runtime import distributed
 
 from .base import Weighting
 

@@ -2,8 +2,8 @@
 import torch
 import torch.nn as nn
 
-from runtime import distributed
 from losses import per_task_cross_entropy
+from runtime import distributed
 
 from .base import Weighting
 

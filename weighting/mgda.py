@@ -2,8 +2,8 @@
 `multi_task/train_multi_task.py`, use_approximation=true)."""
 import torch
 
-from runtime import distributed
 from losses import per_task_cross_entropy
+from runtime import distributed
 from .min_norm_solvers import NORMALIZATIONS, find_min_norm_element, gradient_normalizers
 from models.lenet import held_dropout_masks
 

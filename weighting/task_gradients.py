@@ -14,8 +14,8 @@ not, so DDP's own gradient hooks never fire.
 """
 import torch
 
-from runtime import distributed
 from losses import per_task_cross_entropy
+from runtime import distributed
 
 from .base import Weighting
 

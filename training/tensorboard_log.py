@@ -7,7 +7,7 @@ Needs the ``tensorboard`` package, which nothing else in this repo needs.
 """
 from pathlib import Path
 
-import config
+from training import config
 
 
 def writer_class():

@@ -2,10 +2,10 @@
 1910.04915, Sec. 5.1; ``learning_parameter_allocation/mnist/mnist_train.py`` of
 google-research/google-research@0c1bbe5f), the reference run of the Gumbel-Matrix baseline.
 
-    python gumbel_experiment.py --param_file params/gumbel_mnist/gumbel_matrix.json --out runs/gm
-    python train_multi_task_counter_stream.py --param_file params/gumbel_mnist/gumbel_matrix.json  # the same run
+    python train_multi_task_counter_stream.py --param_file params/gumbel_mnist/gumbel_matrix.json --out runs/gm
 
-The training script hands every param file with ``"dataset": "rotated_mnist"`` to this trainer (``handles``).
+The training script hands every param file with ``"dataset": "rotated_mnist"`` to this trainer (``handles``), with
+the command-line arguments of ``parse_args``.
 
 Four tasks (MNIST, MNIST-2, MNIST-Rot, MNIST-Rot-2, ``loaders.rotated_mnist``) on the small routed conv net
 (``models.gumbel_matrix.GumbelMatrixMNISTNet``). Training as the original: every step shuffles the task order and
@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from runtime import files
-import cli
-from provenance import describe_device, git_commit
-from runtime.files import REPO
 from loaders.rotated_mnist import TASKS, load_rotated_mnist
-from models.gumbel_matrix import (ALLOCATIONS, GumbelMatrixMNISTNet, allocation_matrix, budget_penalty,
-                                  router_parameters, set_temperature, temperature_schedule, weight_parameters)
+from models.gumbel_matrix import (
+    ALLOCATIONS, GumbelMatrixMNISTNet, allocation_matrix, budget_penalty, router_parameters, set_temperature,
+    temperature_schedule, weight_parameters)
+from runtime import files
+from runtime.files import REPO
+from training.provenance import describe_device, git_commit
 
 EVAL_CHUNK = 2000
 LOG_POINTS = 10  # progress lines and allocation snapshots per run
@@ -260,7 +260,7 @@ def handles(argv):
     return isinstance(raw, dict) and raw.get("dataset") == "rotated_mnist"
 
 
-def main(argv=None, prog=Path(__file__).name):
+def main(argv=None, prog="train_multi_task_counter_stream.py"):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
@@ -268,7 +268,3 @@ def main(argv=None, prog=Path(__file__).name):
     except ParamError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    cli.exit_with(main)

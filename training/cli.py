@@ -1,0 +1,126 @@
+"""The command line that every entry point shares: one-line argument errors (exit 2), the argument types, the exit
+codes (a user mistake 2, a fault during the run 1, Ctrl-C 130), the device, and matplotlib for the figure makers."""
+import argparse
+import sys
+
+import torch
+
+from runtime import distributed
+from training import config, run_lock
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
+def positive_int(text):
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text):
+    return _int_at_least(text, 0)
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not 0.0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _int_at_least(text, low):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+    return value
+
+
+def exit_code(run, args):
+    """``run(args)``'s exit code; a user mistake (ParamError) or a busy output dir is one line on stderr and code 2,
+    a fault during the run (RunError) one line and code 1, Ctrl-C one line and code 130. Shared by the scripts
+    built on this one."""
+    try:
+        return run(args)
+    except (config.ParamError, run_lock.RunDirBusy) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RunError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Interrupted as err:
+        print(f"\ninterrupted: {err}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted; every file written so far is complete (all writes are atomic)", file=sys.stderr)
+        return 130
+
+
+class RunError(RuntimeError):
+    """A fault during the run (non-finite loss, failing write): reported as one line, exit code 1."""
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C during training: one line saying where the run stands and how to continue it, exit code 130."""
+
+
+def resolve_device(name):
+    """The device of this process; under torchrun a CUDA device is cuda:LOCAL_RANK (one GPU per process)."""
+    if name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise config.ParamError(f"--device: unknown device {name!r}; allowed: auto, cpu, cuda, cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise config.ParamError(f"--device: {name} requested but CUDA is not available here; allowed: auto, cpu")
+        if device.type not in ("cpu", "cuda"):
+            raise config.ParamError(f"--device: unsupported device {name!r}; allowed: auto, cpu, cuda, cuda:N")
+    if device.type != "cuda" or not distributed.launched():
+        return device
+    if device.index is not None:
+        raise config.ParamError(f"--device: {name}: under torchrun every process uses the GPU cuda:LOCAL_RANK; "
+                                f"allowed: auto, cpu, cuda")
+    if distributed.local_rank() >= torch.cuda.device_count():
+        raise config.ParamError(f"--device: process LOCAL_RANK={distributed.local_rank()} has no GPU of its own "
+                                f"({torch.cuda.device_count()} here); start at most that many per node "
+                                f"(--nproc_per_node)")
+    return torch.device("cuda", distributed.local_rank())
+
+
+def exit_with(main):
+    """Runs ``main()`` and exits with its code; Ctrl-C prints one line instead of a traceback and exits with 130.
+    Every file a script writes is written atomically (training/checkpoint.py), so none is left half-written."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C); every file written so far is complete: rerun the same command to start "
+              "again (training runs continue with --resume)", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+def pyplot(script):
+    """matplotlib.pyplot on the file-only Agg backend, or None after one error line with the install command."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"error: {script} needs matplotlib: pip install matplotlib", file=sys.stderr)
+        return None
+    return plt
+
+
+def save_figure(plt, fig, out, dpi):
+    """Writes ``fig`` to ``out`` (its folder made if missing) and frees it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
