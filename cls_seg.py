@@ -44,9 +44,9 @@ from models import LENET_PARAMS, LENET_WEIGHTS, count_parameters
 from models.cls_seg import RECOGNISE, SEGMENT, TABLE5_ROWS, VARIANTS, build_cls_seg_model
 from runtime import files
 from runtime.files import REPO
-from training import checkpoint, cli, config, data, loop, optim, provenance, run_dir
+from training import checkpoint, cli, config, loop, optim, provenance, run_dir
+from training.data import MEMORY_FORMATS, normalize
 
-MEMORY_FORMATS = data.MEMORY_FORMATS
 PAPER_TABLES = REPO / "paper" / "paper_tables.json"
 SETTINGS = ("9digits", "9digits_byref", "4digits", "2digits")
 SETTING_COLUMNS = {"9digits": "by_loc", "9digits_byref": "by_ref"}  # the paper's Table 5 columns
@@ -73,12 +73,6 @@ SCHEMA = {
     "memory_format": (str, "channels_last", tuple(MEMORY_FORMATS), "conv memory layout (same maths)"),
     "model_options": (dict, {}, None, "keyword arguments of the model (c1, c2, hidden; td_channels for ControlNet)"),
 }
-
-
-ParamError = config.ParamError  # a mistake in the param file or on the command line: one line, exit code 2
-
-
-RunError = cli.RunError  # a fault during the run (non-finite loss, data, a failing write): one line, exit code 1
 
 
 def parse_args(argv):
@@ -117,7 +111,7 @@ def table(args):
 
 # ----------------------------------------------------------------------------------------------------- params
 def load_params(path):
-    """Reads, validates and completes a param file; raises ParamError on any problem."""
+    """Reads, validates and completes a param file; raises config.ParamError on any problem."""
     return validate(config.read_param_file(path, config.required_keys(SCHEMA)), str(Path(path)))
 
 
@@ -133,16 +127,16 @@ def _check_model_options(params, source):
     allowed = [name for name in signature if name not in ("self", "num_tasks") and name not in fixed]
     for key, value in params["model_options"].items():
         if key not in allowed:
-            raise ParamError(f"{source}: key 'model_options' has unknown option '{key}' for variant "
+            raise config.ParamError(f"{source}: key 'model_options' has unknown option '{key}' for variant "
                              f"'{params['variant']}'; allowed: {', '.join(allowed)}")
         default = signature[key].default
         if default is None:  # td_channels: [t1, t2]
             ok = isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v >= 1 for v in value)
             if not ok:
-                raise ParamError(f"{source}: key 'model_options.{key}' must be a list of two integers >= 1, "
+                raise config.ParamError(f"{source}: key 'model_options.{key}' must be a list of two integers >= 1, "
                                  f"got {json.dumps(value)}; allowed: [t1, t2]")
         elif not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ParamError(f"{source}: key 'model_options.{key}' must be an integer >= 1, got {json.dumps(value)}; "
+            raise config.ParamError(f"{source}: key 'model_options.{key}' must be an integer >= 1, got {json.dumps(value)}; "
                              f"allowed: an integer >= 1 (default {default})")
 
 
@@ -228,7 +222,7 @@ def run(args):
 def prepare_output_dir(out, force):
     run_dir.check_writable(out)
     if (out / "results.json").exists() and not force:
-        raise ParamError(f"--out: {out} already holds results (results.json); pass --force to overwrite them, or "
+        raise config.ParamError(f"--out: {out} already holds results (results.json); pass --force to overwrite them, or "
                          f"choose another --out")
 
 
@@ -241,9 +235,9 @@ def load_data(params, subset, root, eval_subset=None):
             images, labels, masks = make_multi_mnist_seg(params["setting"], split, params["data_seed"], root,
                                                          params["resize"], params["mask_threshold"])
         except (MNISTUnavailable, ValueError) as err:
-            raise RunError(" ".join(str(err).split())) from None
+            raise cli.RunError(" ".join(str(err).split())) from None
         except OSError as err:
-            raise RunError(f"cannot read or write the data cache: {err}; choose another data root with --data_root") \
+            raise cli.RunError(f"cannot read or write the data cache: {err}; choose another data root with --data_root") \
                 from None
         size = subset if split == "train" else eval_subset or (max(subset // 5, 1) if subset else None)
         if size:
@@ -295,7 +289,7 @@ def train_epoch(model, optimizer, train, params, seed, epoch):
     steps = 0
     for begin in range(0, n, batch_size):
         index = order[begin:begin + batch_size]
-        x = data.normalize(images[index], memory_format)
+        x = normalize(images[index], memory_format)
         if single:
             t = tasks[index]
             cls_loss, seg_loss = step_losses(model, x, labels[index, t], masks[index, t], t,
@@ -310,7 +304,7 @@ def train_epoch(model, optimizer, train, params, seed, epoch):
         steps += 1
     mean = (sums / steps).tolist()
     if not all(math.isfinite(v) for v in mean):
-        raise RunError(f"non-finite training loss at epoch {epoch + 1} (variant '{params['variant']}', losses "
+        raise cli.RunError(f"non-finite training loss at epoch {epoch + 1} (variant '{params['variant']}', losses "
                        f"{[float(f'{v:.4g}') for v in mean]}); lower lr or seg_loss_weight")
     return {"train_loss": mean[0], "train_cls_loss": mean[1], "train_seg_loss": mean[2]}
 
@@ -352,7 +346,7 @@ def evaluate(model, images, labels, masks, num_tasks, per_pass, memory_format=to
     instructed = bool(getattr(model, "instructed", False))
     acc_other, iou_other = TaskAccuracy(num_tasks, device), TaskIoU(num_tasks, device)
     for begin in range(0, len(images), per_pass):
-        x = data.normalize(images[begin:begin + per_pass], memory_format)
+        x = normalize(images[begin:begin + per_pass], memory_format)
         y, m = labels[begin:begin + per_pass].t(), masks[begin:begin + per_pass].transpose(0, 1)  # [T,B], [T,B,H,W]
         valid = y >= 0
         if model.paradigm == "multi_branch":
@@ -410,7 +404,7 @@ def write_table(runs_dir):
         result = json.loads(path.read_text())
         found.setdefault((result["setting"], result["variant"]), []).append(result)
     if not found:
-        raise RunError(f"no results.json under {runs_dir}/<setting>/<variant>/; run cls_seg.py with --out there first")
+        raise cli.RunError(f"no results.json under {runs_dir}/<setting>/<variant>/; run cls_seg.py with --out there first")
     settings = [s for s in SETTING_COLUMNS if any(key[0] == s for key in found)]
     lines = ["# Table 5 (classification and segmentation), Multi-MNIST", "",
              "Ours: test accuracy (%) and IoU (%) at the best-validation epoch, mean over tasks (mean over seeds when "

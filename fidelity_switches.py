@@ -11,7 +11,6 @@ metrics.jsonl (no checkpoints) to --results_dir (default under runs/tables/) and
 best-validation epoch (held_out only), at the best test epoch (the authors' selection: optimistic) and at the last
 epoch.
 """
-import argparse
 import json
 import os
 import shutil
@@ -39,7 +38,7 @@ def name_of(method, resize, protocol):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("run", "table"))
     parser.add_argument("--runs_dir", default="runs/fidelity_switches", help="where the runs train")
     parser.add_argument("--results_dir", default="runs/tables/fidelity_switches",

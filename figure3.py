@@ -32,8 +32,8 @@ LENET_WIDTHS = {"c1": 10, "c2": 20, "hidden": 50}
 
 
 def parse_args(argv):
-    parser = reproduce_table2.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser = reproduce_table2.protocol_arguments(parser, "runs/figure3", "runs/tables/figure3")
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.protocol_arguments(parser, "runs/figure3", "runs/tables/figure3")
     parser.add_argument("--widths", type=float_list, default=[0.5, 1.0, 2.0], help="channel multipliers m")
     parser.add_argument("--td_channels", type=int_list, default=[1, 4, 6], help="ControlNet TD stream widths")
     return parser.parse_args(argv)

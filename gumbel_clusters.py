@@ -27,53 +27,54 @@ from models.gumbel_clusters import GumbelClustersNet
 from models.gumbel_matrix import allocation_matrix, router_parameters, weight_parameters
 from runtime import files
 from runtime.files import REPO
-from training import cli, round_robin
+from training import cli, config
 from training.provenance import describe_device, git_commit
-from training.round_robin import ArgumentParser, ParamError, evaluate, positive_int, train
+from training.round_robin import check_allocation, evaluate, train
 from plot_allocation import task_similarity
 
 METHODS = ("gumbel_matrix", "shared_bottom")  # the two methods the original runs (clusters_train.py --method)
 
-# key: (type, default (None = required), check(value) -> True if valid, allowed (for the message)); defaults are
-# the original's flags and constants (clusters_train.py)
+# key: (type, default (REQUIRED = must be given), allowed values or (min, max) range, meaning), in
+# training/config.py's form; the defaults are the original's flags and constants (clusters_train.py)
 SCHEMA = {
-    "exp_id": (str, None, lambda v: bool(v), "a non-empty name"),
-    "method": (str, None, lambda v: v in METHODS, ", ".join(METHODS)),
-    "steps": (int, 20_000, lambda v: v >= 1, "an integer >= 1 (each step = one update per task)"),
-    "batch_size": (int, 32, lambda v: v >= 1, "an integer >= 1"),
-    "lr": (float, 3e-4, lambda v: 0 < v <= 10, "0 < lr <= 10"),
-    "router_lr": (float, 6e-3, lambda v: 0 < v <= 10, "0 < router_lr <= 10"),
-    "probs_init": (float, 0.5, lambda v: 0 < v < 1, "0 < probs_init < 1"),
-    "temperature_init": (float, 50.0, lambda v: v > 0, "a number > 0"),
-    "temperature_min": (float, 0.5, lambda v: v > 0, "a number > 0"),
-    "budget": (float, 0.5, lambda v: 0 <= v <= 1, "0 to 1 (fraction of the routed components)"),
-    "budget_penalty": (float, 1.0, lambda v: v >= 0, "a number >= 0 (0 = off)"),
-    "dropout": (float, 0.5, lambda v: 0 <= v < 1, "0 <= dropout < 1"),
-    "val_size": (int, 10_000, lambda v: 0 < v < 60_000, "1 to 59999 (held-out training images per dataset)"),
-    "data_seed": (int, 0, lambda v: v >= 0, "an integer >= 0 (seed of the train / val split)"),
+    "exp_id": (str, config.REQUIRED, None, "experiment name; default output dir is runs/gumbel_clusters/<exp_id>/seed<k>"),
+    "method": (str, config.REQUIRED, METHODS, "allocation: learned (gumbel_matrix) or one shared trunk"),
+    "steps": (int, 20_000, (1, 10**9), "training steps, each = one update per task"),
+    "batch_size": (int, 32, (1, 1_000_000), "images per task update"),
+    "lr": (float, 3e-4, (1e-8, 10.0), "Adam lr of the weights"),
+    "router_lr": (float, 6e-3, (1e-8, 10.0), "Adam lr of the allocation logits"),
+    "probs_init": (float, 0.5, (1e-6, 1 - 1e-6), "initial probability of every connection"),
+    "temperature_init": (float, 50.0, (1e-3, 1e6), "Gumbel-softmax temperature max(min, init / sqrt(update + 1))"),
+    "temperature_min": (float, 0.5, (1e-3, 1e6), "the temperature's floor"),
+    "budget": (float, 0.5, (0.0, 1.0), "fraction of the routed components a task may use before the penalty"),
+    "budget_penalty": (float, 1.0, (0.0, 1e3), "penalty * max(0, mean P - budget); 0 = off"),
+    "dropout": (float, 0.5, (0.0, 0.99), "dropout rate of the original's net"),
+    "val_size": (int, 10_000, (1, 59_999), "held-out training images per dataset"),
+    "data_seed": (int, 0, (0, 2**31 - 1), "seed of the train / val split"),
 }
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--param_file", required=True, help="JSON param file, e.g. params/gumbel_clusters/*.json")
-    parser.add_argument("--steps", type=positive_int, help="training steps, each = one update per task "
+    parser.add_argument("--steps", type=cli.positive_int, help="training steps, each = one update per task "
                                                            "(default: param file)")
     parser.add_argument("--seed", type=int, default=0, help="seed of init, dropout, Gumbel noise, data order and "
                                                             "augmentation")
     parser.add_argument("--out", help="output dir (default runs/gumbel_clusters/<exp_id>/seed<k>)")
-    parser.add_argument("--subset", type=positive_int, help="use only N training images per dataset (seeded)")
-    parser.add_argument("--eval_subset", type=positive_int,
+    parser.add_argument("--subset", type=cli.positive_int, help="use only N training images per dataset (seeded)")
+    parser.add_argument("--eval_subset", type=cli.positive_int,
                         help="evaluate each task on N random images (seeded by data_seed) of its val and test split "
                              "(default: all)")
     parser.add_argument("--data_root", help="data directory (default $MTL_DATA_ROOT or ./data)")
-    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads (default 1)")
     return parser.parse_args(argv)
 
 
 def load_params(path):
-    """Reads and validates a param file against this script's ``SCHEMA`` (``round_robin.load_params``)."""
-    return round_robin.load_params(path, SCHEMA)
+    """The param file at ``path``, checked against ``SCHEMA`` (``config.load_checked``) and the round-robin
+    protocol's rules (``round_robin.check_allocation``)."""
+    return check_allocation(config.load_checked(path, SCHEMA), path)
 
 
 def build_model(params):
@@ -107,11 +108,11 @@ def run(args, command):
         data = load_task_clusters(args.data_root, params["val_size"], params["data_seed"], args.subset, args.seed,
                                   args.eval_subset)
     except ValueError as err:
-        raise ParamError(f"--subset / val_size: {err}") from None
+        raise config.ParamError(f"--subset / val_size: {err}") from None
     sizes = [len(labels) for _, labels in data["train"]]
     if params["batch_size"] > min(sizes):
-        raise ParamError(f"{args.param_file}: key 'batch_size' ({params['batch_size']}) exceeds the {min(sizes)} "
-                         f"training images of the smallest task")
+        raise config.ParamError(f"{args.param_file}: key 'batch_size' ({params['batch_size']}) exceeds the {min(sizes)} "
+                                f"training images of the smallest task")
     steps = args.steps or params["steps"]
     out = Path(args.out or REPO / "runs" / "gumbel_clusters" / params["exp_id"] / f"seed{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
@@ -160,7 +161,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args, " ".join(["python", Path(__file__).name, *argv]))
-    except ParamError as err:
+    except config.ParamError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (MNISTUnavailable, FashionMNISTUnavailable) as err:

@@ -13,7 +13,6 @@ The table shows one protocol, the same in every cell, and names it: the one --pr
 the most runs (among those of --epochs/--subset if given); runs under other protocols are never mixed in, each
 other protocol is listed in one line below the table. A seed is counted once per cell.
 """
-import argparse
 import functools
 import json
 import shlex
@@ -53,7 +52,7 @@ TRAINING_PROTOCOLS = {"held_out": "held_out (trained on MNIST train[:50k], valid
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs_dir", default="runs/table2", help="searched recursively for results.json")
     parser.add_argument("--out_dir", default="runs/tables", help="where <name>.json and <name>.md go")
     parser.add_argument("--name", default="table2", help="file name of the table, without suffix (default table2)")

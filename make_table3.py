@@ -11,7 +11,6 @@ test accuracy at the best-validation evaluation averaged over tasks, then mean Â
 none for one seed). A row whose runs differ in protocol (epochs, subset, data size, input size, width, lr, batch) is
 marked: its seeds are not repetitions of one protocol.
 """
-import argparse
 import json
 import sys
 from collections import defaultdict
@@ -36,7 +35,7 @@ DATA_KEYS = ("input_size", "clevr_like_train", "clevr_like_test", "val_fraction"
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs_dir", default="runs", help="searched recursively for results.json")
     parser.add_argument("--out", default="runs/tables/table3.md", help="the Markdown table to write (default "
                         "runs/tables/table3.md: a committed table is only replaced when it is named)")

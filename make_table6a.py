@@ -9,7 +9,6 @@ on the real CLEVR with the full protocol; ours are on a different data set with 
 table says so. A reference row gives each task's most frequent training answer (the accuracy of a model that
 ignores the image), computed from the same data.
 """
-import argparse
 import json
 from pathlib import Path
 
@@ -27,7 +26,7 @@ TITLES = {"uniform_scaling": "Uniform scaling", "ch_mod": "ch-mod", "controlnet"
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs_dir", default="results/table6a_clevr_like", help="holds <N>tasks/<method>/results.json")
     parser.add_argument("--out", default="runs/tables/table6a.md", help="the Markdown table to write (default "
                         "runs/tables/table6a.md: a committed table is only replaced when it is named)")

@@ -8,7 +8,6 @@ multi-branch rows) are spread sideways by a few percent so that each stays visib
 best-validation epoch, mean over tasks and seeds, ± 1 std bars. Writes runs/table2_<setting>_acc_vs_params.png
 unless --out names another path. Needs matplotlib (pip install matplotlib), which nothing else in this repo needs.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ SPREAD = 0.02  # sideways step between such markers, in decades of the log axis 
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", default="results/table2.json", help="written by make_table2.py")
     parser.add_argument("--setting", default="9digits", choices=tuple(SETTINGS), help="Multi-MNIST setting (column)")
     parser.add_argument("--out", help="output image (default runs/table2_<setting>_acc_vs_params.png)")

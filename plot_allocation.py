@@ -10,7 +10,6 @@ binary allocation rows, as ``clusters/plot``), each with a colour key and titled
 seed and steps from the ``results.json`` beside the allocation). Needs matplotlib (exit code 2 with an install
 hint if missing).
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -97,7 +96,7 @@ def plot_similarity(plt, record, title):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="run directory holding allocation.json, or the file itself")
     parser.add_argument("--out", help="output directory (default runs/plots/<run folder name>: a committed figure is "
                         "only replaced when its folder is named)")

@@ -11,7 +11,6 @@ validation dashed). Runs that evaluate every k epochs (``eval_every``) have accu
 Lines are named from results.json (method, setting, epochs); a run without one yet is named by its folder.
 Writes a PNG (default runs/curves.png). Mistakes: one line, exit code 2.
 """
-import argparse
 import json
 import sys
 from collections import defaultdict
@@ -30,7 +29,7 @@ class CurveError(ValueError):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories, or folders searched for them")
     parser.add_argument("--group", choices=("none", "seeds"), default="none",
                         help="none: one line per run; seeds: mean ± std over the runs that differ only by seed")

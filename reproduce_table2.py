@@ -11,7 +11,6 @@ the same command to continue. A failing cell is reported (stderr tail in its std
 the exit code is 1 if any cell failed (or holds a run of another protocol). Every invocation is logged in <runs_dir>/sweep.json; then
 make_table2.py writes <out_dir>/table2.{json,md}.
 """
-import argparse
 import json
 import os
 import re
@@ -36,70 +35,18 @@ SETTINGS = tuple(make_table2.SETTINGS)
 GPU_WORKERS = 4  # default concurrent runs on one GPU (LeNet-sized models leave it mostly idle one at a time)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
-
-
-def protocol_arguments(parser, runs_dir, out_dir):
-    """The options every runner of training-script cells shares (figure3.py, table6b.py)."""
-    parser.add_argument("--epochs", type=positive_int, default=100, help="epochs per run (default 100)")
-    parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2, 3, 4], help="a count (5 = seeds 0..4) or a comma list")
-    parser.add_argument("--subset", type=positive_int, help="train on N images (smoke runs)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-    parser.add_argument("--runs_dir", default=runs_dir, help=f"where the runs go (default {runs_dir})")
-    parser.add_argument("--out_dir", default=out_dir, help=f"where the table goes (default {out_dir}: a committed "
-                        f"table is only replaced when its folder is named)")
-    return parser
-
-
-def set_argument(parser):
-    """--set KEY=VALUE, handed to every cell's training run (``run_cell``)."""
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="passed to every cell's training run (e.g. --set eval_every=10), repeatable")
-
-
-def comma_list(valid, what):
-    def parse(text):
-        names = [name for name in text.split(",") if name]
-        unknown = [name for name in names if name not in valid]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, unknown)) or '(empty)'}; "
-                                             f"valid choices: {','.join(valid)}")
-        return list(dict.fromkeys(names))
-    return parse
-
-
-def seed_list(text):
-    """'5' -> seeds 0..4; '0,2,7' (or '3,' for seed 3 alone) -> those seeds."""
-    try:
-        seeds = [int(item) for item in text.split(",") if item.strip()] if "," in text else list(range(int(text)))
-    except ValueError:
-        seeds = []
-    if not seeds or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"expected a count >= 1 (5 = seeds 0..4) or a comma list of seeds >= 0 "
-                                         f"(0,2,7), got {text!r}")
-    return list(dict.fromkeys(seeds))
-
-
-def positive_int(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
-
-
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=positive_int, default=100, help="epochs per run (default 100, the paper's)")
-    parser.add_argument("--seeds", type=seed_list, default=list(range(5)),
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=cli.positive_int, default=100, help="epochs per run (default 100, the paper's)")
+    parser.add_argument("--seeds", type=cli.seed_list, default=list(range(5)),
                         help="a count (default 5: seeds 0..4) or a comma list of seeds")
-    parser.add_argument("--methods", type=comma_list(METHODS, "method"), default=list(METHODS),
+    parser.add_argument("--methods", type=cli.comma_list(METHODS, "method"), default=list(METHODS),
                         help=f"comma list (default all): {','.join(METHODS)}")
-    parser.add_argument("--settings", type=comma_list(SETTINGS, "setting"), default=list(SETTINGS),
+    parser.add_argument("--settings", type=cli.comma_list(SETTINGS, "setting"), default=list(SETTINGS),
                         help=f"comma list (default all): {','.join(SETTINGS)}")
-    parser.add_argument("--subset", type=positive_int, help="train on N images (N/5 val/test): smoke sweeps only")
-    set_argument(parser)
-    parser.add_argument("--workers", type=positive_int,
+    parser.add_argument("--subset", type=cli.positive_int, help="train on N images (N/5 val/test): smoke sweeps only")
+    cli.set_argument(parser)
+    parser.add_argument("--workers", type=cli.positive_int,
                         help=f"training processes at once: on CPU (default 1) each gets cores // N threads; "
                              f"on a GPU (default {GPU_WORKERS}) they share it")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")

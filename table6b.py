@@ -28,9 +28,9 @@ PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table6b_
 
 
 def parse_args(argv):
-    parser = reproduce_table2.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser = reproduce_table2.protocol_arguments(parser, "runs/table2", "runs/tables/table6b")
-    reproduce_table2.set_argument(parser)
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.protocol_arguments(parser, "runs/table2", "runs/tables/table6b")
+    cli.set_argument(parser)
     return parser.parse_args(argv)
 
 

@@ -21,7 +21,6 @@ evaluated the test split only, the reference here does the same work as ours). E
 image-task pairs. Then every Table 2 method is timed for one epoch of our path. Figures go to
 ``benchmarks/results/<device-tag>[-quick].json``; see benchmarks/README.md.
 """
-import argparse
 import copy
 import ctypes
 import gc
@@ -337,7 +336,7 @@ def read_commit():
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="5k train / 1k val / 1k test images; methods on 2k / 500 / 500")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")

@@ -42,6 +42,47 @@ def _int_at_least(text, low):
     return value
 
 
+def protocol_arguments(parser, runs_dir, out_dir):
+    """The options every runner of training-script cells shares (the Table 2 sweep, Figure 3, Table 6b)."""
+    parser.add_argument("--epochs", type=positive_int, default=100, help="epochs per run (default 100)")
+    parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2, 3, 4], help="a count (5 = seeds 0..4) or a comma list")
+    parser.add_argument("--subset", type=positive_int, help="train on N images (smoke runs)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--runs_dir", default=runs_dir, help=f"where the runs go (default {runs_dir})")
+    parser.add_argument("--out_dir", default=out_dir, help=f"where the table goes (default {out_dir}: a committed "
+                        f"table is only replaced when its folder is named)")
+    return parser
+
+
+def set_argument(parser):
+    """--set KEY=VALUE, handed to every cell's training run."""
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="passed to every cell's training run (e.g. --set eval_every=10), repeatable")
+
+
+def comma_list(valid, what):
+    def parse(text):
+        names = [name for name in text.split(",") if name]
+        unknown = [name for name in names if name not in valid]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(map(repr, unknown)) or '(empty)'}; "
+                                             f"valid choices: {','.join(valid)}")
+        return list(dict.fromkeys(names))
+    return parse
+
+
+def seed_list(text):
+    """'5' -> seeds 0..4; '0,2,7' (or '3,' for seed 3 alone) -> those seeds."""
+    try:
+        seeds = [int(item) for item in text.split(",") if item.strip()] if "," in text else list(range(int(text)))
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 (5 = seeds 0..4) or a comma list of seeds >= 0 "
+                                         f"(0,2,7), got {text!r}")
+    return list(dict.fromkeys(seeds))
+
+
 def exit_code(run, args):
     """``run(args)``'s exit code; a user mistake (ParamError) or a busy output dir is one line on stderr and code 2,
     a fault during the run (RunError) one line and code 1, Ctrl-C one line and code 130. Shared by the scripts

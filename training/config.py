@@ -147,6 +147,13 @@ def apply_overrides(raw, overrides, schema=SCHEMA):
     return raw
 
 
+def load_checked(path, schema):
+    """A param file of another protocol or experiment (Maziarz et al.'s round robin, Table 5, the task clusters),
+    whose keys ``schema`` declares in this module's form: read and checked by this module's checker, the missing
+    keys filled with their defaults; ParamError (one line) otherwise."""
+    return check_keys(read_param_file(path, required_keys(schema)), str(Path(path)), schema)
+
+
 def read_param_file(path, required=()):
     """The JSON object of a param file (any script's); ParamError, one line naming the file, on any problem."""
     path = Path(path)

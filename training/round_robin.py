@@ -30,98 +30,64 @@ from models.gumbel_matrix import (
     temperature_schedule, weight_parameters)
 from runtime import files
 from runtime.files import REPO
+from training import cli, config
 from training.provenance import describe_device, git_commit
 
 EVAL_CHUNK = 2000
 LOG_POINTS = 10  # progress lines and allocation snapshots per run
 
-# key: (type, default (None = required), check(value) -> True if valid, allowed (for the message))
+# The keys of this protocol's param files, in training/config.py's form and checked by its checker:
+# key: (type, default (REQUIRED = must be given), allowed values or (min, max) range, meaning)
 SCHEMA = {
-    "exp_id": (str, None, lambda v: bool(v), "a non-empty name"),
-    "dataset": (str, "rotated_mnist", lambda v: v == "rotated_mnist", "rotated_mnist"),
-    "method": (str, None, lambda v: v in ALLOCATIONS, ", ".join(ALLOCATIONS)),
-    "num_components": (int, 4, lambda v: 1 <= v <= 64, "1 to 64 (no_sharing: 4, one per task)"),
-    "batch_size": (int, 16, lambda v: v >= 1, "an integer >= 1"),
-    "epochs": (int, 10, lambda v: v >= 1, "an integer >= 1 (passes over each task's training set)"),
-    "lr": (float, 0.005, lambda v: 0 < v <= 10, "0 < lr <= 10"),
-    "router_lr": (float, 0.005, lambda v: 0 < v <= 10, "0 < router_lr <= 10"),
-    "probs_init": (float, 0.5, lambda v: 0 < v < 1, "0 < probs_init < 1"),
-    "temperature_init": (float, 50.0, lambda v: v > 0, "a number > 0"),
-    "temperature_min": (float, 0.5, lambda v: v > 0, "a number > 0"),
-    "budget": (float, 1.0, lambda v: 0 <= v <= 1, "0 to 1 (fraction of the routed components)"),
-    "budget_penalty": (float, 0.0, lambda v: v >= 0, "a number >= 0 (0 = off)"),
-    "dropout": (float, 0.5, lambda v: 0 <= v < 1, "0 <= dropout < 1"),
+    "exp_id": (str, config.REQUIRED, None, "experiment name; default output dir is runs/gumbel_mnist/<exp_id>/seed<k>"),
+    "dataset": (str, "rotated_mnist", ("rotated_mnist",), "the four MNIST tasks of Maziarz et al. Sec. 5.1"),
+    "method": (str, config.REQUIRED, ALLOCATIONS, "allocation: learned (gumbel_matrix) or fixed"),
+    "num_components": (int, 4, (1, 64), "components per routed layer (no_sharing: 4, one per task)"),
+    "batch_size": (int, 16, (1, 1_000_000), "images per task update"),
+    "epochs": (int, 10, (1, 100_000), "passes over each task's training set"),
+    "lr": (float, 0.005, (1e-8, 10.0), "Adam lr of the weights"),
+    "router_lr": (float, 0.005, (1e-8, 10.0), "Adam lr of the allocation logits"),
+    "probs_init": (float, 0.5, (1e-6, 1 - 1e-6), "initial probability of every connection"),
+    "temperature_init": (float, 50.0, (1e-3, 1e6), "Gumbel-softmax temperature max(min, init / sqrt(update + 1))"),
+    "temperature_min": (float, 0.5, (1e-3, 1e6), "the temperature's floor"),
+    "budget": (float, 1.0, (0.0, 1.0), "fraction of the routed components a task may use before the penalty"),
+    "budget_penalty": (float, 0.0, (0.0, 1e3), "penalty * max(0, mean P - budget); 0 = off"),
+    "dropout": (float, 0.5, (0.0, 0.99), "dropout rate of the original's net"),
 }
 
 
-class ParamError(ValueError):
-    """A mistake in the param file or on the command line: printed as one line, exit code 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
-
-
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--param_file", required=True, help="JSON param file, e.g. params/gumbel_mnist/*.json")
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=positive_int, help="passes over each task's training set (default: param file)")
-    length.add_argument("--steps", type=positive_int, help="training steps (each = one update per task)")
+    length.add_argument("--epochs", type=cli.positive_int, help="passes over each task's training set (default: param file)")
+    length.add_argument("--steps", type=cli.positive_int, help="training steps (each = one update per task)")
     parser.add_argument("--seed", type=int, default=0, help="seed of init, dropout, Gumbel noise and data order")
     parser.add_argument("--out", help="output dir (default runs/gumbel_mnist/<exp_id>/seed<k>)")
-    parser.add_argument("--subset", type=positive_int, help="use only N training images (seeded); test stays full")
+    parser.add_argument("--subset", type=cli.positive_int, help="use only N training images (seeded); test stays full")
     parser.add_argument("--data_root", help="data directory (default $MTL_DATA_ROOT or ./data)")
-    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads (default 1)")
     return parser.parse_args(argv)
 
 
-def load_params(path, schema=SCHEMA):
-    """Reads and validates a param file against ``schema`` (this script's, or another trainer's of the same form);
-    returns it completed with the defaults. Raises ParamError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ParamError(f"{path}: param file not found")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ParamError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-    if not isinstance(raw, dict):
-        raise ParamError(f"{path}: expected a JSON object at the top level, got {type(raw).__name__}")
-    params = {}
-    for key, value in raw.items():
-        if key not in schema:
-            raise ParamError(f"{path}: unknown key '{key}'; valid keys: {', '.join(schema)}")
-        kind, _, check, allowed = schema[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool) or not check(value):
-            raise ParamError(f"{path}: key '{key}' has invalid value {json.dumps(value)}; allowed: {allowed}")
-        params[key] = value
-    for key, (_, default, _, allowed) in schema.items():
-        if key not in params:
-            if default is None:
-                raise ParamError(f"{path}: missing key '{key}'; allowed: {allowed}")
-            params[key] = default
+def load_params(path):
+    """The param file at ``path``, checked against ``SCHEMA`` (``config.load_checked``) and ``check_allocation``;
+    ParamError (one line) otherwise."""
+    return check_allocation(config.load_checked(path, SCHEMA), path)
+
+
+def check_allocation(params, path):
+    """The rules that tie a round-robin param file's keys together (also the task clusters' files); ``params``
+    itself, or ParamError (one line)."""
     if params["method"] == "no_sharing" and params["num_components"] != len(TASKS):
-        raise ParamError(f"{path}: key 'num_components' must be {len(TASKS)} (one per task) for method 'no_sharing'")
+        raise config.ParamError(f"{path}: key 'num_components' must be {len(TASKS)} (one per task) for method "
+                                f"'no_sharing'")
     if params["method"] != "gumbel_matrix" and params["budget_penalty"] > 0:
-        raise ParamError(f"{path}: key 'budget_penalty' only acts on learned allocations; allowed with method "
-                         f"'{params['method']}': 0")
+        raise config.ParamError(f"{path}: key 'budget_penalty' only acts on learned allocations; allowed with method "
+                                f"'{params['method']}': 0")
     if params["temperature_min"] > params["temperature_init"]:
-        raise ParamError(f"{path}: key 'temperature_min' ({params['temperature_min']}) exceeds 'temperature_init' "
-                         f"({params['temperature_init']})")
+        raise config.ParamError(f"{path}: key 'temperature_min' ({params['temperature_min']}) exceeds "
+                                f"'temperature_init' ({params['temperature_init']})")
     return params
 
 
@@ -206,11 +172,11 @@ def run(args, command):
     try:
         data = load_rotated_mnist(args.data_root, args.subset, args.seed)
     except ValueError as err:
-        raise ParamError(f"--subset: {err}") from None
+        raise config.ParamError(f"--subset: {err}") from None
     num_train = len(data["train"][0][1])
     if params["batch_size"] > num_train:
-        raise ParamError(f"{args.param_file}: key 'batch_size' ({params['batch_size']}) exceeds the {num_train} "
-                         f"training images")
+        raise config.ParamError(f"{args.param_file}: key 'batch_size' ({params['batch_size']}) exceeds the {num_train} "
+                                f"training images")
     steps = args.steps or (args.epochs or params["epochs"]) * num_train // params["batch_size"]
     out = Path(args.out or REPO / "runs" / "gumbel_mnist" / params["exp_id"] / f"seed{args.seed}")
     out.mkdir(parents=True, exist_ok=True)
@@ -265,6 +231,6 @@ def main(argv=None, prog="train_multi_task_counter_stream.py"):
     args = parse_args(argv)
     try:
         return run(args, " ".join(["python", prog, *argv]))
-    except ParamError as err:
+    except config.ParamError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
