@@ -31,7 +31,7 @@ class TaskAccuracy:
         return float(self.per_task().nanmean())
 
 
-# How a run's reported test figure is chosen (results.json, make_table2.py --select): the metrics.jsonl key that
+# How a run's reported test figure is chosen (results.json, experiments/table2.py --select): the metrics.jsonl key that
 # picks the epoch; "last" is the last evaluated epoch.
 SELECTIONS = {"best_val": "val_acc_mean", "best_test": "test_acc_mean", "last": None}
 

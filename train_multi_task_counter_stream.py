@@ -26,13 +26,12 @@ Started by torchrun (``torchrun --nproc_per_node=N train_multi_task_counter_stre
 with DistributedDataParallel over N processes (one GPU each, or CPU processes) with the same global batches,
 task draws and gradients as one process (see runtime/distributed.py); rank 0 writes the outputs.
 """
-import shlex
 import sys
 from pathlib import Path
 
 from runtime import distributed
 from training import round_robin
-from training.cli import ArgumentParser, exit_code, non_negative_int, positive_int
+from training.cli import ArgumentParser, command_line, exit_code, non_negative_int, positive_int
 from training.evaluate import evaluate_only
 from training.loop import run
 
@@ -77,7 +76,7 @@ def main(argv=None):
     if round_robin.handles(sys.argv[1:] if argv is None else argv):  # Maziarz et al.'s MNIST protocol
         return round_robin.main(argv, prog=Path(__file__).name)
     args = parse_args(argv)
-    args.command = shlex.join(["python", Path(__file__).name] + [str(a) for a in (sys.argv[1:] if argv is None else argv)])
+    args.command = command_line(Path(__file__).name, argv)
     code = exit_code(evaluate_only if args.eval_only else run, args)
     distributed.shutdown()  # the ranks end together: every error above is raised on all of them (runtime/distributed.py)
     return code

@@ -12,7 +12,7 @@ ControlNet on 9 digits by location, one epoch each, from the same initial weight
     contiguous memory format. Evaluation is the original's structure: one pass of a shuffled loader with
     batch 100, and for every batch a Python loop over the tasks (one forward per task), with the original
     metric's ``.cpu()`` host sync per task and batch.
-(b) ours: ``train_epoch`` and ``evaluate`` of ``train_multi_task_counter_stream.py`` with the params of
+(b) ours: ``training.loop.train_epoch`` and ``training.evaluate.evaluate`` (the training script's path) with the params of
     ``params/mmnist_counter_9tasks_params.json`` (whole split on the device, index slices, all tasks of an
     image evaluated at once, channels_last).
 

@@ -1,4 +1,4 @@
-"""Adding a task (add_task.py, paper Table 4): only the new task's embedding column moves, the existing tasks'
+"""Adding a task (experiments/table4_add_task.py, paper Table 4): only the new task's embedding column moves, the existing tasks'
 predictions stay bitwise the same, and the new task learns."""
 import copy
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import add_task
+from experiments import table4_add_task
 from models import build_model
 from training import checkpoint
 from training.evaluate import all_task_logits
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 OPTIMIZERS = {
-    "script": lambda model: make_optimizer(PARAMS, [model.emb.new_weight]),  # what add_task.py uses
+    "script": lambda model: make_optimizer(PARAMS, [model.emb.new_weight]),  # what experiments/table4_add_task.py uses
     # a careless optimiser over every parameter, with weight decay: frozen weights get no gradient, so it
     # skips them, and the trained columns are buffers
     "adamw_all": lambda model: torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.5),
@@ -36,7 +36,7 @@ def trained_and_extended(optimizer="script"):
     took 20 optimiser steps at a large lr, on random images and labels."""
     torch.manual_seed(0)
     phase1 = build_model("controlnet", 9)
-    extended = add_task.add_task(copy.deepcopy(phase1), seed=0)
+    extended = table4_add_task.add_task(copy.deepcopy(phase1), seed=0)
     optimizer = OPTIMIZERS[optimizer](extended)
     images, labels = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
     for _ in range(20):
@@ -51,14 +51,14 @@ def trained_and_extended(optimizer="script"):
 def test_only_the_new_column_is_trainable_and_moves(optimizer):
     phase1, extended = trained_and_extended(optimizer)
     assert [name for name, p in extended.named_parameters() if p.requires_grad] == ["emb.new_weight"]
-    before, after = phase1.state_dict(), add_task.plain_state_dict(extended)
+    before, after = phase1.state_dict(), table4_add_task.plain_state_dict(extended)
     assert set(before) == set(after)
     for key in before:
         if key != "emb.weight":
             assert torch.equal(before[key], after[key]), key
     assert after["emb.weight"].shape == (320, 10)
     assert torch.equal(after["emb.weight"][:, :9], before["emb.weight"])
-    assert not torch.equal(after["emb.weight"][:, 9], add_task.add_task(copy.deepcopy(phase1), 0).emb.new_weight)
+    assert not torch.equal(after["emb.weight"][:, 9], table4_add_task.add_task(copy.deepcopy(phase1), 0).emb.new_weight)
     plain = build_model("controlnet", 10)
     plain.load_state_dict(after)  # a plain 10-task ControlNet
     x = torch.randn(8, 1, 28, 28)
@@ -72,15 +72,15 @@ def test_existing_tasks_predict_bitwise_the_same():
         for task in range(9):
             tasks = torch.full((32,), task)
             assert torch.equal(phase1(x, tasks), extended(x, tasks)), task
-        # the evaluation path of add_task.py (one task per pass through SelectedTasks)
+        # the evaluation path of experiments/table4_add_task.py (one task per pass through SelectedTasks)
         existing = list(range(9))
-        assert torch.equal(all_task_logits(add_task.SelectedTasks(phase1, existing), x, 9),
-                           all_task_logits(add_task.SelectedTasks(extended, existing), x, 9))
+        assert torch.equal(all_task_logits(table4_add_task.SelectedTasks(phase1, existing), x, 9),
+                           all_task_logits(table4_add_task.SelectedTasks(extended, existing), x, 9))
 
 
 def run_script(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    return subprocess.run([sys.executable, str(REPO / "add_task.py"), *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "experiments.table4_add_task", *map(str, args)], capture_output=True,
                           text=True, env=env, cwd=REPO)
 
 

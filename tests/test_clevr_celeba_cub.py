@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import losses
-import td_maps
+from experiments import td_maps
 from loaders import celeba, clevr, clevr_like, cub
 from loaders.image_sets import MissingDatasetError, held_out_split, normalize_rgb, stack
 from losses import per_task_cross_entropy

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-import cls_seg
+from experiments import table5_cls_seg
 from loaders import multi_mnist, multi_mnist_seg
 from loaders.mnist import data_root, load_mnist
 from loaders.multi_mnist_seg import make_multi_mnist_seg
@@ -98,14 +98,14 @@ def test_iou_hand_cases():
 
     pred = maps([1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1])
     target = maps([1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 1])
-    iou = cls_seg.binary_iou(pred, target)
+    iou = table5_cls_seg.binary_iou(pred, target)
     # same, 1 of 3, empty prediction, both empty, empty target, 2 of 4
     torch.testing.assert_close(iou, torch.tensor([1.0, 1 / 3, 0.0, 1.0, 0.0, 0.5], dtype=torch.float64))
-    metric = cls_seg.TaskIoU(2, "cpu")
+    metric = table5_cls_seg.TaskIoU(2, "cpu")
     metric.update(pred.view(2, 3, 1, 4), target.view(2, 3, 1, 4), torch.tensor([[1, 1, 0], [1, 0, 1]]).bool())
     torch.testing.assert_close(metric.per_task(), torch.tensor([100 * (1 + 1 / 3) / 2, 100 * 0.75],
                                                                dtype=torch.float64))
-    assert torch.isnan(cls_seg.TaskIoU(1, "cpu").per_task()).all()  # no valid image: NaN, not 0
+    assert torch.isnan(table5_cls_seg.TaskIoU(1, "cpu").per_task()).all()  # no valid image: NaN, not 0
 
 
 # ------------------------------------------------------------------------------------------------------ models
@@ -155,7 +155,7 @@ def test_the_operation_picks_which_branch_is_trained():
     labels, masks = torch.randint(0, 10, (6,)), torch.rand(6, 28, 28) > 0.8
     for op, trained, untouched in ((RECOGNISE, "bu.fc2", "seg."), (SEGMENT, "seg.", "bu.fc2")):
         model.zero_grad(set_to_none=True)
-        cls_loss, seg_loss = cls_seg.step_losses(model, x, labels, masks, tasks, torch.full((6,), op))
+        cls_loss, seg_loss = table5_cls_seg.step_losses(model, x, labels, masks, tasks, torch.full((6,), op))
         assert (cls_loss > 0) == (op == RECOGNISE) and (seg_loss > 0) == (op == SEGMENT)
         (cls_loss + seg_loss).backward()
         grads = {name: p.grad for name, p in model.named_parameters()}
@@ -163,7 +163,7 @@ def test_the_operation_picks_which_branch_is_trained():
         assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if n.startswith(untouched))
     labels[:3] = -1  # invalid (by-reference) samples count in neither loss
     plain = ClsSegControlNet(9, instructed=False)
-    cls_loss, seg_loss = cls_seg.step_losses(plain, x, labels, masks, tasks)
+    cls_loss, seg_loss = table5_cls_seg.step_losses(plain, x, labels, masks, tasks)
     ce = torch.nn.functional.cross_entropy(plain(x, tasks).class_logits[3:], labels[3:])
     torch.testing.assert_close(cls_loss, ce)
 
@@ -188,7 +188,7 @@ def write_params(tmp_path, **overrides):
 ])
 def test_bad_params_are_one_line_with_exit_code_2(tmp_path, capsys, overrides, words):
     path = write_params(tmp_path, **overrides)
-    assert cls_seg.main(["--param_file", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert table5_cls_seg.main(["--param_file", str(path), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(path) in err, err
     assert all(word in err for word in words), err
@@ -198,7 +198,7 @@ def test_short_run_learns_and_writes_results(tmp_path, capsys):
     out = tmp_path / "run"
     path = write_params(tmp_path, variant="ch_mod", batch_size=32, eval_batch_size=256)
     torch.set_num_threads(1)
-    assert cls_seg.main(["--param_file", str(path), "--epochs", "3", "--subset", "600", "--out", str(out),
+    assert table5_cls_seg.main(["--param_file", str(path), "--epochs", "3", "--subset", "600", "--out", str(out),
                          "--device", "cpu", "--no_model_file"]) == 0
     results = json.loads((out / "results.json").read_text())
     for key in ("command", "git_commit", "device", "seed", "epochs", "subset", "variant", "setting", "num_params",
@@ -214,13 +214,13 @@ def test_short_run_learns_and_writes_results(tmp_path, capsys):
     assert results["val_score"] == max(r["val_score"] for r in history)
     assert not (out / "best_model.pt").exists()
     # an existing run is not overwritten without --force
-    assert cls_seg.main(["--param_file", str(path), "--epochs", "1", "--subset", "60", "--out", str(out)]) == 2
+    assert table5_cls_seg.main(["--param_file", str(path), "--epochs", "1", "--subset", "60", "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
     # the table reads <setting>/<variant>/results.json
     runs = tmp_path / "table"
     (runs / "9digits" / "ch_mod").mkdir(parents=True)
     (runs / "9digits" / "ch_mod" / "results.json").write_text(json.dumps(results))
-    text = cls_seg.write_table(runs)
+    text = table5_cls_seg.write_table(runs)
     assert "| ch-mod |" in text and "(76.67)" in text and (runs / "table5.md").exists()
 
 
@@ -242,6 +242,6 @@ def test_evaluation_reads_each_operation_from_its_instructed_branch():
             return ClsSegOutput(logits, seg.float() * 2 - 1)
 
     images = torch.zeros(3, 28, 28, dtype=torch.uint8)
-    scores = cls_seg.evaluate(Fake(), images, labels, masks, 2, per_pass=8)  # one chunk
+    scores = table5_cls_seg.evaluate(Fake(), images, labels, masks, 2, per_pass=8)  # one chunk
     assert scores["acc_per_task"] == [100.0, 100.0] and scores["iou_per_task"] == [100.0, 100.0]
     assert scores["acc_unselected_mean"] == 0.0 and scores["iou_unselected_mean"] == 0.0

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from training import config
-import make_table2
+from experiments import table2
 from loaders import LOADERS, multi_mnist
 from loaders.multi_mnist import make_multi_mnist, resize_to_28, wrap_uint8
 from metrics import select_record
@@ -321,7 +321,7 @@ def runs(tmp_path):
 
 @pytest.mark.parametrize("select,expected", [("best_val", 59.0), ("best_test", 62.0), ("last", 58.0)])
 def test_table_shows_the_selected_figure_of_one_protocol(runs, select, expected):
-    table = make_table2.aggregate(runs, select=select)
+    table = table2.aggregate(runs, select=select)
     cell = table["rows"]["controlnet"]["9digits"]
     assert table["protocol"]["protocol"] == "held_out" and table["selection"] == select
     assert cell["n"] == 2 and cell["acc_mean"] == pytest.approx(expected)  # (58 + 60)/2, (61 + 63)/2, (57 + 59)/2
@@ -329,23 +329,23 @@ def test_table_shows_the_selected_figure_of_one_protocol(runs, select, expected)
     assert [o["n"] for o in cell["other_protocols"]] == ([] if select == "best_val" else [1])
     assert [(found["protocol"], found["runs"]) for found in table["protocols_found"]] == [("held_out", 2),
                                                                                          ("authors", 1)]
-    markdown = make_table2.render_markdown(table, "cmd")
-    assert f"Acc: test accuracy (%) {make_table2.SELECTED[select]}" in markdown
+    markdown = table2.render_markdown(table, "cmd")
+    assert f"Acc: test accuracy (%) {table2.SELECTED[select]}" in markdown
     assert "- Training protocol (param `protocol`): held_out (trained on MNIST train[:50k]" in markdown
 
 
 def test_authors_runs_shown_on_their_own(runs):
-    table = make_table2.aggregate(runs, choice=2, select="best_test")
+    table = table2.aggregate(runs, choice=2, select="best_test")
     cell = table["rows"]["controlnet"]["9digits"]
     assert table["protocol"]["protocol"] == "authors"
     assert cell["n"] == 1 and cell["acc_mean"] == pytest.approx(71.0)
     assert cell["other_protocols"] == [{"protocol": 1, "n": 2, "acc_mean": pytest.approx(62.0)}]
-    markdown = make_table2.render_markdown(table, "cmd")
+    markdown = table2.render_markdown(table, "cmd")
     assert "optimistic" in markdown and "Training protocol (param `protocol`): authors (trained on all 60k" in markdown
 
 
 def test_best_test_of_an_old_run_comes_from_its_metrics(runs):
-    table = make_table2.aggregate(runs, select="best_test")
+    table = table2.aggregate(runs, select="best_test")
     assert any("read off their metrics.jsonl" in note for note in table["notes"])
     old = json.loads((runs / "held_out" / "seed1" / "results.json").read_text())
     assert "test_acc_mean_best_test" not in old  # computed by the table maker, not written back
@@ -353,20 +353,20 @@ def test_best_test_of_an_old_run_comes_from_its_metrics(runs):
 
 def test_cli_names_protocol_and_selection_and_refuses_best_val_without_validation(runs, tmp_path, capsys):
     out_dir = tmp_path / "tables"
-    assert make_table2.main(["--runs_dir", str(runs), "--out_dir", str(out_dir), "--protocol", "2",
+    assert table2.main(["--runs_dir", str(runs), "--out_dir", str(out_dir), "--protocol", "2",
                              "--select", "last"]) == 0
     written = json.loads((out_dir / "table2.json").read_text())
     assert written["command"].endswith("--epochs 4 --protocol 2 --select last")
     assert written["rows"]["controlnet"]["9digits"]["acc_mean"] == pytest.approx(67.0)
     capsys.readouterr()
-    assert make_table2.main(["--runs_dir", str(runs), "--out_dir", str(tmp_path / "none"), "--protocol", "2"]) == 1
+    assert table2.main(["--runs_dir", str(runs), "--out_dir", str(tmp_path / "none"), "--protocol", "2"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "with a test figure at the best-validation epoch" in err
     assert "use --select best_test or last" in err and not (tmp_path / "none").exists()
 
 
 def test_fidelity_switches_table_copies_results_and_shows_three_figures(tmp_path):
-    import fidelity_switches
+    from experiments import fidelity_switches
     runs_dir = tmp_path / "runs"
     fake_run(runs_dir, "uniform_scaling_bicubic_wrap_held_out", 0, HISTORY, method="uniform_scaling")
     no_val = [{k: v for k, v in record.items() if not k.startswith("val")} for record in HISTORY]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from training import config
-import figure3
+from experiments import figure3
 from models import build_model, count_parameters
 
 

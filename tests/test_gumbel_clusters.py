@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import gumbel_clusters
+from experiments import gumbel_clusters
 from loaders import fashion_mnist, task_clusters
 from loaders.fashion_mnist import FashionMNISTUnavailable, load_fashion_mnist
 from loaders.mnist import IDX_NAMES

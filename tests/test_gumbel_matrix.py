@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from training import round_robin
-import plot_allocation
+from experiments.plots import allocation as plot_allocation
 from loaders.rotated_mnist import TASKS, load_rotated_mnist, make_tasks, rotate90
 from models.gumbel_matrix import (
     FixedRouter, GumbelMatrixLeNet, GumbelMatrixMNISTNet, GumbelMatrixRouter, RoutedLayer, allocation_matrix,

@@ -1,10 +1,10 @@
-"""make_table3.py: the runs of Table 3's experiments grouped by (method, loc), mean ± sample std over seeds, beside
+"""experiments/table3.py: the runs of Table 3's experiments grouped by (method, loc), mean ± sample std over seeds, beside
 the paper's numbers; rows not run, rows the paper does not have, and rows mixing protocols."""
 import json
 
 import pytest
 
-import make_table3
+from experiments import table3
 
 
 def write_run(directory, name, method, dataset, setting, acc, seed=0, loc=0.0, epochs=100, params_x=1.0):
@@ -26,7 +26,7 @@ def test_rows_are_grouped_by_method_and_loc(tmp_path):
     write_run(runs, "d", "kendall", "cub", "cub", 66.0, seed=1, epochs=20)
     write_run(runs, "e", "controlnet", "multi_mnist", "9digits", 99.0)  # Table 2: ignored
     out = tmp_path / "table3.md"
-    assert make_table3.main(["--runs_dir", str(runs), "--out", str(out)]) == 0
+    assert table3.main(["--runs_dir", str(runs), "--out", str(out)]) == 0
     text = out.read_text()
     # mean 85, sample std of (80, 90) = 7.07
     assert "| ch-mod | √ | 85.00 ± 7.07 | 2 | 100 | x1.003 | x1.003 | 89.87 ± 0.40 |" in text
@@ -38,23 +38,23 @@ def test_rows_are_grouped_by_method_and_loc(tmp_path):
 
 
 def test_missing_runs_dir_is_an_error(tmp_path, capsys):
-    assert make_table3.main(["--runs_dir", str(tmp_path / "none"), "--out", str(tmp_path / "t.md")]) == 2
+    assert table3.main(["--runs_dir", str(tmp_path / "none"), "--out", str(tmp_path / "t.md")]) == 2
     assert "is not a directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("table", ["CLEVR_40_tasks", "CELEB-A_40_tasks", "CUB-200"])
 def test_every_paper_row_is_listed(table, tmp_path):
     (tmp_path / "runs").mkdir()
-    make_table3.main(["--runs_dir", str(tmp_path / "runs"), "--out", str(tmp_path / "t.md")])
+    table3.main(["--runs_dir", str(tmp_path / "runs"), "--out", str(tmp_path / "t.md")])
     text = (tmp_path / "t.md").read_text()
-    for method, loc, _, acc, std in make_table3.paper_rows(table):
+    for method, loc, _, acc, std in table3.paper_rows(table):
         assert f"| {'√' if loc else '×'} | not run | | | |" in text and f"{acc:.2f} ± {std:.2f} |" in text
 
 
 def test_an_existing_table_is_never_replaced_by_an_empty_one(tmp_path, capsys):
     (tmp_path / "runs").mkdir()
     (tmp_path / "t.md").write_text("a good table")
-    assert make_table3.main(["--runs_dir", str(tmp_path / "runs"), "--out", str(tmp_path / "t.md")]) == 1
+    assert table3.main(["--runs_dir", str(tmp_path / "runs"), "--out", str(tmp_path / "t.md")]) == 1
     assert "is not replaced by an empty table" in capsys.readouterr().err
     assert (tmp_path / "t.md").read_text() == "a good table"
-    assert make_table3.parse_args([]).out.startswith("runs/")
+    assert table3.parse_args([]).out.startswith("runs/")

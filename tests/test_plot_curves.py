@@ -1,11 +1,11 @@
-"""plot_curves.py on synthetic runs: grouping by seed, mean ± std by hand, sparse evaluation, labels, errors."""
+"""experiments/plots/curves.py on synthetic runs: grouping by seed, mean ± std by hand, sparse evaluation, labels, errors."""
 import json
 import sys
 
 import numpy as np
 import pytest
 
-import plot_curves
+from experiments.plots import curves as plot_curves
 
 PARAMS = {"exp_id": "x", "method": "controlnet", "setting": "2digits", "lr": 0.001}
 

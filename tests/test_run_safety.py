@@ -218,7 +218,7 @@ def test_ctrl_c_in_any_entry_point_is_one_line_and_exit_130(capsys):
     assert exit_.value.code == 130
     assert one_error_line(capsys.readouterr().err).startswith("interrupted (Ctrl-C); every file written so far")
     entry_points = [path for path in sorted(REPO.glob("*.py")) + sorted(REPO.glob("benchmarks/*.py"))
-                    if '__name__ == "__main__"' in path.read_text()]
+                    + sorted(REPO.glob("experiments/**/*.py")) if '__name__ == "__main__"' in path.read_text()]
     assert len(entry_points) >= 15
     for path in entry_points:
         main_block = path.read_text().split('if __name__ == "__main__":')[1]

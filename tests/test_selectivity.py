@@ -1,4 +1,4 @@
-"""Task selectivity (selectivity.py, paper Figure 4): the index formula, BU2's representation, the readouts'
+"""Task selectivity (experiments/figure4_selectivity.py, paper Figure 4): the index formula, BU2's representation, the readouts'
 shapes, and a tiny run from a best_model.pt of the training script."""
 import json
 import math
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import selectivity
+from experiments import figure4_selectivity
 from models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,17 +24,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_index_on_a_hand_computed_matrix():
     # rows: readout location, columns: selected task. Above chance (10%): selected 80 and 60 (mean 70),
     # non-selected 20 (column 0) and 10 (column 1) (mean 15): index 70 / 15; per task 80 / 20 and 60 / 10.
-    index, per_task = selectivity.selectivity_index([[90.0, 20.0], [30.0, 70.0]])
+    index, per_task = figure4_selectivity.selectivity_index([[90.0, 20.0], [30.0, 70.0]])
     assert index == pytest.approx(70 / 15)
     assert per_task == pytest.approx([4.0, 6.0])
     # 3 tasks: selected 90, 80, 70 -> 80, 70, 60 above chance (mean 70); non-selected per column
     # (12 + 14) / 2 = 13, (20 + 10) / 2 = 15, (16 + 10) / 2 = 13 -> 3, 5, 3 above chance (mean 11/3).
     matrix = [[90.0, 20.0, 16.0], [12.0, 80.0, 10.0], [14.0, 10.0, 70.0]]
-    index, per_task = selectivity.selectivity_index(matrix)
+    index, per_task = figure4_selectivity.selectivity_index(matrix)
     assert index == pytest.approx(70 / (11 / 3))
     assert per_task == pytest.approx([80 / 3, 70 / 5, 60 / 3])
     # no non-selected readout above chance: infinitely selective (written as null in the JSON)
-    index, per_task = selectivity.selectivity_index([[90.0, 10.0], [5.0, 70.0]])
+    index, per_task = figure4_selectivity.selectivity_index([[90.0, 10.0], [5.0, 70.0]])
     assert math.isinf(index) and all(math.isinf(value) for value in per_task)
 
 
@@ -43,9 +43,9 @@ def test_bu2_representation_is_what_the_task_head_reads(name):
     torch.manual_seed(0)
     model = build_model(name, 4)
     images = torch.randint(0, 256, (10, 28, 28), dtype=torch.uint8)
-    rep = selectivity.bu2_representation(model, images, rows=12, memory_format=torch.contiguous_format)
+    rep = figure4_selectivity.bu2_representation(model, images, rows=12, memory_format=torch.contiguous_format)
     assert rep.shape == (4, 10, 50)
-    x = selectivity.normalize(images)
+    x = figure4_selectivity.normalize(images)
     with torch.no_grad():
         for task in range(4):
             logits = model(x, torch.full((10,), task))
@@ -63,20 +63,20 @@ def test_readouts_find_the_information_planted_in_each_task():
         rep[t, :, :10] += torch.nn.functional.one_hot(labels[:, t], 10).float()
     args = Namespace(readout="linear", readout_epochs=15, readout_lr=1e-2, batch_size=256, seed=0)
     train, test = slice(0, 1500), slice(1500, n)
-    heads, mean, std = selectivity.train_readouts(rep[:, train], labels[train], args)
-    matrix = selectivity.readout_accuracy(heads, mean, std, rep[:, test], labels[test])
+    heads, mean, std = figure4_selectivity.train_readouts(rep[:, train], labels[train], args)
+    matrix = figure4_selectivity.readout_accuracy(heads, mean, std, rep[:, test], labels[test])
     assert matrix.shape == (tasks, tasks)
     assert matrix.diagonal().min() > 95.0
     off_diagonal = matrix[~torch.eye(tasks, dtype=torch.bool)]
     assert off_diagonal.max() < 20.0
-    assert selectivity.selectivity_index(matrix)[0] > 10.0
-    heads = selectivity.readout_heads("mlp", tasks * tasks, hidden)
+    assert figure4_selectivity.selectivity_index(matrix)[0] > 10.0
+    heads = figure4_selectivity.readout_heads("mlp", tasks * tasks, hidden)
     assert heads(torch.randn(5, tasks * tasks, hidden)).shape == (5, tasks * tasks, 10)
 
 
-def run(script, *args):
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
-                          env=ENV, cwd=REPO)
+def run(*args):
+    """``python ARGS`` in the repository: a script path or ``-m`` and a module, then its arguments."""
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=ENV, cwd=REPO)
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +92,9 @@ def trained(tmp_path_factory):
     return out / "run" / "best_model.pt"
 
 
-@pytest.mark.parametrize("readout", selectivity.READOUTS)
+@pytest.mark.parametrize("readout", figure4_selectivity.READOUTS)
 def test_tiny_end_to_end_run(tmp_path, trained, readout):
-    proc = run("selectivity.py", "--checkpoint", trained, "--subset", 400, "--readout", readout,
+    proc = run("-m", "experiments.figure4_selectivity", "--checkpoint", trained, "--subset", 400, "--readout", readout,
                "--readout_epochs", 3, "--device", "cpu", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / f"selectivity_{readout}.json").read_text())
@@ -105,7 +105,7 @@ def test_tiny_end_to_end_run(tmp_path, trained, readout):
     assert matrix.shape == (4, 4) and ((matrix >= 0) & (matrix <= 100)).all()
     assert results["locations"] == ["TL", "BL", "TR", "BR"]
     index = results["selectivity_index"]
-    assert index is None or index == pytest.approx(selectivity.selectivity_index(matrix)[0])
+    assert index is None or index == pytest.approx(figure4_selectivity.selectivity_index(matrix)[0])
     assert results["paper_selectivity_index"] == 26.5
     assert results["training"]["epochs"] == 2 and len(results["model_test_acc_per_task"]) == 4
 
@@ -122,6 +122,6 @@ def test_user_mistakes_are_one_line_and_exit_code_2(tmp_path, trained):
              (["--checkpoint", trained, "--readout", "deep"], "invalid choice: 'deep'"),
              (["--checkpoint", trained, "--readout_lr", "0"], "--readout_lr: expected a number > 0")]
     for args, message in cases:
-        proc = run("selectivity.py", *args, "--out", tmp_path / "out")
+        proc = run("-m", "experiments.figure4_selectivity", *args, "--out", tmp_path / "out")
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -72,7 +72,8 @@ def test_the_suite_uses_a_temporary_data_root():
 def entry_points():
     """Every script with a ``__main__`` block that builds an ArgumentParser: (module name, its file)."""
     found = []
-    for path in sorted([*REPO.glob("*.py"), *REPO.glob("benchmarks/*.py"), *REPO.glob("loaders/*.py")]):
+    for path in sorted([*REPO.glob("*.py"), *REPO.glob("benchmarks/*.py"), *REPO.glob("loaders/*.py"),
+                        *REPO.glob("experiments/**/*.py")]):
         text = path.read_text()
         if "__main__" in text and "ArgumentParser(" in text and path.name != "conftest.py":
             found.append(path)
@@ -80,16 +81,17 @@ def entry_points():
 
 
 def test_the_entry_points_are_found():
-    names = {p.name for p in entry_points()}
-    assert {"train_multi_task_counter_stream.py", "reproduce_table2.py", "make_table2.py", "figure3.py",
-            "gumbel_clusters.py", "plot_allocation.py", "bench_train.py", "clevr_like.py"} <= names
+    names = {p.relative_to(REPO).as_posix() for p in entry_points()}
+    assert {"train_multi_task_counter_stream.py", "experiments/table2_sweep.py", "experiments/table2.py",
+            "experiments/figure3.py", "experiments/gumbel_clusters.py", "experiments/plots/allocation.py",
+            "benchmarks/bench_train.py", "loaders/clevr_like.py"} <= names
 
 
 @pytest.mark.parametrize("path", entry_points(), ids=lambda p: str(p.relative_to(REPO)))
 def test_help_shows_the_docstrings_whole_first_paragraph(path):
     relative = path.relative_to(REPO)
-    command = ([sys.executable, "-m", ".".join(relative.with_suffix("").parts)] if relative.parts[0] == "loaders"
-               else [sys.executable, str(path)])
+    command = ([sys.executable, "-m", ".".join(relative.with_suffix("").parts)]
+               if relative.parts[0] in ("loaders", "experiments") else [sys.executable, str(path)])
     proc = subprocess.run([*command, "--help"], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import make_table2
-import plot_accuracy_vs_params
+from experiments import table2
+from experiments.plots import accuracy_vs_params as plot_accuracy_vs_params
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"optimizer": "Adam", "lr": 0.001, "batch_size": 512, "lr_schedule": "halve_30_60_90"}
@@ -41,12 +41,12 @@ def runs(tmp_path):
 
 
 def sweep(*args):
-    return subprocess.run([sys.executable, str(REPO / "reproduce_table2.py"), *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "experiments.table2_sweep", *map(str, args)], capture_output=True,
                           text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_aggregate_mean_sample_std_difference_and_mark(runs):
-    table = make_table2.aggregate(runs)
+    table = table2.aggregate(runs)
     assert table["protocol"]["epochs"] == 100 and table["protocol"]["subset"] is None and table["num_runs"] == 7
     cell = table["rows"]["ch_mod"]["2digits"]
     assert cell["n"] == 3 and cell["seeds"] == [0, 1, 2]
@@ -66,27 +66,27 @@ def test_aggregate_mean_sample_std_difference_and_mark(runs):
 
 def test_mixed_protocols_are_kept_apart(runs):
     fake_run(runs, "ch_mod", "2digits", 0, 50.0, epochs=1, subset=300, name="smoke/seed0")
-    table = make_table2.aggregate(runs)  # the protocol with most runs: 100 epochs, full data
+    table = table2.aggregate(runs)  # the protocol with most runs: 100 epochs, full data
     cell = table["rows"]["ch_mod"]["2digits"]
     assert cell["n"] == 3 and cell["acc_mean"] == pytest.approx(96.0)
     assert cell["other_protocols"] == [{"protocol": 2, "n": 1, "acc_mean": 50.0}]
     assert [(p["epochs"], p["subset"], p["runs"], p["shown"]) for p in table["protocols_found"]] == \
         [(100, None, 7, True), (1, 300, 1, False)]
-    chosen = make_table2.aggregate(runs, protocol=(1, 300))
+    chosen = table2.aggregate(runs, protocol=(1, 300))
     assert chosen["num_runs"] == 1 and chosen["rows"]["ch_mod"]["2digits"]["acc_mean"] == 50.0
     assert chosen["rows"]["uniform_scaling"]["2digits"]["n"] == 0
-    markdown = make_table2.render_markdown(table, "cmd")
+    markdown = table2.render_markdown(table, "cmd")
     assert "other protocols" in markdown and "- protocol 2: 1 runs, 1 epochs, subset 300" in markdown
 
 
 def test_a_run_with_another_lr_is_another_protocol_never_pooled(runs, tmp_path, capsys):
     fake_run(runs, "ch_mod", "2digits", 3, 10.0, name="other_lr/seed3", lr=0.01)
-    table = make_table2.aggregate(runs)
+    table = table2.aggregate(runs)
     cell = table["rows"]["ch_mod"]["2digits"]
     assert cell["n"] == 3 and cell["acc_mean"] == pytest.approx(96.0)
     other = table["protocols_found"][1]
     assert other["runs"] == 1 and "differs from the shown protocol in lr 0.01 (shown: 0.001)" in other["description"]
-    assert make_table2.main(["--runs_dir", str(runs), "--out_dir", str(tmp_path / "t"), "--protocol", "2"]) == 0
+    assert table2.main(["--runs_dir", str(runs), "--out_dir", str(tmp_path / "t"), "--protocol", "2"]) == 0
     printed = capsys.readouterr().out
     assert "protocol 2: 1 runs, 100 epochs, full data  <- shown" in printed
     assert "protocol 1: 7 runs, 100 epochs, full data; differs from the shown protocol in lr 0.001 (shown: 0.01)" \
@@ -94,7 +94,7 @@ def test_a_run_with_another_lr_is_another_protocol_never_pooled(runs, tmp_path, 
     chosen = json.loads((tmp_path / "t" / "table2.json").read_text())
     assert chosen["rows"]["ch_mod"]["2digits"]["acc_mean"] == 10.0 and chosen["num_runs"] == 1
     assert chosen["command"].endswith("--epochs 100 --protocol 2")
-    assert make_table2.main(["--runs_dir", str(runs), "--out_dir", str(tmp_path / "t"), "--protocol", "3"]) == 2
+    assert table2.main(["--runs_dir", str(runs), "--out_dir", str(tmp_path / "t"), "--protocol", "3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --protocol 3: ") and "allowed: 1 to 2" in err
 
@@ -102,9 +102,9 @@ def test_a_run_with_another_lr_is_another_protocol_never_pooled(runs, tmp_path, 
 def test_a_seed_found_twice_is_counted_once(runs):
     for copy in range(5):
         fake_run(runs, "ch_mod", "2digits", 0, 95.0, name=f"copies/{copy}/seed0")
-    cell = make_table2.aggregate(runs)["rows"]["ch_mod"]["2digits"]
+    cell = table2.aggregate(runs)["rows"]["ch_mod"]["2digits"]
     assert cell["n"] == 3 and cell["seeds"] == [0, 1, 2] and cell["acc_mean"] == pytest.approx(96.0)
-    notes = make_table2.aggregate(runs)["notes"]
+    notes = table2.aggregate(runs)["notes"]
     assert sum("seed 0 of " in note and "counted once" in note for note in notes) == 5
 
 
@@ -113,20 +113,20 @@ def test_no_table_is_written_from_no_runs_and_the_default_output_is_under_runs(t
     out = tmp_path / "results"
     out.mkdir()
     (out / "table2.md").write_text("a good table")
-    assert make_table2.main(["--runs_dir", str(tmp_path / "empty"), "--out_dir", str(out)]) == 1
+    assert table2.main(["--runs_dir", str(tmp_path / "empty"), "--out_dir", str(out)]) == 1
     assert "nothing written" in capsys.readouterr().err and (out / "table2.md").read_text() == "a good table"
-    assert make_table2.parse_args([]).out_dir.startswith("runs/")
+    assert table2.parse_args([]).out_dir.startswith("runs/")
 
 
 def test_markdown_table_cells_and_header(runs, tmp_path):
     out_dir = tmp_path / "results"
-    assert make_table2.main(["--runs_dir", str(runs), "--out_dir", str(out_dir)]) == 0
+    assert table2.main(["--runs_dir", str(runs), "--out_dir", str(out_dir)]) == 0
     markdown = (out_dir / "table2.md").read_text()
     main_table = markdown.split("at the last epoch")[0]
     rows = {line.split(" | ")[0].strip("| "): line for line in main_table.splitlines() if line.startswith("| ")}
-    assert list(rows)[1:10] == list(make_table2.PAPER_METHODS)  # the paper's row order, after the header row
-    assert list(rows)[10:11] == [f"{m} (ours, not in the paper)" for m in make_table2.EXTRA_METHODS]
-    assert list(rows)[11:] == [f"{m} (beyond the paper)" for m in make_table2.BEYOND_METHODS]
+    assert list(rows)[1:10] == list(table2.PAPER_METHODS)  # the paper's row order, after the header row
+    assert list(rows)[10:11] == [f"{m} (ours, not in the paper)" for m in table2.EXTRA_METHODS]
+    assert list(rows)[11:] == [f"{m} (beyond the paper)" for m in table2.BEYOND_METHODS]
     gumbel = rows["gumbel_matrix (ours, not in the paper)"]
     assert gumbel.count("| – |") == 3 and "80.00 (n=1, no std) (not in the paper) |" in gumbel
     assert "1.004 (–)" in gumbel
@@ -135,7 +135,7 @@ def test_markdown_table_cells_and_header(runs, tmp_path):
     assert "94.00 (n=1, no std) (94.64, -0.64)" in rows["controlnet"]
     assert rows["gradnorm"].count("| – |") == 4
     for text in ("Protocol: 100 epochs, full data, seeds 0, 1, 2", "Adam, lr 0.001, batch 512", "cpu (test)",
-                 "`abc123`", "sum of the shown runs' wall_time_s", "Generated by: `python make_table2.py"):
+                 "`abc123`", "sum of the shown runs' wall_time_s", "Generated by: `python -m experiments.table2"):
         assert text in markdown
     table = json.loads((out_dir / "table2.json").read_text())
     assert table["rows"]["ch_mod"]["2digits"]["acc_std"] == pytest.approx(1.0)
@@ -144,7 +144,7 @@ def test_markdown_table_cells_and_header(runs, tmp_path):
 @pytest.mark.parametrize("setting", ["2digits", "9digits", "9digits_byref"])
 def test_plot(runs, tmp_path, setting):
     pytest.importorskip("matplotlib")
-    make_table2.write_tables(make_table2.aggregate(runs), tmp_path)
+    table2.write_tables(table2.aggregate(runs), tmp_path)
     out = tmp_path / "plot.png"
     args = ["--table", str(tmp_path / "table2.json"), "--setting", setting, "--out", str(out)]
     assert plot_accuracy_vs_params.main(args) == 0
@@ -153,7 +153,7 @@ def test_plot(runs, tmp_path, setting):
 
 def test_plot_spreads_markers_at_the_same_params_and_labels_the_axis_as_the_table(runs):
     plt = pytest.importorskip("matplotlib.pyplot")
-    table = make_table2.aggregate(runs)
+    table = table2.aggregate(runs)
     assert table["rows"]["uniform_scaling"]["2digits"]["params_x"] == table["rows"]["ch_mod"]["2digits"]["params_x"]
     fig = plot_accuracy_vs_params.figure(plt, table, "2digits")
     ax = fig.axes[0]
@@ -199,7 +199,7 @@ def test_bad_methods_exit_2_with_the_valid_choices(tmp_path):
     proc = sweep("--methods", "ch_mod,controlnett", "--runs_dir", tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "'controlnett'" in proc.stderr
-    assert ",".join(make_table2.METHODS) in proc.stderr
+    assert ",".join(table2.METHODS) in proc.stderr
 
 
 def test_failing_cell_is_reported_and_the_exit_code_is_1(tmp_path):
@@ -247,7 +247,7 @@ def test_full_protocol_table_shows_all_three_figures_and_the_reason_of_every_far
     fake_run(tmp_path / "runs", "uniform_scaling", "9digits_byref", 0, 30.0)  # paper 29.90: near
     reasons = tmp_path / "reasons.json"
     reasons.write_text(json.dumps({"9digits_byref/controlnet": "the curve is flat since epoch 25"}))
-    assert make_table2.main(["--runs_dir", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "out"),
+    assert table2.main(["--runs_dir", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "out"),
                              "--name", "table2_full", "--reasons", str(reasons)]) == 0
     text = (tmp_path / "out" / "table2_full.md").read_text()
     last, best_test = text.split("at the last epoch, mean over seeds")[1].split("at the best test epoch")

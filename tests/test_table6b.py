@@ -2,7 +2,7 @@
 paper's value, missing cells are trained through the training script."""
 import json
 
-import table6b
+from experiments import table6b
 from test_sweep import fake_run
 
 

@@ -1,4 +1,4 @@
-"""Task locations of Multi-MNIST (the localisation loss's targets) and the TD-map peak measure of td_maps.py."""
+"""Task locations of Multi-MNIST (the localisation loss's targets) and the TD-map peak measure of experiments/td_maps.py."""
 import json
 import os
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import td_maps
+from experiments import td_maps
 from loaders.multi_mnist import by_ref_labels, make_multi_mnist, task_locations
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,12 +58,12 @@ def test_script_on_a_short_run_and_its_errors(tmp_path):
     run = [sys.executable, str(REPO / "train_multi_task_counter_stream.py"), "--param_file", str(tmp_path / "p.json"),
            "--epochs", "1", "--subset", "300", "--out", str(tmp_path / "run"), "--device", "cpu"]
     assert subprocess.run(run, capture_output=True, env=env, cwd=REPO).returncode == 0
-    proc = subprocess.run([sys.executable, str(REPO / "td_maps.py"), "--run", str(tmp_path / "run"), "--out",
+    proc = subprocess.run([sys.executable, "-m", "experiments.td_maps", "--run", str(tmp_path / "run"), "--out",
                            str(tmp_path / "maps"), "--images", "2", "--test_images", "300"], capture_output=True, text=True, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads((tmp_path / "maps" / "td_maps.json").read_text())
     assert report["test_pairs"] == 1200 and report["chance_pct"] == 25.0
     assert 0.0 <= report["peak_in_right_cell_pct"] <= 100.0 and len(report["peak_in_right_cell_pct_per_task"]) == 4
-    proc = subprocess.run([sys.executable, str(REPO / "td_maps.py"), "--run", str(tmp_path), "--out",
+    proc = subprocess.run([sys.executable, "-m", "experiments.td_maps", "--run", str(tmp_path), "--out",
                            str(tmp_path / "maps")], capture_output=True, text=True, env=env, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "best_model.pt not found" in proc.stderr

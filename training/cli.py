@@ -1,6 +1,7 @@
 """The command line that every entry point shares: one-line argument errors (exit 2), the argument types, the exit
 codes (a user mistake 2, a fault during the run 1, Ctrl-C 130), the device, and matplotlib for the figure makers."""
 import argparse
+import shlex
 import sys
 
 import torch
@@ -134,6 +135,14 @@ def resolve_device(name):
                                 f"({torch.cuda.device_count()} here); start at most that many per node "
                                 f"(--nproc_per_node)")
     return torch.device("cuda", distributed.local_rank())
+
+
+def command_line(module, argv=None):
+    """The command that ran ``module`` (``python -m experiments.table2 ...``; a file name such as
+    ``train_multi_task_counter_stream.py`` gives ``python train_multi_task_counter_stream.py ...``), recorded in the
+    files it writes; ``argv`` defaults to this process's arguments."""
+    head = ["python", module] if module.endswith(".py") else ["python", "-m", module]
+    return shlex.join(head + [str(word) for word in (sys.argv[1:] if argv is None else argv)])
 
 
 def exit_with(main):

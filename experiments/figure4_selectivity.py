@@ -1,6 +1,6 @@
 """Task selectivity of a trained single-branch model (paper §4.5 "Task Selectivity", Figure 4).
 
-    python selectivity.py --checkpoint runs/sel/9digits_controlnet/best_model.pt
+    python -m experiments.figure4_selectivity --checkpoint runs/sel/9digits_controlnet/best_model.pt
 
 The model (a best_model.pt of train_multi_task_counter_stream.py: ControlNet, ch-mod, ch-mod extended, task
 routing or the TD-only ablation, on 2, 4 or 9 digits by location) is frozen. With task t selected, BU2's final
@@ -26,7 +26,6 @@ checkpoint is one line on stderr with the allowed values, exit code 2.
 """
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -215,7 +214,7 @@ def load_model(path):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.command = " ".join(["python", Path(__file__).name] + list(sys.argv[1:] if argv is None else argv))
+    args.command = cli.command_line(__spec__.name, argv)
     return exit_code(run, args)
 
 

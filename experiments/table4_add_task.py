@@ -1,6 +1,6 @@
 """Adding a task to a trained ControlNet (paper §4.5 "Adding Tasks", Table 4).
 
-    python add_task.py --param_file params/mmnist_9digits_byref_controlnet.json --epochs 100 --add_epochs 20
+    python -m experiments.table4_add_task --param_file params/mmnist_9digits_byref_controlnet.json --epochs 100 --add_epochs 20
 
 Setting 9 digits by reference: task d is "the digit right of digit d" (label -1 where d is absent, repeated or
 in the last column). Two phases, as in the paper:
@@ -31,7 +31,6 @@ subset, the four numbers and the paper's), metrics.jsonl (one line per epoch of 
 ControlNet state dict, in best_model.pt's format).
 """
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -64,7 +63,7 @@ def parse_args(argv):
     parser.add_argument("--epochs", type=positive_int, help="phase 1 epochs (default: the param file's)")
     parser.add_argument("--add_epochs", type=positive_int, default=20, help="phase 2 epochs (default 20)")
     parser.add_argument("--add_lr", type=positive_float, default=1e-3, help="phase 2 learning rate (default 1e-3)")
-    parser.add_argument("--phase1_model", help="skip phase 1: the phase1_model.pt of an earlier add_task.py run")
+    parser.add_argument("--phase1_model", help="skip phase 1: the phase1_model.pt of an earlier experiments/table4_add_task.py run")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="run seed: initialisation, order, tasks")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--subset", type=positive_int, help="use only N training and N/5 val/test images")
@@ -130,7 +129,7 @@ class SelectedTasks(nn.Module):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.command = " ".join(["python", Path(__file__).name] + list(sys.argv[1:] if argv is None else argv))
+    args.command = cli.command_line(__spec__.name, argv)
     return exit_code(run, args)
 
 
@@ -141,7 +140,7 @@ def run(args):
                                 f"'{params['model']}'; allowed: setting {SETTING} with model {METHOD} "
                                 f"(e.g. params/mmnist_9digits_byref_controlnet.json)")
     if params["protocol"] != "held_out":
-        raise config.ParamError(f"{args.param_file}: key 'protocol': add_task.py picks both phases' epochs on the "
+        raise config.ParamError(f"{args.param_file}: key 'protocol': experiments/table4_add_task.py picks both phases' epochs on the "
                                 f"validation split; allowed: held_out")
     device = resolve_device(args.device)
     saved = read_phase1_model(args.phase1_model) if args.phase1_model else None
@@ -250,14 +249,14 @@ def read_phase1_model(path):
     try:
         saved = checkpoint.load(path)
     except FileNotFoundError:
-        raise config.ParamError(f"--phase1_model: {path} not found; allowed: a phase1_model.pt of add_task.py") \
+        raise config.ParamError(f"--phase1_model: {path} not found; allowed: a phase1_model.pt of experiments/table4_add_task.py") \
             from None
     except (checkpoint.CheckpointError, OSError) as err:
         raise RunError(f"--phase1_model: {err}") from None
     if not isinstance(saved, dict) or not {"model", "params", "phase1"} <= set(saved) or \
             saved["params"].get("setting") != SETTING or saved["params"].get("model") != METHOD:
-        raise config.ParamError(f"--phase1_model: {path} is not a phase1_model.pt of add_task.py; allowed: the "
-                                f"phase1_model.pt in an add_task.py --out dir")
+        raise config.ParamError(f"--phase1_model: {path} is not a phase1_model.pt of experiments/table4_add_task.py; allowed: the "
+                                f"phase1_model.pt in an experiments/table4_add_task.py --out dir")
     return saved
 
 
@@ -268,7 +267,7 @@ def load_phase1(saved, path, device, params):
         model.load_state_dict(saved["model"])
     except RuntimeError:
         raise config.ParamError(f"--phase1_model: {path} does not hold a 9-task {METHOD}; allowed: a "
-                                f"phase1_model.pt of add_task.py") from None
+                                f"phase1_model.pt of experiments/table4_add_task.py") from None
     log(f"phase 1 model read from {path} (epoch {saved['phase1']['best_epoch']} of {saved['phase1']['epochs']})")
     return model.to(device, memory_format=MEMORY_FORMATS[params["memory_format"]]), {**saved["phase1"],
                                                                                      "model_file": str(path)}

@@ -1,8 +1,8 @@
 """Plot mean test accuracy against #P for one Multi-MNIST setting (as the paper's Figure 3), ours beside the paper.
 
-    python plot_accuracy_vs_params.py --setting 9digits     # reads results/table2.json (make_table2.py)
+    python -m experiments.plots.accuracy_vs_params --setting 9digits     # reads results/table2.json (experiments/table2.py)
 
-x: #P as in make_table2.py's table and the paper's Table 2 (parameters as a multiple of one LeNet's; the paper's
+x: #P as in experiments/table2.py's table and the paper's Table 2 (parameters as a multiple of one LeNet's; the paper's
 points at its Table 2 #P), log scale; markers of methods whose #P are within 3% of each other (e.g. the four
 multi-branch rows) are spread sideways by a few percent so that each stays visible. y: test accuracy (%) at the
 best-validation epoch, mean over tasks and seeds, ± 1 std bars. Writes runs/table2_<setting>_acc_vs_params.png
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from training import cli
-from make_table2 import SETTINGS, TITLES
+from experiments.table2 import SETTINGS, TITLES
 
 CLOSE = 1.03   # #P within this ratio of each other share a position: their markers are spread
 SPREAD = 0.02  # sideways step between such markers, in decades of the log axis (x 1.047)
@@ -21,7 +21,7 @@ SPREAD = 0.02  # sideways step between such markers, in decades of the log axis 
 
 def parse_args(argv):
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--table", default="results/table2.json", help="written by make_table2.py")
+    parser.add_argument("--table", default="results/table2.json", help="written by experiments/table2.py")
     parser.add_argument("--setting", default="9digits", choices=tuple(SETTINGS), help="Multi-MNIST setting (column)")
     parser.add_argument("--out", help="output image (default runs/table2_<setting>_acc_vs_params.png)")
     return parser.parse_args(argv)
@@ -93,15 +93,15 @@ def figure(plt, table, setting):
 
 def main(argv=None):
     args = parse_args(argv)
-    plt = cli.pyplot("plot_accuracy_vs_params.py")
+    plt = cli.pyplot("experiments/plots/accuracy_vs_params.py")
     if plt is None:
         return 2
     if not Path(args.table).is_file():
-        print(f"error: {args.table} not found; run make_table2.py (or reproduce_table2.py) first", file=sys.stderr)
+        print(f"error: {args.table} not found; run experiments/table2.py (or experiments/table2_sweep.py) first", file=sys.stderr)
         return 2
     table = json.loads(Path(args.table).read_text())
     if any(args.setting not in row for row in table["rows"].values()):
-        print(f"error: {args.table} has no column '{args.setting}'; rebuild it with make_table2.py", file=sys.stderr)
+        print(f"error: {args.table} has no column '{args.setting}'; rebuild it with experiments/table2.py", file=sys.stderr)
         return 2
     out = Path(args.out or f"runs/table2_{args.setting}_acc_vs_params.png")
     cli.save_figure(plt, figure(plt, table, args.setting), out, dpi=150)

@@ -1,20 +1,19 @@
 """Reproduce Table 2 (Multi-MNIST): train every method x setting x seed, resumably, then build the table.
 
-    python reproduce_table2.py                      # the paper's protocol: every method (make_table2.METHODS) x 4 settings x 5 seeds, 100 epochs
-    python reproduce_table2.py --methods controlnet,ch_mod --settings 9digits --seeds 3 --workers 4 --device cuda
-    python reproduce_table2.py --dry_run            # what would run, what is done
+    python -m experiments.table2_sweep                      # the paper's protocol: every method (table2.METHODS) x 4 settings x 5 seeds, 100 epochs
+    python -m experiments.table2_sweep --methods controlnet,ch_mod --settings 9digits --seeds 3 --workers 4 --device cuda
+    python -m experiments.table2_sweep --dry_run            # what would run, what is done
 
 Each cell trains params/mmnist_<setting>_<method>.json with train_multi_task_counter_stream.py into
 <runs_dir>/<setting>/<method>/seed<k>. A cell whose results.json has the same epochs and subset is done and
 never redone; a cell with a checkpoint but no results is resumed; the others start fresh. Interrupt and rerun
 the same command to continue. A failing cell is reported (stderr tail in its stderr.txt) and the sweep goes on;
 the exit code is 1 if any cell failed (or holds a run of another protocol). Every invocation is logged in <runs_dir>/sweep.json; then
-make_table2.py writes <out_dir>/table2.{json,md}.
+experiments/table2.py writes <out_dir>/table2.{json,md}.
 """
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -26,12 +25,12 @@ from tqdm import tqdm
 
 from runtime import files
 from training import cli
-import make_table2
+from experiments import table2
 from runtime.files import REPO
 
 SCRIPT = REPO / "train_multi_task_counter_stream.py"
-METHODS = make_table2.METHODS
-SETTINGS = tuple(make_table2.SETTINGS)
+METHODS = table2.METHODS
+SETTINGS = tuple(table2.SETTINGS)
 GPU_WORKERS = 4  # default concurrent runs on one GPU (LeNet-sized models leave it mostly idle one at a time)
 
 
@@ -51,7 +50,7 @@ def parse_args(argv):
                              f"on a GPU (default {GPU_WORKERS}) they share it")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--runs_dir", default="runs/table2", help="cells go to <runs_dir>/<setting>/<method>/seed<k>")
-    parser.add_argument("--out_dir", default="runs/tables", help="where make_table2.py writes table2.{json,md} "
+    parser.add_argument("--out_dir", default="runs/tables", help="where experiments/table2.py writes table2.{json,md} "
                         "(default runs/tables: a committed table is only replaced when its folder is named)")
     parser.add_argument("--no_table", action="store_true", help="only train, do not build the table")
     parser.add_argument("--dry_run", action="store_true", help="list the cells and their state, train nothing")
@@ -107,7 +106,7 @@ def report_failure(cell, returncode, stderr):
 
 def main(argv=None):
     args = parse_args(argv)
-    command = shlex.join(["python", Path(__file__).name] + list(sys.argv[1:] if argv is None else argv))
+    command = cli.command_line(__spec__.name, argv)
     runs_dir = Path(args.runs_dir).resolve()
     cells = []
     for setting in args.settings:
@@ -173,10 +172,10 @@ def main(argv=None):
     print(f"sweep: {len(todo) - len(failed)} of {len(todo)} cells trained, {len(failed) + len(conflicts)} failed or "
           f"skipped, {num_done} were already done")
     if not args.no_table:
-        table = make_table2.aggregate(args.runs_dir, (args.epochs, args.subset))
+        table = table2.aggregate(args.runs_dir, (args.epochs, args.subset))
         if table["num_runs"] == 0:
             print(f"no finished run of this protocol under {args.runs_dir}: no table written", file=sys.stderr)
-        for path in make_table2.write_tables(table, args.out_dir) if table["num_runs"] else ():
+        for path in table2.write_tables(table, args.out_dir) if table["num_runs"] else ():
             print(f"wrote {path}")
     return 1 if failed or conflicts else 0
 

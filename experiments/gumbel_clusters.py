@@ -2,7 +2,7 @@
 al., arXiv 1910.04915, Sec. 5.3; ``learning_parameter_allocation/clusters/clusters_train.py`` of
 google-research/google-research@0c1bbe5f), reduced to its MNIST and Fashion-MNIST clusters.
 
-    python gumbel_clusters.py --param_file params/gumbel_clusters/gumbel_matrix.json --out runs/gc
+    python -m experiments.gumbel_clusters --param_file params/gumbel_clusters/gumbel_matrix.json --out runs/gc
 
 20 leave-one-class-out tasks (``loaders.task_clusters``: 10 MNIST, 10 Fashion-MNIST, 9-way each, 32x32, pad-and-
 crop augmentation) on the routed network of ``models.gumbel_clusters`` (3 routed layers x 16 components). Training
@@ -11,7 +11,7 @@ per task on a batch of that task; Adam for the weights and a second Adam for the
 temperature max(min, init / sqrt(update + 1)); budget penalty. The original runs 20,000 steps and no validation
 split; here ``val_size`` training images per dataset are held out, and after the last step the greedy allocation is
 evaluated on the validation and test split of every task. Writes ``results.json`` and ``allocation.json`` (the
-format ``plot_allocation.py`` plots) to ``--out``. Param-file or CLI mistakes: one line, exit code 2; missing data:
+format ``experiments/plots/allocation.py`` plots) to ``--out``. Param-file or CLI mistakes: one line, exit code 2; missing data:
 one message, exit code 1.
 """
 import sys
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from experiments.plots.allocation import task_similarity
 from loaders.fashion_mnist import FashionMNISTUnavailable
 from loaders.mnist import MNISTUnavailable
 from loaders.task_clusters import DATASETS, NUM_CLASSES, TASKS, load_task_clusters
@@ -30,7 +31,6 @@ from runtime.files import REPO
 from training import cli, config
 from training.provenance import describe_device, git_commit
 from training.round_robin import check_allocation, evaluate, train
-from plot_allocation import task_similarity
 
 METHODS = ("gumbel_matrix", "shared_bottom")  # the two methods the original runs (clusters_train.py --method)
 
@@ -160,7 +160,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
-        return run(args, " ".join(["python", Path(__file__).name, *argv]))
+        return run(args, cli.command_line(__spec__.name, argv))
     except config.ParamError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Task-dependent spatial maps: where ControlNet's TD stream points for each task (paper §4.2 and §4.5).
 
-    python td_maps.py --run runs/mmnist_9digits_controlnet_loc/seed0 --out results/td_maps/9digits_loc
+    python -m experiments.td_maps --run runs/mmnist_9digits_controlnet_loc/seed0 --out results/td_maps/9digits_loc
 
 Loads ``best_model.pt`` of a ControlNet run of the training script (its param file gives the setting), computes
 the TD bottom map [28, 28] of every test image for every valid task, and reports how often the map's peak falls
@@ -93,7 +93,7 @@ def main(argv=None):
     per_task = [100.0 * hits[task_index == t].float().mean().item() for t in range(num_tasks)]
     results_file = Path(args.run) / "results.json"
     trained = json.loads(results_file.read_text()) if results_file.exists() else {}
-    report = {"command": " ".join(["python", Path(__file__).name, *(sys.argv[1:] if argv is None else argv)]),
+    report = {"command": cli.command_line(__spec__.name, argv),
               "git_commit": provenance.git_commit(), "run": str(args.run), "run_command": trained.get("command"),
               "run_git_commit": trained.get("git_commit"), "run_epochs": trained.get("epochs"),
               "run_seed": trained.get("seed"), "run_subset": trained.get("subset"), "best_epoch": epoch,

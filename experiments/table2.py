@@ -1,6 +1,6 @@
 """Aggregate the Table 2 runs (every results.json under --runs_dir) into mean ± std over seeds, beside the paper.
 
-    python make_table2.py --runs_dir runs/table2 --out_dir runs/tables
+    python -m experiments.table2 --runs_dir runs/table2 --out_dir runs/tables
 
 Writes <out_dir>/table2.json and <out_dir>/table2.md (default runs/tables: a committed table is only replaced when
 its folder is named), never an empty table. Accuracy is a run's test accuracy, averaged over tasks (percent), at
@@ -229,7 +229,7 @@ def aggregate(runs_dir, protocol=None, choice=None, select="best_val"):
     invocations = json.loads(sweep.read_text())["invocations"] if sweep.exists() else []
     if invocations:
         wall = {"seconds": sum(i["wall_s"] for i in invocations),
-                "source": f"sweep.json ({len(invocations)} invocation(s) of reproduce_table2.py into {runs_dir})"}
+                "source": f"sweep.json ({len(invocations)} invocation(s) of experiments/table2_sweep.py into {runs_dir})"}
     else:
         wall = {"seconds": sum(run["wall_time_s"] for run in shown),
                 "source": "sum of the shown runs' wall_time_s (training + evaluation only; no sweep.json)"}
@@ -378,7 +378,7 @@ def write_tables(table, out_dir, name="table2", reasons=None):
     """Writes <name>.json and <name>.md into out_dir; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(["python", "make_table2.py", "--runs_dir", table["runs_dir"], "--out_dir", str(out_dir)]
+    command = shlex.join(["python", "-m", "experiments.table2", "--runs_dir", table["runs_dir"], "--out_dir", str(out_dir)]
                          + (["--name", name] if name != "table2" else []) + (["--reasons", reasons] if reasons else []))
     if table["protocol"] is not None:
         command += f" --epochs {table['protocol']['epochs']}"

@@ -1,7 +1,7 @@
 """Figure 3: accuracy vs number of parameters on 9 digits by location, for width-scaled variants of each family.
 
-    python figure3.py --epochs 100 --seeds 5                         # the paper's protocol
-    python figure3.py --epochs 10 --subset 5000 --seeds 1 --out_dir results/figure3_cpu_reduced
+    python -m experiments.figure3 --epochs 100 --seeds 5                         # the paper's protocol
+    python -m experiments.figure3 --epochs 10 --subset 5000 --seeds 1 --out_dir results/figure3_cpu_reduced
 
 Paper §4.5: "within each family, parameters can be changed by changing (uniformly) the number of channels along the
 network"; small markers are wider LeNets (ch-mod extended) and ControlNets with reduced TD streams (1, 4 or 6
@@ -14,7 +14,6 @@ the figure's axis) go to <out_dir>/figure3.{json,md,png}, with the paper's Table
 """
 import argparse
 import json
-import shlex
 import statistics
 import subprocess
 import sys
@@ -22,8 +21,8 @@ from pathlib import Path
 
 from runtime import files
 from training import cli
-import reproduce_table2
-from make_table2 import PAPER
+from experiments import table2_sweep
+from experiments.table2 import PAPER
 from runtime.files import REPO
 
 SCRIPT = REPO / "train_multi_task_counter_stream.py"
@@ -97,7 +96,7 @@ def main(argv=None):
         runs = []
         for seed in args.seeds:
             out = runs_dir / name / f"seed{seed}"
-            state, why = reproduce_table2.cell_state(out, args.epochs, args.subset)
+            state, why = table2_sweep.cell_state(out, args.epochs, args.subset)
             if state == "conflict":
                 failed.append(f"{name}/seed{seed}: {why}")
                 continue
@@ -116,7 +115,7 @@ def main(argv=None):
                            "acc_std": statistics.stdev(accs) if len(accs) > 1 else None,
                            "devices": sorted({run["device"] for run in runs}),
                            "git_commits": sorted({run["git_commit"] for run in runs})})
-    command = shlex.join(["python", Path(__file__).name] + list(sys.argv[1:] if argv is None else argv))
+    command = cli.command_line(__spec__.name, argv)
     write_outputs(points, args, command, Path(args.out_dir))
     for line in failed:
         print(f"FAILED {line}", file=sys.stderr)

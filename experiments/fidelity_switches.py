@@ -1,8 +1,8 @@
 """What the fidelity switches do (docs/fidelity.md): ControlNet and uniform scaling on 9 digits by location under
 each Multi-MNIST resize (nearest, bicubic_clipped, bicubic_wrap) and each protocol (held_out, authors), one seed.
 
-    python fidelity_switches.py run --epochs 10 --jobs 2   # trains the 12 runs into runs/fidelity_switches
-    python fidelity_switches.py table --epochs 10 --results_dir results/fidelity_switches --table results/fidelity_switches.md
+    python -m experiments.fidelity_switches run --epochs 10 --jobs 2   # trains the 12 runs into runs/fidelity_switches
+    python -m experiments.fidelity_switches table --epochs 10 --results_dir results/fidelity_switches --table results/fidelity_switches.md
 
 ``run`` writes one param file per run (the shipped params/mmnist_9digits_<method>.json with ``resize`` and
 ``protocol`` set) and trains it with the training script, ``--jobs`` at a time, at ``nice -n 10`` with one thread
@@ -129,8 +129,8 @@ def table(args):
               f"{args.seed}/` (results.json with command, commit, device, seed, epochs, protocol; metrics.jsonl).",
               f"- Git commit(s): {', '.join(f'`{c}`' for c in commits) or '–'}; "
               f"device(s): {', '.join(devices) or '–'}.",
-              f"- Made by: `python fidelity_switches.py run --epochs {args.epochs} --jobs 2` then "
-              f"`python fidelity_switches.py table --epochs {args.epochs} --results_dir {results_dir} "
+              f"- Made by: `python -m experiments.fidelity_switches run --epochs {args.epochs} --jobs 2` then "
+              f"`python -m experiments.fidelity_switches table --epochs {args.epochs} --results_dir {results_dir} "
               f"--table {args.table}`."]
     Path(args.table).parent.mkdir(parents=True, exist_ok=True)
     files.write_text("\n".join(lines) + "\n", Path(args.table))

@@ -1,25 +1,24 @@
 """Table 6b, Multi-MNIST columns: ControlNet against its ablations and against ch-mod (extended).
 
-    python table6b.py                                            # the paper's protocol: 100 epochs, 5 seeds
-    python table6b.py --epochs 10 --subset 5000 --seeds 2 --runs_dir results/table2_cpu_reduced \\
+    python -m experiments.table6b                                            # the paper's protocol: 100 epochs, 5 seeds
+    python -m experiments.table6b --epochs 10 --subset 5000 --seeds 2 --runs_dir results/table2_cpu_reduced \\
         --out_dir results/table6b_cpu_reduced                     # the reduced CPU protocol of results/table2.md
 
 Paper §4.5 "Ablations and the use of image content": ``td_only`` is ControlNet without BU1 (TD gets the task
 alone), ``bu_only`` has no TD (the task enters BU as extra input planes), ``ch_mod_extended`` is the wider
 channel-modulation baseline with about ControlNet's parameters. Every cell trains params/mmnist_<setting>_<method>.json
 on 9 digits by location and by reference with the training script, into <runs_dir>/<setting>/<method>/seed<k>,
-the layout of reproduce_table2.py, so ControlNet and ch-mod (extended) runs of a Table 2 sweep with the same
+the layout of experiments/table2_sweep.py, so ControlNet and ch-mod (extended) runs of a Table 2 sweep with the same
 protocol are reused, not retrained; rerun the same command to resume. Writes <out_dir>/table6b.{json,md}.
 """
 import json
-import shlex
 import statistics
 import sys
 from pathlib import Path
 
 from runtime import files
 from training import cli
-import reproduce_table2
+from experiments import table2_sweep
 from runtime.files import REPO
 
 METHODS = ("ch_mod_extended", "td_only", "bu_only", "controlnet")  # the paper's row order
@@ -45,19 +44,19 @@ def main(argv=None):
             for seed in args.seeds:
                 cell = {"setting": setting, "method": method, "seed": seed, "out": runs_dir / setting / method /
                         f"seed{seed}", "name": f"{setting}/{method}/seed{seed}"}
-                cell["state"], why = reproduce_table2.cell_state(cell["out"], args.epochs, args.subset)
+                cell["state"], why = table2_sweep.cell_state(cell["out"], args.epochs, args.subset)
                 if cell["state"] == "conflict":
                     failed.append(f"{cell['name']}: {why}")
                     continue
                 if cell["state"] != "done":
                     print(f"training {cell['name']} ({cell['state']})", flush=True)
-                    _, code, stderr = reproduce_table2.run_cell(cell, args, None)
+                    _, code, stderr = table2_sweep.run_cell(cell, args, None)
                     if code != 0:
-                        failed.append(reproduce_table2.report_failure(cell, code, stderr))
+                        failed.append(table2_sweep.report_failure(cell, code, stderr))
                         continue
                 runs.append(json.loads((cell["out"] / "results.json").read_text()))
             rows[method][setting] = summarise(runs, PAPER["rows"][method][PAPER["columns"].index(column)])
-    command = shlex.join(["python", Path(__file__).name] + list(sys.argv[1:] if argv is None else argv))
+    command = cli.command_line(__spec__.name, argv)
     table = {"command": command, "epochs": args.epochs, "subset": args.subset, "seeds": args.seeds,
              "runs_dir": args.runs_dir, "rows": rows}
     out_dir = Path(args.out_dir)

@@ -1,7 +1,7 @@
 """Plot training curves per epoch (training loss, validation and test accuracy) from the runs' metrics.jsonl.
 
-    python plot_curves.py results/controlnet_9digits --out docs/figures/curves_controlnet_9digits.png
-    python plot_curves.py results/table2_cpu_reduced/9digits --group seeds --per_task
+    python -m experiments.plots.curves results/controlnet_9digits --out docs/figures/curves_controlnet_9digits.png
+    python -m experiments.plots.curves results/table2_cpu_reduced/9digits --group seeds --per_task
 
 Each RUN is a run directory of train_multi_task_counter_stream.py (metrics.jsonl, results.json) or a folder searched
 recursively for them. Runs are overlaid, one line each; with ``--group seeds`` the runs that differ only by their
@@ -179,7 +179,7 @@ def plot(plt, groups, with_tasks, sources):
 
 def main(argv=None):
     args = parse_args(argv)
-    plt = cli.pyplot("plot_curves.py")
+    plt = cli.pyplot("experiments/plots/curves.py")
     if plt is None:
         return 2
     try:

@@ -2,7 +2,7 @@
 ``learning_parameter_allocation/clusters/plot.py`` of google-research/google-research@0c1bbe5f) from the
 ``allocation.json`` that ``training/round_robin.py`` writes.
 
-    python plot_allocation.py results/gumbel_mnist/gumbel_matrix --out results/gumbel_mnist/gumbel_matrix [--probabilities]
+    python -m experiments.plots.allocation results/gumbel_mnist/gumbel_matrix --out results/gumbel_mnist/gumbel_matrix [--probabilities]
 
 Writes ``allocation.png`` (tasks x components, routed layers side by side: the greedy binary allocation, or the
 connection probabilities with ``--probabilities``) and ``similarity.png`` (pairwise cosine similarity of the tasks'
@@ -115,7 +115,7 @@ def main(argv=None):
     try:
         import matplotlib
     except ImportError:
-        print("error: plot_allocation.py needs matplotlib: pip install matplotlib", file=sys.stderr)
+        print("error: experiments/plots/allocation.py needs matplotlib: pip install matplotlib", file=sys.stderr)
         return 2
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

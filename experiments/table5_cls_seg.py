@@ -1,8 +1,8 @@
 """Classification and segmentation on Multi-MNIST (paper Table 5, "heterogeneous tasks"): train one variant.
 
-    python cls_seg.py --param_file params/cls_seg/9digits_controlnet.json --epochs 100
-    python cls_seg.py --param_file params/cls_seg/9digits_ch_mod.json --epochs 8 --subset 10000 --out runs/x
-    python cls_seg.py --table results/cls_seg          # results/cls_seg/table5.md from the runs' results.json
+    python -m experiments.table5_cls_seg --param_file params/cls_seg/9digits_controlnet.json --epochs 100
+    python -m experiments.table5_cls_seg --param_file params/cls_seg/9digits_ch_mod.json --epochs 8 --subset 10000 --out runs/x
+    python -m experiments.table5_cls_seg --table results/cls_seg          # results/cls_seg/table5.md from the runs' results.json
 
 Every task (digit by location, or by reference) has two operations: recognise (10-way class of the task's digit,
 measured by accuracy) and segment (the 28x28 binary mask of that digit, ``loaders.multi_mnist_seg``, measured by
@@ -100,7 +100,7 @@ def parse_args(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    args.command = " ".join(["python", Path(__file__).name] + argv)
+    args.command = cli.command_line(__spec__.name, argv)
     return cli.exit_code(table if args.table else run, args)
 
 
@@ -404,7 +404,7 @@ def write_table(runs_dir):
         result = json.loads(path.read_text())
         found.setdefault((result["setting"], result["variant"]), []).append(result)
     if not found:
-        raise cli.RunError(f"no results.json under {runs_dir}/<setting>/<variant>/; run cls_seg.py with --out there first")
+        raise cli.RunError(f"no results.json under {runs_dir}/<setting>/<variant>/; run experiments/table5_cls_seg.py with --out there first")
     settings = [s for s in SETTING_COLUMNS if any(key[0] == s for key in found)]
     lines = ["# Table 5 (classification and segmentation), Multi-MNIST", "",
              "Ours: test accuracy (%) and IoU (%) at the best-validation epoch, mean over tasks (mean over seeds when "

@@ -1,6 +1,6 @@
 """Table 3 (CLEVR 40 tasks, CELEB-A, CUB-200; paper §4.4) from the runs' results.json, beside the paper's numbers.
 
-    python make_table3.py --runs_dir runs --out results/table3.md
+    python -m experiments.table3 --runs_dir runs --out results/table3.md
 
 Reads every results.json under --runs_dir (the training script writes runs/<exp_id>/seed<k>/results.json) and keeps
 Table 3's experiments: CLEVR at 40 tasks, CELEB-A and CUB-200; runs on the generated CLEVR-like data (clevr_like,
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from runtime import files
 from training import cli
-from make_table2 import load_runs, mean_std
-from make_table6a import majority_accuracy
+from experiments.table2 import load_runs, mean_std
+from experiments.table6a import majority_accuracy
 from runtime.files import REPO
 
 PAPER = json.loads((REPO / "paper" / "paper_tables.json").read_text())["table3_other_datasets"]
@@ -132,7 +132,7 @@ def main(argv=None):
     if not runs and out.exists():
         print(f"error: no results.json under {args.runs_dir}: {out} is not replaced by an empty table", file=sys.stderr)
         return 1
-    command = "python make_table3.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = cli.command_line(__spec__.name, argv)
     out.parent.mkdir(parents=True, exist_ok=True)
     files.write_text(markdown(group(runs), command.strip()), out)
     print(f"wrote {out}")
