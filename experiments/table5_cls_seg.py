@@ -52,25 +52,21 @@ SETTINGS = ("9digits", "9digits_byref", "4digits", "2digits")
 SETTING_COLUMNS = {"9digits": "by_loc", "9digits_byref": "by_ref"}  # the paper's Table 5 columns
 
 REQUIRED = config.REQUIRED
-# key: (type, default (REQUIRED = must be given), allowed: tuple of strings or (min, max), meaning)
+# Table 5's own keys, in training/config.py's form (type, default (REQUIRED = must be given), allowed: tuple of strings
+# or (min, max), meaning), and the training keys it shares with the training script, taken from that schema.
 SCHEMA = {
     "exp_id": (str, REQUIRED, None, "experiment name; default output dir is runs/cls_seg/<exp_id>/seed<k>"),
     "variant": (str, REQUIRED, tuple(VARIANTS), "Table 5 row (models/cls_seg.py)"),
     "setting": (str, REQUIRED, SETTINGS, "Multi-MNIST task set (9digits = by location, 9digits_byref = by reference)"),
-    "epochs": (int, 100, (1, 100_000), "training epochs (the CLI --epochs overrides it)"),
-    "optimizer": (str, "Adam", ("Adam", "SGD", "RMSprop"), "optimiser (paper Table 1: Adam)"),
-    "lr": (float, 1e-3, (1e-8, 10.0), "initial learning rate (paper Table 1: 1e-3)"),
-    "momentum": (float, 0.9, (0.0, 0.999), "SGD momentum (SGD only)"),
-    "lr_schedule": (str, "halve_30_60_90", ("halve_30_60_90", "none"), "lr halving at 30/60/90% of the epochs, or none"),
-    "batch_size": (int, 512, (1, 1_000_000), "training batch size (paper Table 1: 512)"),
+    **{key: config.SCHEMA[key] for key in ("epochs", "optimizer", "lr", "momentum", "lr_schedule", "batch_size")},
     "eval_batch_size": (int, 0, (0, 10_000_000), "images per evaluation pass; 0 = auto (512 on CPU, 8192 on GPU)"),
-    "eval_every": (int, 1, (1, 100_000), "evaluate every N epochs (and after the last)"),
+    "eval_every": config.SCHEMA["eval_every"],
     "seg_loss_weight": (float, 1.0, (0.0, 1000.0), "weight of the per-pixel BCE of the segment operation"),
     "mask_threshold": (int, 127, (0, 254), "mask = MNIST pixel > threshold (of 0..255)"),
     "resize": (str, "nearest", RESIZES, "Multi-MNIST resize filter to 28x28 (the masks are resized alike)"),
     "data_seed": (int, 0, (0, 2**31 - 1), "seed of the Multi-MNIST generation"),
     "data_root": (str, None, None, "data directory (--data_root overrides it); null = $MTL_DATA_ROOT or ./data"),
-    "memory_format": (str, "channels_last", tuple(MEMORY_FORMATS), "conv memory layout (same maths)"),
+    "memory_format": config.SCHEMA["memory_format"],
     "model_options": (dict, {}, None, "keyword arguments of the model (c1, c2, hidden; td_channels for ControlNet)"),
 }
 
