@@ -34,14 +34,16 @@ def temperature_schedule(update, initial=50.0, minimum=0.5):
     return max(minimum, initial / math.sqrt(update + 1))
 
 
-def sample_connections(logits, temperature):
+def sample_connections(logits, temperature, uniform=None):
     """Hard straight-through Gumbel-softmax sample of the 'connected' outcome (paper Sec. 3;
     lpa/pathnet/pathnet_lib.py).
 
     ``logits [..., 2]`` (connected, not connected) -> ``[...]`` of exact 0/1 values in the forward pass whose gradient
-    is that of the relaxed sample softmax((logits + g) / temperature)[..., 0], g ~ Gumbel(0, 1) i.i.d.
+    is that of the relaxed sample softmax((logits + g) / temperature)[..., 0], g ~ Gumbel(0, 1) i.i.d. The Gumbel
+    noise comes from ``uniform`` (U(0, 1) of logits' shape) when given, else from ``torch.rand_like(logits)``.
     """
-    uniform = torch.rand_like(logits)
+    if uniform is None:
+        uniform = torch.rand_like(logits)
     gumbel = -torch.log(-torch.log(uniform + GUMBEL_EPS) + GUMBEL_EPS)
     soft = torch.softmax((logits + gumbel) / temperature, dim=-1)
     hard = (soft == soft.max(dim=-1, keepdim=True).values).to(soft.dtype)
@@ -65,6 +67,7 @@ class GumbelMatrixRouter(nn.Module):
         init = torch.log(torch.tensor([probs_init, 1.0 - probs_init]))
         self.logits = nn.Parameter(init.repeat(num_tasks, num_components, 1))
         self.temperature = temperature  # set by the trainer every update (temperature_schedule)
+        self.noise = None  # U(0, 1) [T, K, 2] for the next sample instead of torch's generator (stacked runs)
 
     def probabilities(self):
         """Connection probabilities P ``[T, K]``."""
@@ -77,7 +80,7 @@ class GumbelMatrixRouter(nn.Module):
     def masks(self):
         """``[T, K]`` binary masks for one forward pass: sampled in training mode, greedy in eval mode."""
         if self.training:
-            return sample_connections(self.logits, self.temperature)
+            return sample_connections(self.logits, self.temperature, self.noise)
         return self.greedy()
 
 

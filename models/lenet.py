@@ -29,7 +29,8 @@ class SenerKoltunDropout(nn.Module):
     - no 1/(1-p) rescale, and the identity in eval mode (so activations at test time are about twice those seen
       in training, as in the original).
 
-    Masks come from torch's global generator, which the training script seeds per epoch (exact resume). Inside
+    Masks come from torch's global generator, which the training script seeds per epoch (exact resume), or from
+    ``generator`` when it is set (one per replica of a stacked run, training/stacked.py). Inside
     ``hold()`` the first masks drawn are reused by every later forward, as Sener & Koltun's MGDA-UB reuses the
     masks of its gradient passes in its final pass (``multi_task/train_multi_task.py``). Under DDP each rank draws
     the masks of its own part of the batch."""
@@ -37,6 +38,7 @@ class SenerKoltunDropout(nn.Module):
     def __init__(self):
         super().__init__()
         self.held = None
+        self.generator = None
 
     def channel(self, x):
         return self._mask(x, "channel", (1, x.shape[1], 1, 1))
@@ -49,7 +51,7 @@ class SenerKoltunDropout(nn.Module):
             return x
         mask = None if self.held is None else self.held.get(name)
         if mask is None:
-            mask = torch.bernoulli(torch.full(shape, 0.5, dtype=x.dtype, device=x.device))
+            mask = torch.bernoulli(torch.full(shape, 0.5, dtype=x.dtype, device=x.device), generator=self.generator)
             if self.held is not None:
                 self.held[name] = mask
         return x * mask

@@ -1,0 +1,321 @@
+"""Stacked runs (issue 19): R runs of one method and one setting that differ only in their seed (the 5 seeds of a
+Table 2 cell) trained in one process as one model.
+
+Replica r is the run of the training script with ``--seed seeds[r]``, exactly: its initial weights are the model
+built after ``torch.manual_seed(seeds[r])``; its data order and task draws come from
+``epoch_generator(seeds[r], epoch)``; the model's own noise (the Gumbel samples of models/gumbel_matrix.py, the
+Sener-Koltun dropout masks of models/lenet.py) comes from a generator seeded with ``epoch_seed(seeds[r], epoch)``,
+the seed that the separate run gives torch's global generator, drawn in the same order. Parameters and buffers are
+stacked along a leading replica dimension [R, ...] (``torch.func.stack_module_state``); a forward pass is
+``torch.func.functional_call`` of the template model with replica r's tensors, either replica after replica
+(``loop``: the kernels of a separate run) or all at once under ``torch.func.vmap`` (``vmap``: one grouped
+convolution or batched matmul per layer, the fewer kernel launches that a GPU wants). The loss of the stack is the
+sum of the replicas' losses, so the gradient of each replica's slice is its own run's gradient. One optimiser over
+the stacked parameters is R independent optimisers: Adam, SGD and RMSprop act elementwise and the replicas step in
+sync (one shared step count), see ``torch.optim.Adam``. Every replica's model, optimiser and weighting state can be
+read and written in the format of a separate run (``replica_state_dict``, ``replica_optimizer_state``), so a
+replica writes the files that its separate run would and can resume from them.
+
+The step has static shapes and no host synchronisation: per-replica index gathers, noise drawn on the device from
+per-replica generators, losses and the first non-finite step kept as device tensors.
+"""
+import contextlib
+import copy
+import types
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call, vmap
+
+import losses
+from models.gumbel_matrix import GumbelMatrixRouter, budget_penalty, router_parameters, set_temperature, \
+    temperature_schedule
+from models.lenet import SenerKoltunDropout
+from train_multi_task_counter_stream import MEMORY_FORMATS, MNIST_STATS, base_learning_rates, draw_tasks, \
+    epoch_generator, epoch_seed, loss_divisor, normalize
+
+MODES = ("loop", "vmap")
+
+
+class _Apply(nn.Module):
+    """``fn(model, *args)`` as a module's forward, so that ``functional_call`` can run any method of ``model``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.fn = None
+
+    def forward(self, *args):
+        return self.fn(self.model, *args)
+
+
+class StackedModel(nn.Module):
+    """R replicas of one architecture (``models``: R built models of the same class and shapes), ``mode`` 'loop' or
+    'vmap' (module docstring). Inputs and outputs carry the replica dimension first: ``forward(images [R, B, ...],
+    tasks [R, B])`` -> [R, B, C] for a single-branch model, ``forward(images)`` -> [R, B, T, C] for a multi-branch
+    one; ``trunk`` and ``heads`` likewise (the weightings on task gradients). With ``memory_format``
+    channels_last every replica's conv weight is a channels_last slice of its stacked tensor, as in a separate run.
+    In training mode a model with random modules needs ``seed_noise`` first."""
+
+    def __init__(self, models, mode="loop", memory_format=torch.contiguous_format):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown stacking mode {mode!r}; valid: {', '.join(MODES)}")
+        template = models[0]
+        shapes = [[(name, p.shape) for name, p in m.state_dict().items()] for m in models]
+        if any(type(m) is not type(template) or s != shapes[0] for m, s in zip(models, shapes)):
+            raise ValueError("stacked replicas must be models of one class with the same parameter shapes")
+        self.mode, self.num_replicas, self.paradigm = mode, len(models), template.paradigm
+        apply_fn = _Apply(copy.deepcopy(template).to("meta"))  # not a submodule: its meta tensors are not ours
+        object.__setattr__(self, "_apply_fn", apply_fn)
+        object.__setattr__(self, "template", apply_fn.model)
+        self.memory_format = memory_format
+        self.param_names = [name for name, _ in template.named_parameters()]
+        self.buffer_names = [name for name, _ in template.named_buffers()]
+        named = [dict(m.named_parameters()) for m in models]
+        self.stacked = nn.ParameterList(
+            nn.Parameter(_stack([n[name].detach() for n in named], memory_format),
+                         requires_grad=named[0][name].requires_grad) for name in self.param_names)
+        named = [dict(m.named_buffers()) for m in models]
+        for index, name in enumerate(self.buffer_names):
+            self.register_buffer(f"buffer{index}", _stack([n[name] for n in named], memory_format))
+        self.routers = [m for m in self.template.modules() if isinstance(m, GumbelMatrixRouter)]
+        self.dropouts = [m for m in self.template.modules() if isinstance(m, SenerKoltunDropout)]
+        if mode == "vmap" and self.dropouts:
+            raise ValueError("stacking mode 'vmap' cannot draw Sener-Koltun dropout masks per replica; use 'loop'")
+        self.generators = None
+        self._held = None
+        self.template.train(self.training)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.template.train(mode)
+        return self
+
+    def tensors(self):
+        """{name: stacked [R, ...] tensor} of every parameter and buffer, by the template's names."""
+        buffers = [getattr(self, f"buffer{index}") for index in range(len(self.buffer_names))]
+        return {**dict(zip(self.param_names, self.stacked)), **dict(zip(self.buffer_names, buffers))}
+
+    def parameter(self, name):
+        """The stacked parameter [R, ...] of the template's parameter ``name``."""
+        return self.stacked[self.param_names.index(name)]
+
+    @property
+    def last_shared_layer(self):
+        """GradNorm's W, stacked: ``.weight`` [R, out, in] of the template's ``last_shared_layer``."""
+        name = next(name for name, m in self.template.named_modules() if m is self.template.last_shared_layer)
+        return types.SimpleNamespace(weight=self.parameter(f"{name}.weight"))
+
+    def seed_noise(self, seeds):
+        """One generator per replica for the model's own draws, seeded as its separate run seeds torch's generator
+        (``torch.manual_seed(seed)`` seeds the CPU and CUDA generators alike)."""
+        device = self.stacked[0].device
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    @contextlib.contextmanager
+    def held_dropout_masks(self):
+        """Every replica's Sener-Koltun masks drawn first inside this context are reused by its later passes, as
+        ``models.lenet.held_dropout_masks`` for a separate model (MGDA-UB's final pass)."""
+        self._held = [{} for _ in range(self.num_replicas)]
+        try:
+            yield
+        finally:
+            self._held = None
+
+    def call(self, fn, *args, draws=True):
+        """``fn(model, *args)`` for every replica, replica r with its own tensors and ``arg[r]`` of each [R, ...]
+        argument; the results (a tensor or a tuple of tensors) are stacked along a new first dimension. In training
+        mode each replica draws its model noise from its generator, unless ``draws`` is False (for an ``fn`` that
+        samples nothing)."""
+        self._apply_fn.fn = fn
+        noisy = draws and self.training and bool(self.routers or self.dropouts)
+        if noisy and self.generators is None:
+            raise RuntimeError("a stacked model with random modules needs seed_noise(seeds) before training")
+        tensors = {f"model.{name}": tensor for name, tensor in self.tensors().items()}
+        noise = self._router_noise() if noisy else []
+        try:
+            if self.mode == "vmap":
+                return vmap(self._replica_call)(tensors, noise, *args)
+            outputs = []
+            for r in range(self.num_replicas):
+                for dropout in self.dropouts:
+                    dropout.generator = self.generators[r] if noisy else None
+                    dropout.held = None if self._held is None else self._held[r]
+                outputs.append(self._replica_call({name: t[r] for name, t in tensors.items()},
+                                                  [n[r] for n in noise],
+                                                  *(arg[r] for arg in args)))
+            if isinstance(outputs[0], tuple):
+                return tuple(torch.stack(parts) for parts in zip(*outputs))
+            return torch.stack(outputs)
+        finally:
+            for router in self.routers:
+                router.noise = None
+            for dropout in self.dropouts:
+                dropout.generator, dropout.held = None, None
+
+    def _replica_call(self, tensors, noise, *args):
+        for router, uniform in zip(self.routers, noise):
+            router.noise = uniform
+        return functional_call(self._apply_fn, tensors, args)
+
+    def _router_noise(self):
+        """Per router (in module order, the order of a forward pass), the U(0, 1) draws [R, T, K, 2] of every
+        replica from its own generator: what ``torch.rand_like(logits)`` draws in its separate run."""
+        shapes = [self.parameter(self._name_of(router.logits)).shape[1:] for router in self.routers]
+        dtype, device = self.stacked[0].dtype, self.stacked[0].device
+        per_replica = [[torch.rand(shape, generator=g, dtype=dtype, device=device) for shape in shapes]
+                       for g in self.generators]
+        return [torch.stack(draws) for draws in zip(*per_replica)]
+
+    def _name_of(self, template_parameter):
+        return next(name for name, p in self.template.named_parameters() if p is template_parameter)
+
+    def forward(self, images, tasks=None):
+        if self.paradigm == "single_branch":
+            return self.call(lambda model, x, t: model(x, t), images, tasks)
+        return self.call(lambda model, x: model(x), images)
+
+    def trunk(self, images):
+        return self.call(lambda model, x: model.trunk(x), images)
+
+    def heads(self, rep):
+        return self.call(lambda model, z: model.heads(z), rep)
+
+    def budget_penalty(self, budget, penalty):
+        """[R]: every replica's task-averaged budget penalty (``models.gumbel_matrix.budget_penalty``)."""
+        zero = torch.zeros(self.num_replicas, device=self.stacked[0].device)
+        return self.call(lambda model, _: budget_penalty(model, budget, penalty).mean(), zero, draws=False)
+
+    def replica_state_dict(self, r):
+        """Replica r's ``state_dict()``: the same keys and values as its separate run's model."""
+        tensors = self.tensors()
+        return {key: tensors[key][r].detach().clone() for key in self.template.state_dict()}
+
+    def load_replica_state_dict(self, r, state):
+        """Sets replica r from a separate run's (or ``replica_state_dict``'s) model state; RuntimeError naming the
+        keys that do not fit."""
+        tensors = self.tensors()
+        expected = list(self.template.state_dict())
+        wrong = sorted(set(state) ^ set(expected)) + [k for k in expected if k in state and
+                                                        tuple(state[k].shape) != tuple(tensors[k].shape[1:])]
+        if wrong:
+            raise RuntimeError(f"replica state does not fit the stacked model: keys {wrong}")
+        with torch.no_grad():
+            for key in expected:
+                tensors[key][r].copy_(state[key])
+
+    def replica_model(self, r):
+        """A separate model holding replica r's state (e.g. for ``evaluate``), in this stack's train/eval mode."""
+        model = copy.deepcopy(self.template).to_empty(device=self.stacked[0].device)
+        model = model.to(memory_format=self.memory_format)
+        model.load_state_dict(self.replica_state_dict(r))
+        return model.train(self.training)
+
+
+def _stack(tensors, memory_format):
+    """[R, ...] from R equal-shaped tensors; with channels_last, a 4-d tensor's slices [r] are channels_last."""
+    if memory_format == torch.channels_last and tensors[0].dim() == 4:
+        return torch.stack([t.permute(0, 2, 3, 1) for t in tensors]).permute(0, 1, 4, 2, 3)
+    return torch.stack(tensors)
+
+
+def parameter_groups(params, stacked, weighting):
+    """The separate run's groups (``parameter_groups`` of the training script), stacked: the weights and the
+    weighting's parameters at ``lr``, the learned allocation logits at ``router_options.lr``, in the same order, so
+    that optimiser state indices agree with a separate run's."""
+    logits = {stacked._name_of(p) for p in router_parameters(stacked.template)}
+    weights = [p for name, p in zip(stacked.param_names, stacked.stacked) if name not in logits]
+    groups = [weights + (list(weighting.parameters()) if weighting else []),
+              [stacked.parameter(name) for name in stacked.param_names if name in logits]]
+    return [{"params": group, "lr": lr} for group, lr in zip(groups, base_learning_rates(params))]
+
+
+def replica_optimizer_state(optimizer, r):
+    """Replica r's ``optimizer.state_dict()``, as its separate run's optimiser would hold it: the state tensors of a
+    stacked parameter's shape sliced at r, the shared step counts copied."""
+    saved = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {index: {key: (value[r] if torch.is_tensor(value) and value.shape == params[index].shape else value)
+                     .clone() if torch.is_tensor(value) else value for key, value in entry.items()}
+             for index, entry in saved["state"].items()}
+    return {"state": state, "param_groups": copy.deepcopy(saved["param_groups"])}
+
+
+def load_replica_optimizer_state(optimizer, r, saved):
+    """Sets replica r's slice of the optimiser state from a separate run's ``optimizer.state_dict()`` (and the
+    hyperparameters of every group from it: all replicas share them). The shared step counts must agree with the
+    replicas already loaded: ValueError otherwise."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(saved["param_groups"]) != len(optimizer.param_groups) or \
+            sum(len(g["params"]) for g in saved["param_groups"]) != len(params):
+        raise ValueError("the optimiser state does not fit the stacked parameters (other groups or parameters)")
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
+    for index, entry in saved["state"].items():
+        param, mine = params[index], optimizer.state[params[index]]
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.shape == param.shape[1:]:
+                mine.setdefault(key, torch.zeros_like(param))[r].copy_(value)
+            elif key in mine and not (torch.equal(mine[key], value) if torch.is_tensor(value) else mine[key] == value):
+                raise ValueError(f"replica {r}: optimiser state {key!r} differs from the other replicas' ({value} "
+                                 f"vs {mine[key]}); stacked replicas step in sync")
+            else:
+                mine[key] = value.clone() if torch.is_tensor(value) else value
+
+
+def train_epoch(stacked, weighting, optimizer, train, params, seeds, epoch, stats=MNIST_STATS):
+    """One epoch of the R runs ``seeds`` (the training script's ``train_epoch`` per replica, in one pass over
+    stacked batches): replica r's order, task draws and model noise are those of its separate run. ``weighting``:
+    None (single-branch models) or a ``weighting.batched`` weighting. Returns the mean training loss per replica
+    [R] and the first step with a non-finite loss per replica [R] (-1: none), device tensors (no host sync)."""
+    images, labels = train
+    device, n, batch_size, replicas = images.device, len(images), params["batch_size"], len(seeds)
+    memory_format, dtype = MEMORY_FORMATS[params["memory_format"]], stacked.stacked[0].dtype
+    generators = [epoch_generator(seed, epoch) for seed in seeds]
+    stacked.seed_noise([epoch_seed(seed, epoch) for seed in seeds])
+    orders = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)  # [R, N]
+    if weighting is None:
+        valid = (labels >= 0).cpu()
+        tasks = torch.stack([draw_tasks(valid, g) for g in generators]).to(device)  # [R, N]
+    stacked.train()
+    loss_sum = torch.zeros(replicas, device=device)
+    first_bad = torch.full((replicas,), -1, dtype=torch.int64, device=device)
+    steps = range(0, n, batch_size)
+    routing = params.get("router_options")
+    for step, begin in enumerate(steps):
+        batch = orders[:, begin:begin + batch_size]  # [R, B]
+        x = normalize(images[batch.flatten()], memory_format, stats).to(dtype).unflatten(0, batch.shape)
+        optimizer.zero_grad(set_to_none=True)
+        if routing:
+            update = (epoch * len(steps) + step) * labels.shape[1]
+            set_temperature(stacked.template, temperature_schedule(update, routing["temperature_init"],
+                                                                   routing["temperature_min"]))
+        if weighting is None:
+            t = tasks.gather(1, batch)
+            y = labels[batch, t].long()  # [R, B]
+            loss = vmap(losses.masked_cross_entropy)(stacked(x, t), y, vmap(loss_divisor)(y))
+            loss.sum().backward()
+            task_losses = loss.detach()[:, None]
+        else:
+            y = labels[batch].long()  # [R, B, T]
+            task_losses = weighting.backward(stacked, x, y, vmap(loss_divisor)(y))
+        if routing and routing["budget_penalty"] > 0:
+            add_budget_gradient(stacked, routing["budget"], routing["budget_penalty"])
+        optimizer.step()
+        if weighting is not None:
+            weighting.after_step()
+        step_loss = task_losses.mean(dim=1)
+        loss_sum += step_loss
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)
+    return loss_sum / len(steps), first_bad
+
+
+def add_budget_gradient(stacked, budget, penalty):
+    """``models.gumbel_matrix.add_budget_gradient`` for every replica: the gradient of its budget penalty added to
+    its allocation logits' ``.grad``; returns the penalties [R]."""
+    logits = [stacked.parameter(stacked._name_of(p)) for p in router_parameters(stacked.template)]
+    values = stacked.budget_penalty(budget, penalty)
+    for parameter, grad in zip(logits, torch.autograd.grad(values.sum(), logits)):
+        parameter.grad = grad if parameter.grad is None else parameter.grad + grad
+    return values.detach()
