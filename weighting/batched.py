@@ -194,8 +194,13 @@ def stack_weightings(weightings):
 
 @functools.lru_cache(maxsize=None)
 def _faces(num_tasks):
-    """[2^T - 1, T] bool: the support of every face of the simplex."""
-    return torch.tensor(list(itertools.product([False, True], repeat=num_tasks))[1:])
+    """[2^T - 1, T] bool: the support of every face of the simplex, smallest first, then by task index (so that a
+    tie goes to the face that ``min_norm_solvers`` ends on: e.g. the first task without a gradient)."""
+    supports = [s for size in range(1, num_tasks + 1) for s in itertools.combinations(range(num_tasks), size)]
+    faces = torch.zeros(len(supports), num_tasks, dtype=torch.bool)
+    for index, support in enumerate(supports):
+        faces[index, list(support)] = True
+    return faces
 
 
 def batched_min_norm_element(grads):
