@@ -1,8 +1,6 @@
 """Stacked runs (issue 19): R runs trained as one stacked model equal the R separate runs of the training script
 (float64, every Table 2 method, by location and by reference, both stacking modes), resume, the batched
 min-norm solver against ``min_norm_solvers``, and the one-line errors."""
-import copy
-
 import pytest
 import torch
 
@@ -52,17 +50,6 @@ def separate_run(params, seed, num_tasks):
     return model, weighting, script.make_optimizer(params, script.parameter_groups(params, model, weighting))
 
 
-def stack_runs(runs, params, mode):
-    """The stacked model, weighting and optimiser of ``runs`` (copies of their current state)."""
-    models = [copy.deepcopy(model) for model, _, _ in runs]
-    model = stacking.StackedModel(models, mode, script.MEMORY_FORMATS[params["memory_format"]])
-    weighting = stack_weightings([w for _, w, _ in runs]) if runs[0][1] is not None else None
-    optimizer = script.make_optimizer(params, stacking.parameter_groups(params, model, weighting))
-    for r, (_, _, separate) in enumerate(runs):
-        stacking.load_replica_optimizer_state(optimizer, r, separate.state_dict())
-    return model, weighting, optimizer
-
-
 def assert_close_states(actual, expected, what):
     assert actual.keys() == expected.keys(), what
     for key in expected:
@@ -100,7 +87,7 @@ def test_stacked_runs_equal_separate_runs(float64, method, setting, mode):
                                 ["batch_size=8", f"memory_format=\"{memory_format}\""])
     data = toy_data(setting)
     runs = [separate_run(params, seed, 9) for seed in SEEDS]
-    model, weighting, optimizer = stack_runs(runs, params, mode)
+    model, weighting, optimizer = stacking.stack_runs(runs, params, mode)
     separate_losses = train_separately(runs, params, data, range(2))
     stacked_losses = [stacking.train_epoch(model, weighting, optimizer, data, params, SEEDS, epoch)
                       for epoch in range(2)]
@@ -124,7 +111,7 @@ def test_stacked_runs_with_dropout_and_budget(float64, param_file, overrides):
     params = config.load_params(param_file, ["batch_size=8"] + overrides)
     data = toy_data(params["setting"])
     runs = [separate_run(params, seed, 9) for seed in SEEDS]
-    model, weighting, optimizer = stack_runs(runs, params, "loop")
+    model, weighting, optimizer = stacking.stack_runs(runs, params, "loop")
     train_separately(runs, params, data, [3])
     stacking.train_epoch(model, weighting, optimizer, data, params, SEEDS, 3)
     assert_replicas_equal_runs(model, weighting, optimizer, runs)
@@ -135,7 +122,7 @@ def test_resumed_stacked_run_equals_uninterrupted(float64):
     params = config.load_params("params/mmnist_9digits_byref_kendall.json", ["batch_size=8"])
     data = toy_data(params["setting"])
     runs = [separate_run(params, seed, 9) for seed in SEEDS]
-    model, weighting, optimizer = stack_runs(runs, params, "loop")
+    model, weighting, optimizer = stacking.stack_runs(runs, params, "loop")
     stacking.train_epoch(model, weighting, optimizer, data, params, SEEDS, 0)
     saved = [(model.replica_state_dict(r), weighting.replica_state_dict(r),
               stacking.replica_optimizer_state(optimizer, r)) for r in range(len(SEEDS))]
@@ -146,7 +133,7 @@ def test_resumed_stacked_run_equals_uninterrupted(float64):
         run_model.load_state_dict(model_state)
         run_weighting.load_state_dict(weighting_state)
         run_optimizer.load_state_dict(optimizer_state)
-    resumed = stack_runs(fresh, params, "loop")
+    resumed = stacking.stack_runs(fresh, params, "loop")
     stacking.train_epoch(*resumed, data, params, SEEDS, 1)
     for r in range(len(SEEDS)):
         assert_close_states(resumed[0].replica_state_dict(r), model.replica_state_dict(r), f"replica {r}")

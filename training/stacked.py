@@ -31,8 +31,9 @@ import losses
 from models.gumbel_matrix import GumbelMatrixRouter, budget_penalty, router_parameters, set_temperature, \
     temperature_schedule
 from models.lenet import SenerKoltunDropout
+from weighting.batched import stack_weightings
 from train_multi_task_counter_stream import MEMORY_FORMATS, MNIST_STATS, base_learning_rates, draw_tasks, \
-    epoch_generator, epoch_seed, loss_divisor, normalize
+    epoch_generator, epoch_seed, loss_divisor, make_optimizer, normalize
 
 MODES = ("loop", "vmap")
 
@@ -229,6 +230,18 @@ def parameter_groups(params, stacked, weighting):
     groups = [weights + (list(weighting.parameters()) if weighting else []),
               [stacked.parameter(name) for name in stacked.param_names if name in logits]]
     return [{"params": group, "lr": lr} for group, lr in zip(groups, base_learning_rates(params))]
+
+
+def stack_runs(runs, params, mode="loop"):
+    """``(model, weighting, optimizer)`` of the stack of R separate runs ``runs`` (their ``(model, weighting,
+    optimizer)`` as the training script builds them, in ``params``' memory format), each replica holding a copy of
+    its run's current state."""
+    model = StackedModel([m for m, _, _ in runs], mode, MEMORY_FORMATS[params["memory_format"]])
+    weighting = stack_weightings([w for _, w, _ in runs]) if runs[0][1] is not None else None
+    optimizer = make_optimizer(params, parameter_groups(params, model, weighting))
+    for r, (_, _, separate) in enumerate(runs):
+        load_replica_optimizer_state(optimizer, r, separate.state_dict())
+    return model, weighting, optimizer
 
 
 def replica_optimizer_state(optimizer, r):

@@ -1,0 +1,159 @@
+"""Speed of stacked runs (issue 19, training/stacked.py) against the same runs trained one after the other.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_stacked.py --quick       # batch 128, a few minutes on one CPU core
+    python benchmarks/bench_stacked.py --device cuda                   # batch 512 (the paper's), on a GPU
+
+For every Table 2 method (params/mmnist_<setting>_<method>.json) and both memory formats, R runs (seeds 0..R-1)
+are timed over the same training steps: separately (the training script's ``train_epoch``, one run after the
+other), stacked replica after replica (``loop``) and stacked under ``torch.func.vmap`` (``vmap``), and one run
+alone against a stack of one (R = 1, the single run of a stacked training loop). The data are random uint8 images
+with random digit labels (the speed of a step does not depend on them; by reference, half of the labels are
+undefined). Each path trains one warm-up epoch, then ``--epochs`` timed epochs of ``--steps`` steps; a figure is
+the fastest timed epoch's time per step, in ms, for all R runs together. Ratios are stacked / separate, within one
+run of this script (below 1: stacked is faster). The figures go to
+benchmarks/results/stacked-<device-tag>[-quick].json, and only when the code is a clean commit.
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO)]
+os.environ.setdefault("TQDM_DISABLE", "1")  # train_epoch's progress bar; must be set before tqdm is imported
+
+import torch  # noqa: E402
+
+import checkpoint  # noqa: E402
+import config  # noqa: E402
+import train_multi_task_counter_stream as script  # noqa: E402
+from loaders import NUM_TASKS  # noqa: E402
+from models import build_model  # noqa: E402
+from provenance import describe_device, git_commit  # noqa: E402
+from training import stacked as stacking  # noqa: E402
+from weighting import build_weighting  # noqa: E402
+
+TABLE2 = ("single_task", "uniform_scaling", "gradnorm", "kendall", "mgda", "task_routing", "ch_mod",
+          "ch_mod_extended", "controlnet", "gumbel_matrix")
+FORMATS = ("contiguous", "channels_last")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="batch 128 instead of the paper's 512")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--setting", default="9digits", choices=("2digits", "4digits", "9digits", "9digits_byref"))
+    parser.add_argument("--replicas", type=int, default=5, help="runs per stack (default 5, the seeds of a cell)")
+    parser.add_argument("--steps", type=int, default=3, help="training steps per epoch (default 3)")
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up one (default 2)")
+    parser.add_argument("--methods", default=",".join(TABLE2), help="comma list (default: the Table 2 methods)")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="comma list of memory formats")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.methods.split(",")) - set(config.METHODS)) + \
+        sorted(set(args.formats.split(",")) - set(FORMATS))
+    if unknown or min(args.replicas, args.steps, args.epochs) < 1:
+        parser.error(f"unknown methods or formats {unknown} (valid: {', '.join(config.METHODS)}; "
+                     f"{', '.join(FORMATS)}), or a count below 1")
+    return args
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fastest_step_ms(train_epoch, epochs, steps, device):
+    """Trains the warm-up epoch 0, then ``epochs`` more; the fastest of those in ms per step."""
+    times = []
+    for epoch in range(epochs + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        train_epoch(epoch)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1000 * min(times[1:]) / steps
+
+
+def build_runs(params, seeds, num_tasks, device):
+    """The separate runs of ``seeds`` as the training script builds them: (model, weighting, optimizer)."""
+    runs = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = build_model(params["model"], num_tasks, **config.model_kwargs(params))
+        model = model.to(device, memory_format=script.MEMORY_FORMATS[params["memory_format"]])
+        weighting = build_weighting(params["weighting"], num_tasks, params["weighting_options"]).to(device) \
+            if params["weighting"] else None
+        runs.append((model, weighting, script.make_optimizer(params, script.parameter_groups(params, model,
+                                                                                             weighting))))
+    return runs
+
+
+def random_data(setting, n, num_tasks, device):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (n, num_tasks), generator=generator)
+    if setting.endswith("byref"):
+        labels[torch.rand(n, num_tasks, generator=generator) < 0.5] = -1
+    return images.to(device), labels.to(device)
+
+
+def bench_method(method, memory_format, args, device):
+    """ms per step of every path for one method and memory format, and the ratios."""
+    batch = 128 if args.quick else 512
+    params = config.load_params(REPO / "params" / f"mmnist_{args.setting}_{method}.json",
+                                [f"batch_size={batch}", f"memory_format=\"{memory_format}\""])
+    num_tasks = NUM_TASKS[params["setting"]]
+    data = random_data(args.setting, batch * args.steps, num_tasks, device)
+    seeds = list(range(args.replicas))
+    runs = build_runs(params, seeds, num_tasks, device)
+    state = {"epoch": 0}
+
+    def separate(epoch, which=runs):
+        for seed, (model, weighting, optimizer) in zip(seeds, which):
+            script.train_epoch(model, weighting, optimizer, data, params, seed, epoch, None, state)
+
+    def stacked(mode, replicas):
+        model, weighting, optimizer = stacking.stack_runs(runs[:replicas], params, mode)
+        return lambda epoch: stacking.train_epoch(model, weighting, optimizer, data, params, seeds[:replicas], epoch)
+
+    figures = {"separate": fastest_step_ms(separate, args.epochs, args.steps, device),
+               "loop": fastest_step_ms(stacked("loop", args.replicas), args.epochs, args.steps, device),
+               "vmap": fastest_step_ms(stacked("vmap", args.replicas), args.epochs, args.steps, device),
+               "separate_1": fastest_step_ms(lambda epoch: separate(epoch, runs[:1]), args.epochs, args.steps, device),
+               "loop_1": fastest_step_ms(stacked("loop", 1), args.epochs, args.steps, device)}
+    figures = {key: round(value, 2) for key, value in figures.items()}
+    ratios = {"loop": figures["loop"] / figures["separate"], "vmap": figures["vmap"] / figures["separate"],
+              "loop_1": figures["loop_1"] / figures["separate_1"]}
+    return {"ms_per_step": figures, "stacked_over_separate": {k: round(v, 3) for k, v in ratios.items()}}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = script.resolve_device(args.device)
+    commit = git_commit()
+    results = {"command": " ".join(["python", "benchmarks/bench_stacked.py"] + (argv or sys.argv[1:])),
+               "git_commit": commit, "device": describe_device(device), "torch": torch.__version__,
+               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+               "protocol": {"setting": args.setting, "replicas": args.replicas, "batch_size": 128 if args.quick else 512,
+                            "steps_per_epoch": args.steps, "timed_epochs": args.epochs,
+                            "data": "random uint8 images and labels"},
+               "methods": {}}
+    for method in args.methods.split(","):
+        for memory_format in args.formats.split(","):
+            figures = bench_method(method, memory_format, args, device)
+            results["methods"].setdefault(method, {})[memory_format] = figures
+            print(f"{method:16s} {memory_format:13s} ms/step {figures['ms_per_step']}  stacked/separate "
+                  f"{figures['stacked_over_separate']}", flush=True)
+    tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-")
+    out = REPO / "benchmarks" / "results" / f"stacked-{tag}{'-quick' if args.quick else ''}.json"
+    if commit.endswith("-dirty") or commit == "unknown":
+        print(f"not written to {out}: the code is not a clean commit ({commit})")
+        return 0
+    checkpoint.write_json(results, out)
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
