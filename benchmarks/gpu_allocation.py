@@ -1,0 +1,131 @@
+"""The prepared command for a short GPU allocation (issue 19, item 6): measure every stacked Table 2 group on this
+device and project the time of the full protocol.
+
+    python benchmarks/gpu_allocation.py --device cuda                       # the full Table 2 grid, batch 512
+    OMP_NUM_THREADS=1 python benchmarks/gpu_allocation.py --device cpu --methods controlnet,mgda \\
+        --settings 2digits --batch_size 64 --probe_steps 1 --eval_images 64  # a tiny check of the command on CPU
+
+A group is one cell of Table 2 (a method on a setting) with its ``--replicas`` seeds stacked (training/stacked.py).
+For each group and stacking mode (``loop``, ``vmap``) the command trains one warm-up epoch and one timed epoch of
+``--probe_steps`` steps on random data of the right shapes, and times the evaluation of every replica on
+``--eval_images`` images (the training script's ``evaluate``, all tasks of an image at once). The projection of a
+group is ``epochs x (steps per epoch x ms/step of its faster mode + 2 x val/test images / eval_images x eval
+time)`` with the protocol's 50,000 training, 10,000 validation and 10,000 test images; the total is the sum over
+the groups run one after the other. Figures (device, per-group ms/step of each mode, the chosen mode, projected
+seconds) go to benchmarks/results/gpu_allocation-<device>.json when the code is a clean commit.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+
+import checkpoint  # noqa: E402
+import config  # noqa: E402
+import train_multi_task_counter_stream as script  # noqa: E402
+from loaders import NUM_TASKS  # noqa: E402
+from provenance import describe_device, git_commit  # noqa: E402
+from training import stacked as stacking  # noqa: E402
+
+from bench_stacked import TABLE2, build_runs, fastest_step_ms, random_data, synchronize  # noqa: E402
+
+SETTINGS = ("2digits", "4digits", "9digits", "9digits_byref")
+TRAIN_IMAGES, EVAL_IMAGES = 50_000, 10_000  # the held-out protocol: MNIST train[:50k], val train[50k:], test
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    parser.add_argument("--methods", default=",".join(TABLE2), help="comma list (default: every Table 2 method)")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma list (default: all four)")
+    parser.add_argument("--replicas", type=int, default=5, help="seeds per group (default 5)")
+    parser.add_argument("--epochs", type=int, default=100, help="epochs of the projected protocol (default 100)")
+    parser.add_argument("--batch_size", type=int, default=512, help="training batch (default 512, the paper's)")
+    parser.add_argument("--probe_steps", type=int, default=10, help="timed training steps per group and mode")
+    parser.add_argument("--eval_images", type=int, default=2048, help="images of the timed evaluation")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.methods.split(",")) - set(TABLE2)) + sorted(set(args.settings.split(",")) - set(SETTINGS))
+    if unknown or min(args.replicas, args.epochs, args.batch_size, args.probe_steps, args.eval_images) < 1:
+        parser.error(f"unknown methods or settings {unknown} (valid: {', '.join(TABLE2)}; {', '.join(SETTINGS)}), "
+                     f"or a count below 1")
+    return args
+
+
+def measure_group(method, setting, args, device):
+    """ms per training step of the stacked group in each mode, and the seconds of one evaluation pass of every
+    replica over ``eval_images`` images."""
+    params = config.load_params(REPO / "params" / f"mmnist_{setting}_{method}.json",
+                                [f"batch_size={args.batch_size}"])
+    num_tasks = NUM_TASKS[params["setting"]]
+    data = random_data(setting, args.batch_size * args.probe_steps, num_tasks, device)
+    seeds = list(range(args.replicas))
+    runs = build_runs(params, seeds, num_tasks, device)
+    ms_per_step = {}
+    for mode in stacking.MODES:
+        try:
+            model, weighting, optimizer = stacking.stack_runs(runs, params, mode)
+        except ValueError as err:  # e.g. vmap with dropout
+            ms_per_step[mode] = f"n/a: {err}"
+            continue
+        ms_per_step[mode] = round(fastest_step_ms(
+            lambda epoch: stacking.train_epoch(model, weighting, optimizer, data, params, seeds, epoch),
+            1, args.probe_steps, device), 3)
+    images, labels = random_data(setting, args.eval_images, num_tasks, device)
+    memory_format, rows = script.MEMORY_FORMATS[params["memory_format"]], script.eval_rows(params, device)
+    eval_s = []
+    for _ in range(2):  # the first pass warms up
+        synchronize(device)
+        start = time.perf_counter()
+        for model, _, _ in runs:
+            script.evaluate(model, images, labels, num_tasks, rows, memory_format)
+        synchronize(device)
+        eval_s.append(time.perf_counter() - start)
+    timed = {mode: value for mode, value in ms_per_step.items() if isinstance(value, float)}
+    mode = min(timed, key=timed.get)
+    steps = math.ceil(TRAIN_IMAGES / args.batch_size)
+    projected = args.epochs * (steps * timed[mode] / 1000 + 2 * EVAL_IMAGES / args.eval_images * eval_s[1])
+    return {"ms_per_step": ms_per_step, "mode": mode, "eval_s_per_pass": round(eval_s[1], 4),
+            "projected_s": round(projected, 1)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = script.resolve_device(args.device)
+    commit = git_commit()
+    started = time.perf_counter()
+    groups = {}
+    for setting in args.settings.split(","):
+        for method in args.methods.split(","):
+            groups[f"{setting}/{method}"] = figures = measure_group(method, setting, args, device)
+            print(f"{setting:14s} {method:16s} ms/step {figures['ms_per_step']} -> {figures['mode']}, eval "
+                  f"{figures['eval_s_per_pass']}s per pass, projected {figures['projected_s']}s", flush=True)
+    total = sum(group["projected_s"] for group in groups.values())
+    results = {"command": " ".join(["python", "benchmarks/gpu_allocation.py"] + (argv or sys.argv[1:])),
+               "git_commit": commit, "device": describe_device(device), "torch": torch.__version__,
+               "protocol": {"replicas": args.replicas, "epochs": args.epochs, "batch_size": args.batch_size,
+                            "train_images": TRAIN_IMAGES, "val_images": EVAL_IMAGES, "test_images": EVAL_IMAGES,
+                            "probe_steps": args.probe_steps, "eval_images": args.eval_images,
+                            "data": "random uint8 images and labels of the protocol's shapes"},
+               "groups": groups, "projected_total_s": round(total, 1),
+               "runs_projected": len(groups) * args.replicas, "measurement_s": round(time.perf_counter() - started, 1)}
+    print(f"projected: {total / 60:.1f} min for {results['runs_projected']} runs of {args.epochs} epochs, groups one "
+          f"after the other ({results['measurement_s']}s of measurement)")
+    tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-")
+    out = REPO / "benchmarks" / "results" / f"gpu_allocation-{tag}.json"
+    if commit.endswith("-dirty") or commit == "unknown":
+        print(f"not written to {out}: the code is not a clean commit ({commit})")
+        return 0
+    checkpoint.write_json(results, out)
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
