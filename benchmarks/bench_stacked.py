@@ -8,9 +8,9 @@ are timed over the same training steps: separately (the training script's ``trai
 other), stacked replica after replica (``loop``) and stacked under ``torch.func.vmap`` (``vmap``), and one run
 alone against a stack of one (R = 1, the single run of a stacked training loop). The data are random uint8 images
 with random digit labels (the speed of a step does not depend on them; by reference, half of the labels are
-undefined). Each path trains one warm-up epoch, then ``--epochs`` timed epochs of ``--steps`` steps; a figure is
-the fastest timed epoch's time per step, in ms, for all R runs together. Ratios are stacked / separate, within one
-run of this script (below 1: stacked is faster). The figures go to
+undefined). Each path trains one warm-up epoch, then ``--epochs`` timed epochs of ``--steps`` steps, the paths
+taking turns; a figure is the fastest timed epoch's time per step, in ms, for all R runs together. Ratios are
+stacked / separate, within one run of this script (below 1: stacked is faster). The figures go to
 benchmarks/results/stacked-<device-tag>[-quick].json, and only when the code is a clean commit.
 """
 import argparse
@@ -63,16 +63,19 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def fastest_step_ms(train_epoch, epochs, steps, device):
-    """Trains the warm-up epoch 0, then ``epochs`` more; the fastest of those in ms per step."""
-    times = []
+def fastest_step_ms(paths, epochs, steps, device):
+    """{name: ms per step}: every path (a function of the epoch) trains the warm-up epoch 0, then ``epochs`` more,
+    the paths taking turns within each epoch so that all see the same load of a shared machine; a path's figure is
+    its fastest timed epoch."""
+    times = {name: [] for name in paths}
     for epoch in range(epochs + 1):
-        synchronize(device)
-        start = time.perf_counter()
-        train_epoch(epoch)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1000 * min(times[1:]) / steps
+        for name, train_epoch in paths.items():
+            synchronize(device)
+            start = time.perf_counter()
+            train_epoch(epoch)
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * min(seconds[1:]) / steps for name, seconds in times.items()}
 
 
 def build_runs(params, seeds, num_tasks, device):
@@ -117,11 +120,10 @@ def bench_method(method, memory_format, args, device):
         model, weighting, optimizer = stacking.stack_runs(runs[:replicas], params, mode)
         return lambda epoch: stacking.train_epoch(model, weighting, optimizer, data, params, seeds[:replicas], epoch)
 
-    figures = {"separate": fastest_step_ms(separate, args.epochs, args.steps, device),
-               "loop": fastest_step_ms(stacked("loop", args.replicas), args.epochs, args.steps, device),
-               "vmap": fastest_step_ms(stacked("vmap", args.replicas), args.epochs, args.steps, device),
-               "separate_1": fastest_step_ms(lambda epoch: separate(epoch, runs[:1]), args.epochs, args.steps, device),
-               "loop_1": fastest_step_ms(stacked("loop", 1), args.epochs, args.steps, device)}
+    figures = fastest_step_ms({"separate": separate, "loop": stacked("loop", args.replicas),
+                               "vmap": stacked("vmap", args.replicas),
+                               "separate_1": lambda epoch: separate(epoch, runs[:1]), "loop_1": stacked("loop", 1)},
+                              args.epochs, args.steps, device)
     figures = {key: round(value, 2) for key, value in figures.items()}
     ratios = {"loop": figures["loop"] / figures["separate"], "vmap": figures["vmap"] / figures["separate"],
               "loop_1": figures["loop_1"] / figures["separate_1"]}
@@ -135,7 +137,8 @@ def main(argv=None):
     results = {"command": " ".join(["python", "benchmarks/bench_stacked.py"] + (argv or sys.argv[1:])),
                "git_commit": commit, "device": describe_device(device), "torch": torch.__version__,
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-               "protocol": {"setting": args.setting, "replicas": args.replicas, "batch_size": 128 if args.quick else 512,
+               "protocol": {"setting": args.setting, "replicas": args.replicas,
+                            "batch_size": 128 if args.quick else 512,
                             "steps_per_epoch": args.steps, "timed_epochs": args.epochs,
                             "data": "random uint8 images and labels"},
                "methods": {}}

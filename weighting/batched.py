@@ -179,7 +179,8 @@ BATCHED = {Sum: BatchedSum, Uniform: BatchedUniform, Kendall: BatchedKendall, Gr
 
 def stack_weightings(weightings):
     """The batched weighting of R separate ones (built with ``build_weighting`` and the same options), each
-    replica holding its separate weighting's state (on its device); ValueError for a weighting without a batched form."""
+    replica holding its separate weighting's state (on its device); ValueError for a weighting without a batched
+    form."""
     first = weightings[0]
     if type(first) not in BATCHED or any(type(w) is not type(first) for w in weightings):
         raise ValueError(f"no stacked form of weighting {type(first).__name__}; stacked runs support "
