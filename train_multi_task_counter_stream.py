@@ -16,7 +16,8 @@ validation and test image where it is defined. Under ``protocol: held_out`` (the
 script) training uses all 60k MNIST training images, there is no validation split, and the kept model is the
 best-on-test one. results.json reports three test figures: at the best-validation epoch (held_out only), at the
 best test epoch (optimistic) and at the last epoch. Outputs in --out: metrics.jsonl, results.json, checkpoint.pt
-(resume state) and best_model.pt, all written atomically, and train.log.
+(resume state) and best_model.pt, all written atomically, and train.log. ``--seeds 0,1,2,3,4`` trains the runs
+of several seeds in one process as one stacked model (training/stacked.py), each into <out>/seed<k>.
 An output dir takes one run at a time (``run_lock``); ``--resume`` continues a run only with the arguments that
 made it; ``--set KEY=VALUE`` changes one param-file key from the command line (recorded in results.json). With
 --tensorboard also TensorBoard scalars in tensorboard/ (training/tensorboard_log.py). ``--eval_only --out RUN`` evaluates
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from runtime import distributed
 from training import round_robin
-from training.cli import ArgumentParser, command_line, exit_code, non_negative_int, positive_int
+from training.cli import ArgumentParser, command_line, exit_code, non_negative_int, positive_int, seed_group
 from training.evaluate import evaluate_only
 from training.loop import run
 
@@ -44,7 +45,13 @@ def parse_args(argv):
                         help="override one param-file key, repeatable; VALUE is read as JSON, a dotted KEY sets one "
                              "entry of a dict key (e.g. --set lr=0.01 --set weighting_options.alpha=1.0)")
     parser.add_argument("--epochs", type=positive_int, help="training epochs (default: the param file's, else 100)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="run seed: initialisation, order, tasks")
+    parser.add_argument("--seed", type=non_negative_int, help="run seed: initialisation, order, tasks (default 0)")
+    parser.add_argument("--seeds", type=seed_group, help="several seeds trained as one stacked group in this "
+                        "process, e.g. 0,1,2,3,4: each seed's run goes to <out>/seed<k> (default runs/<exp_id>/seed<k>) "
+                        "with the files of its separate run (docs/stacked.md)")
+    parser.add_argument("--stack_mode", choices=("auto", "loop", "vmap"), default="auto", help="how --seeds runs "
+                        "its replicas: loop (one after the other), vmap (batched kernels) or auto (loop on CPU, vmap "
+                        "on CUDA)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--out", help="output dir (default runs/<exp_id>/seed<k>)")
     parser.add_argument("--subset", type=positive_int, help="use only N training and N/5 val/test images (smoke runs)")
@@ -69,6 +76,10 @@ def parse_args(argv):
                          "best_model.pt)" + (f"; drop {', '.join(training_only)}" if training_only else ""))
     elif not args.param_file:
         parser.error("the following arguments are required: --param_file")
+    if args.seeds and (args.seed is not None or args.eval_only):
+        parser.error("--seeds replaces --seed and trains; drop --seed" + (" and --eval_only" if args.eval_only else ""))
+    args.seeds = args.seeds or [args.seed or 0]
+    args.seed = args.seeds[0]
     return args
 
 

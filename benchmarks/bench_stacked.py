@@ -6,7 +6,7 @@
 For every Table 2 method (params/mmnist_<setting>_<method>.json) and both memory formats, R runs (seeds 0..R-1)
 are timed over the same training steps: separately (the training script's ``train_epoch``, one run after the
 other), stacked replica after replica (``loop``) and stacked under ``torch.func.vmap`` (``vmap``), and one run
-alone against a stack of one (R = 1, the single run of a stacked training loop). The data are random uint8 images
+alone against a stack of one (R = 1: the overhead that decides whether a single run can be a stack of one). The data are random uint8 images
 with random digit labels (the speed of a step does not depend on them; by reference, half of the labels are
 undefined). Each path trains one warm-up epoch, then ``--epochs`` timed epochs of ``--steps`` steps, the paths
 taking turns; a figure is the fastest timed epoch's time per step, in ms, for all R runs together. Ratios are
@@ -25,13 +25,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # train_epoch's progress bar; must b
 
 import torch  # noqa: E402
 
-import checkpoint  # noqa: E402
-import config  # noqa: E402
-import train_multi_task_counter_stream as script  # noqa: E402
 from loaders import NUM_TASKS  # noqa: E402
 from models import build_model  # noqa: E402
-from provenance import describe_device, git_commit  # noqa: E402
-from training import stacked as stacking  # noqa: E402
+from runtime import files  # noqa: E402
+from training import cli, config, loop, stacked as stacking  # noqa: E402
+from training.data import MEMORY_FORMATS  # noqa: E402
+from training.optim import make_optimizer, parameter_groups  # noqa: E402
+from training.provenance import describe_device, git_commit  # noqa: E402
 from weighting import build_weighting  # noqa: E402
 
 TABLE2 = ("single_task", "uniform_scaling", "gradnorm", "kendall", "mgda", "task_routing", "ch_mod",
@@ -84,10 +84,10 @@ def build_runs(params, seeds, num_tasks, device):
     for seed in seeds:
         torch.manual_seed(seed)
         model = build_model(params["model"], num_tasks, **config.model_kwargs(params))
-        model = model.to(device, memory_format=script.MEMORY_FORMATS[params["memory_format"]])
+        model = model.to(device, memory_format=MEMORY_FORMATS[params["memory_format"]])
         weighting = build_weighting(params["weighting"], num_tasks, params["weighting_options"]).to(device) \
             if params["weighting"] else None
-        runs.append((model, weighting, script.make_optimizer(params, script.parameter_groups(params, model,
+        runs.append((model, weighting, make_optimizer(params, parameter_groups(params, model,
                                                                                              weighting))))
     return runs
 
@@ -114,11 +114,12 @@ def bench_method(method, memory_format, args, device):
 
     def separate(epoch, which=runs):
         for seed, (model, weighting, optimizer) in zip(seeds, which):
-            script.train_epoch(model, weighting, optimizer, data, params, seed, epoch, None, state)
+            loop.train_epoch(model, weighting, optimizer, data, params, seed, epoch, None, state)
 
     def stacked(mode, replicas):
         model, weighting, optimizer = stacking.stack_runs(runs[:replicas], params, mode)
-        return lambda epoch: stacking.train_epoch(model, weighting, optimizer, data, params, seeds[:replicas], epoch)
+        return lambda epoch: loop.train_stacked_epoch(model, weighting, optimizer, data, params, seeds[:replicas],
+                                                      epoch, [None] * replicas, [state] * replicas)
 
     figures = fastest_step_ms({"separate": separate, "loop": stacked("loop", args.replicas),
                                "vmap": stacked("vmap", args.replicas),
@@ -132,7 +133,7 @@ def bench_method(method, memory_format, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = script.resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     commit = git_commit()
     results = {"command": " ".join(["python", "benchmarks/bench_stacked.py"] + (argv or sys.argv[1:])),
                "git_commit": commit, "device": describe_device(device), "torch": torch.__version__,
@@ -153,10 +154,10 @@ def main(argv=None):
     if commit.endswith("-dirty") or commit == "unknown":
         print(f"not written to {out}: the code is not a clean commit ({commit})")
         return 0
-    checkpoint.write_json(results, out)
+    files.write_json(results, out)
     print(f"written to {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

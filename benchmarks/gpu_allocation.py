@@ -27,12 +27,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
-import checkpoint  # noqa: E402
-import config  # noqa: E402
-import train_multi_task_counter_stream as script  # noqa: E402
 from loaders import NUM_TASKS  # noqa: E402
-from provenance import describe_device, git_commit  # noqa: E402
-from training import stacked as stacking  # noqa: E402
+from runtime import files  # noqa: E402
+from training import cli, config, loop, stacked as stacking  # noqa: E402
+from training.data import MEMORY_FORMATS  # noqa: E402
+from training.evaluate import eval_rows, evaluate  # noqa: E402
+from training.provenance import describe_device, git_commit  # noqa: E402
 
 from bench_stacked import TABLE2, build_runs, fastest_step_ms, random_data, synchronize  # noqa: E402
 
@@ -74,17 +74,17 @@ def measure_group(method, setting, args, device):
         except ValueError as err:  # e.g. vmap with dropout
             ms_per_step[mode] = f"n/a: {err}"
             continue
-        paths[mode] = lambda epoch, stack=(model, weighting, optimizer): stacking.train_epoch(
-            *stack, data, params, seeds, epoch)
+        paths[mode] = lambda epoch, stack=(model, weighting, optimizer): loop.train_stacked_epoch(
+            *stack, data, params, seeds, epoch, [None] * len(seeds), [{"epoch": 0}] * len(seeds))
     ms_per_step.update({mode: round(ms, 3) for mode, ms in fastest_step_ms(paths, 1, args.probe_steps, device).items()})
     images, labels = random_data(setting, args.eval_images, num_tasks, device)
-    memory_format, rows = script.MEMORY_FORMATS[params["memory_format"]], script.eval_rows(params, device)
+    memory_format, rows = MEMORY_FORMATS[params["memory_format"]], eval_rows(params, device)
     eval_s = []
     for _ in range(2):  # the first pass warms up
         synchronize(device)
         start = time.perf_counter()
         for model, _, _ in runs:
-            script.evaluate(model, images, labels, num_tasks, rows, memory_format)
+            evaluate(model, images, labels, num_tasks, rows, memory_format)
         synchronize(device)
         eval_s.append(time.perf_counter() - start)
     timed = {mode: value for mode, value in ms_per_step.items() if isinstance(value, float)}
@@ -97,7 +97,7 @@ def measure_group(method, setting, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = script.resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     commit = git_commit()
     started = time.perf_counter()
     groups = {}
@@ -122,10 +122,10 @@ def main(argv=None):
     if commit.endswith("-dirty") or commit == "unknown":
         print(f"not written to {out}: the code is not a clean commit ({commit})")
         return 0
-    checkpoint.write_json(results, out)
+    files.write_json(results, out)
     print(f"written to {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_with(main)

@@ -1,15 +1,21 @@
-"""Stacked runs (issue 19): R runs trained as one stacked model equal the R separate runs of the training script
+"""Stacked runs (issue 19): R runs trained as one stacked model equal the R separate runs of the training loop
 (float64, every Table 2 method, by location and by reference, both stacking modes), resume, the batched
-min-norm solver against ``min_norm_solvers``, and the one-line errors."""
+min-norm solver against ``min_norm_solvers``, the training script's ``--seeds`` end to end (the files of separate
+runs, Ctrl-C and --resume), and the one-line errors."""
+import json
 import pytest
 import torch
 
-import config
-import train_multi_task_counter_stream as script
+import train_multi_task_counter_stream as train_script
 from models import build_model
-from training import stacked as stacking
-from weighting import build_weighting
-from weighting.batched import MIN_NORM_TOLERANCE, batched_min_norm_element, stack_weightings
+from training import config, evaluate as evaluation, loop, stacked as stacking
+from training.data import MEMORY_FORMATS
+from training.optim import make_optimizer, parameter_groups
+from run_files import metrics_without_timing
+from training.checkpoint import load
+from weighting import WEIGHTINGS, build_weighting
+from weighting.batched import BATCHED, MIN_NORM_TOLERANCE, STACKED_WEIGHTINGS, batched_min_norm_element, \
+    stack_weightings
 from weighting.min_norm_solvers import find_min_norm_element
 
 SEEDS = (0, 1, 2)
@@ -21,9 +27,10 @@ CASES = [(method, setting, mode) for method in TABLE2 for setting in ("9digits",
 
 @pytest.fixture
 def float64(monkeypatch):
-    """Models in float64 and the script's normalised images too (its ``normalize`` returns float32)."""
-    normalize = script.normalize
-    monkeypatch.setattr(script, "normalize", lambda *args: normalize(*args).double())
+    """Models in float64 and the training loop's normalised images too (``normalize`` returns float32)."""
+    for module in (loop, evaluation):
+        normalize = module.normalize
+        monkeypatch.setattr(module, "normalize", lambda *args, normalize=normalize: normalize(*args).double())
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     yield
@@ -44,10 +51,10 @@ def separate_run(params, seed, num_tasks):
     """Model, weighting and optimiser of one run, built as the training script builds them."""
     torch.manual_seed(seed)
     model = build_model(params["model"], num_tasks, **config.model_kwargs(params))
-    model = model.to(memory_format=script.MEMORY_FORMATS[params["memory_format"]])
+    model = model.to(memory_format=MEMORY_FORMATS[params["memory_format"]])
     weighting = build_weighting(params["weighting"], num_tasks, params["weighting_options"]) \
         if params["weighting"] else None
-    return model, weighting, script.make_optimizer(params, script.parameter_groups(params, model, weighting))
+    return model, weighting, make_optimizer(params, parameter_groups(params, model, weighting))
 
 
 def assert_close_states(actual, expected, what):
@@ -62,9 +69,15 @@ def assert_close_states(actual, expected, what):
             assert a == e, f"{what}.{key}"
 
 
+def stacked_epoch(model, weighting, optimizer, data, params, epoch):
+    """``train_stacked_epoch`` of the stack of ``SEEDS`` (no run dirs: every loss here is finite)."""
+    return loop.train_stacked_epoch(model, weighting, optimizer, data, params, SEEDS, epoch, [None] * len(SEEDS),
+                                    [{"epoch": 0}] * len(SEEDS))
+
+
 def train_separately(runs, params, data, epochs):
     state = {"epoch": 0}
-    return [[script.train_epoch(model, weighting, optimizer, data, params, seed, epoch, None, state)
+    return [[loop.train_epoch(model, weighting, optimizer, data, params, seed, epoch, None, state)
              for epoch in epochs] for seed, (model, weighting, optimizer) in zip(SEEDS, runs)]
 
 
@@ -89,15 +102,13 @@ def test_stacked_runs_equal_separate_runs(float64, method, setting, mode):
     runs = [separate_run(params, seed, 9) for seed in SEEDS]
     model, weighting, optimizer = stacking.stack_runs(runs, params, mode)
     separate_losses = train_separately(runs, params, data, range(2))
-    stacked_losses = [stacking.train_epoch(model, weighting, optimizer, data, params, SEEDS, epoch)
-                      for epoch in range(2)]
-    for epoch, (loss, first_bad) in enumerate(stacked_losses):
-        assert first_bad.tolist() == [-1] * len(SEEDS)
-        torch.testing.assert_close(loss.double(), torch.tensor([losses[epoch] for losses in separate_losses]))
+    stacked_losses = [stacked_epoch(model, weighting, optimizer, data, params, epoch) for epoch in range(2)]
+    for epoch, losses in enumerate(stacked_losses):
+        assert losses == pytest.approx([run_losses[epoch] for run_losses in separate_losses], rel=1e-9)
     assert_replicas_equal_runs(model, weighting, optimizer, runs)
     images, labels = data
     for r, (separate, _, _) in enumerate(runs):
-        evaluated = [script.evaluate(m, images, labels, 9, 64, script.MEMORY_FORMATS[memory_format])
+        evaluated = [evaluation.evaluate(m, images, labels, 9, 64, MEMORY_FORMATS[memory_format])
                      for m in (model.eval().replica_model(r), separate)]
         torch.testing.assert_close(*evaluated)
 
@@ -113,7 +124,7 @@ def test_stacked_runs_with_dropout_and_budget(float64, param_file, overrides):
     runs = [separate_run(params, seed, 9) for seed in SEEDS]
     model, weighting, optimizer = stacking.stack_runs(runs, params, "loop")
     train_separately(runs, params, data, [3])
-    stacking.train_epoch(model, weighting, optimizer, data, params, SEEDS, 3)
+    stacked_epoch(model, weighting, optimizer, data, params, 3)
     assert_replicas_equal_runs(model, weighting, optimizer, runs)
 
 
@@ -123,10 +134,10 @@ def test_resumed_stacked_run_equals_uninterrupted(float64):
     data = toy_data(params["setting"])
     runs = [separate_run(params, seed, 9) for seed in SEEDS]
     model, weighting, optimizer = stacking.stack_runs(runs, params, "loop")
-    stacking.train_epoch(model, weighting, optimizer, data, params, SEEDS, 0)
+    stacked_epoch(model, weighting, optimizer, data, params, 0)
     saved = [(model.replica_state_dict(r), weighting.replica_state_dict(r),
               stacking.replica_optimizer_state(optimizer, r)) for r in range(len(SEEDS))]
-    stacking.train_epoch(model, weighting, optimizer, data, params, SEEDS, 1)
+    stacked_epoch(model, weighting, optimizer, data, params, 1)
 
     fresh = [separate_run(params, seed + 10, 9) for seed in SEEDS]  # other weights: all overwritten on resume
     for (run_model, run_weighting, run_optimizer), (model_state, weighting_state, optimizer_state) in zip(fresh, saved):
@@ -134,7 +145,7 @@ def test_resumed_stacked_run_equals_uninterrupted(float64):
         run_weighting.load_state_dict(weighting_state)
         run_optimizer.load_state_dict(optimizer_state)
     resumed = stacking.stack_runs(fresh, params, "loop")
-    stacking.train_epoch(*resumed, data, params, SEEDS, 1)
+    stacked_epoch(*resumed, data, params, 1)
     for r in range(len(SEEDS)):
         assert_close_states(resumed[0].replica_state_dict(r), model.replica_state_dict(r), f"replica {r}")
         assert_close_states(stacking.replica_optimizer_state(resumed[2], r),
@@ -195,3 +206,86 @@ def test_bad_stacks_fail_with_one_line():
     gumbel = stacking.StackedModel([build_model("gumbel_matrix", 9)] * 2)
     with pytest.raises(RuntimeError, match="needs seed_noise"):
         gumbel(torch.zeros(2, 1, 1, 28, 28))
+
+
+def test_stacked_weighting_names_are_the_batched_forms():
+    assert {WEIGHTINGS[name] for name in STACKED_WEIGHTINGS} == set(BATCHED)
+
+
+RUN = ["--epochs", "2", "--subset", "256", "--device", "cpu", "--set", "batch_size=64"]
+
+
+def run_script(capsys, *args):
+    """The training script's ``main`` in this process: (exit code, captured output)."""
+    try:
+        code = train_script.main([str(arg) for arg in args])
+    except SystemExit as exit:  # a command-line mistake
+        code = exit.code
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("method", ["mmnist_9digits_byref_kendall", "mmnist_4digits_controlnet"])
+def test_seeds_write_the_files_of_separate_runs(method, tmp_path, capsys):
+    """``--seeds 0,1`` (real Multi-MNIST, a subset) writes into <out>/seed<k> what ``--seed k`` writes: the same
+    epoch records (to float32 rounding), the same test figures, checkpoints a separate run resumes from."""
+    params = f"params/{method}.json"
+    assert run_script(capsys, "--param_file", params, *RUN, "--seeds", "0,1", "--out", tmp_path / "group")[0] == 0
+    for seed in (0, 1):
+        separate = tmp_path / f"seed{seed}"
+        assert run_script(capsys, "--param_file", params, *RUN, "--seed", seed, "--out", separate)[0] == 0
+        stacked = tmp_path / "group" / f"seed{seed}"
+        assert sorted(p.name for p in stacked.iterdir()) == sorted(p.name for p in separate.iterdir())
+        for ours, theirs in zip(metrics_without_timing(stacked), metrics_without_timing(separate)):
+            assert ours.keys() == theirs.keys()
+            for key, value in theirs.items():
+                assert ours[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+        results = [json.loads((run / "results.json").read_text()) for run in (stacked, separate)]
+        for key in ("seed", "best_epoch", "num_params", "params", "epochs", "subset"):
+            assert results[0][key] == results[1][key], key
+        for key in ("test_acc_mean", "test_acc_mean_last", "val_acc_mean"):
+            assert results[0][key] == pytest.approx(results[1][key], rel=1e-4), key
+        assert results[0]["stacked"] == {"seeds": [0, 1], "mode": "loop"}
+        ours, theirs = load(stacked / "checkpoint.pt"), load(separate / "checkpoint.pt")
+        assert ours.keys() == theirs.keys() and ours["seed"] == seed
+        for key, value in theirs["model"].items():
+            torch.testing.assert_close(ours["model"][key], value, rtol=1e-4, atol=1e-5)
+        assert ours["optimizer"]["param_groups"] == theirs["optimizer"]["param_groups"]
+
+
+def test_interrupted_stacked_group_resumes_to_the_uninterrupted_result(tmp_path, capsys, monkeypatch):
+    """Ctrl-C after epoch 1: one line, exit 130, every seed's checkpoint at epoch 1; --resume ends where the
+    uninterrupted group does."""
+    params = "params/mmnist_9digits_byref_gradnorm.json"
+    assert run_script(capsys, "--param_file", params, *RUN, "--seeds", "0,1", "--out", tmp_path / "straight")[0] == 0
+    train_one = loop.train_one
+
+    def interrupted(epoch, *args):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return train_one(epoch, *args)
+    monkeypatch.setattr(loop, "train_one", interrupted)
+    code, captured = run_script(capsys, "--param_file", params, *RUN, "--seeds", "0,1", "--out", tmp_path / "cut")
+    assert code == 130 and "stopped in epoch 2 of 2 (1 finished)" in captured.err
+    assert f"{tmp_path / 'cut' / 'seed*' / 'checkpoint.pt'}" in captured.err
+    assert [load(tmp_path / "cut" / f"seed{seed}" / "checkpoint.pt")["epoch"] for seed in (0, 1)] == [1, 1]
+    monkeypatch.setattr(loop, "train_one", train_one)
+    assert run_script(capsys, "--param_file", params, *RUN, "--seeds", "0,1", "--out", tmp_path / "cut",
+                      "--resume")[0] == 0
+    for seed in (0, 1):
+        assert metrics_without_timing(tmp_path / "cut" / f"seed{seed}") == \
+            metrics_without_timing(tmp_path / "straight" / f"seed{seed}")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seeds", "0,1", "--seed", "3"], "--seeds replaces --seed and trains; drop --seed"),
+    (["--seeds", "0,0"], "expected a comma list of distinct seeds >= 0 (0,1,2,3,4), got '0,0'"),
+    (["--seeds", "0,1", "--set", "method=\"pcgrad\""], "--seeds: weighting 'pcgrad' has no stacked form; allowed: sum, "
+                                                       "uniform, kendall, gradnorm, mgda, or one --seed per run"),
+    (["--seeds", "0,1", "--set", "dropout=\"sener_koltun\"", "--set", "method=\"mgda\"", "--stack_mode", "vmap"],
+     "--stack_mode: 'vmap' cannot draw dropout masks per replica; allowed: auto, loop")])
+def test_bad_seed_groups_fail_with_one_line(args, message, tmp_path, capsys):
+    code, captured = run_script(capsys, "--param_file", "params/mmnist_2digits_uniform_scaling.json", *RUN, *args,
+                                "--out", tmp_path / "group")
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0], captured.err
+    assert not (tmp_path / "group").exists()

@@ -1,6 +1,9 @@
 """The training loop of the training script: build the model, weighting and optimiser, resume, train epoch by epoch
 (one task drawn per sample for single-branch models, every task of an image for multi-branch ones), evaluate, and
-write the run's files (checkpoint.pt, best_model.pt, metrics.jsonl, results.json) atomically."""
+write the run's files (checkpoint.pt, best_model.pt, metrics.jsonl, results.json) atomically. With ``--seeds`` the
+runs of several seeds train as one stacked group (``Replicas``, training/stacked.py), each writing exactly the
+files of its separate run."""
+import argparse
 import json
 import sys
 import time
@@ -9,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.func import vmap
 from tqdm import tqdm
 
 from loaders import LOADERS, NUM_TASKS
@@ -19,7 +23,7 @@ from models.gumbel_matrix import (
     add_budget_gradient, allocation_matrix, router_parameters, set_temperature, temperature_schedule)
 from runtime import distributed, files
 from runtime.files import REPO
-from training import checkpoint, config, run_lock, tensorboard_log
+from training import checkpoint, config, run_lock, stacked, tensorboard_log
 from training.cli import Interrupted, RunError, resolve_device
 from training.data import MEMORY_FORMATS, MNIST_STATS, data_fingerprint, load_data, normalize
 from training.evaluate import eval_rows, evaluate
@@ -27,6 +31,7 @@ from training.optim import base_learning_rates, describe_schedule, lr_factor, ma
 from training.provenance import describe_device, git_commit
 from training.run_dir import close_log, log, open_log, prepare_output_dir, read_checkpoint, resume, write
 from weighting import build_weighting
+from weighting.batched import MAX_MGDA_TASKS, STACKED_WEIGHTINGS
 
 
 # the forward keyword that returns a model's localisation output along with its logits
@@ -45,131 +50,238 @@ def run(args):
         return 0
     summary_writer = tensorboard_log.writer_class() if args.tensorboard else None  # missing package: stop now
     device = resolve_device(args.device)
+    if len(args.seeds) > 1:
+        check_stackable(params, num_tasks, args.stack_mode)
     if distributed.launched():
         distributed.init(device)
-    out = Path(args.out or REPO / "runs" / params["exp_id"] / f"seed{args.seed}")
-    distributed.on_main(prepare_output_dir, out, args.resume, args.command)
+    outs = run_dirs(args, params)
+    locked = []
     try:
-        return train(args, params, epochs, device, out, summary_writer)
+        for out in outs:
+            distributed.on_main(prepare_output_dir, out, args.resume, args.command)
+            locked.append(out)
+        return train(args, params, epochs, device, outs, summary_writer)
     finally:
         close_log()
-        distributed.on_main(run_lock.release, out)
+        for out in locked:
+            distributed.on_main(run_lock.release, out)
 
 
-def train(args, params, epochs, device, out, summary_writer=None):
-    """The run in ``out`` (locked by this process): build, resume, train, evaluate, write."""
+def run_dirs(args, params):
+    """The output dir of every seed: ``--out`` (default runs/<exp_id>/seed<k>) for one seed, <out>/seed<k> (default
+    runs/<exp_id>/seed<k>) for each seed of a stacked group (``--seeds``)."""
+    if len(args.seeds) == 1:
+        return [Path(args.out or REPO / "runs" / params["exp_id"] / f"seed{args.seeds[0]}")]
+    return [Path(args.out or REPO / "runs" / params["exp_id"]) / f"seed{seed}" for seed in args.seeds]
+
+
+def check_stackable(params, num_tasks, mode):
+    """A stacked group (``--seeds``) trains in one process a method whose weighting has a stacked form, without the
+    localisation loss, and draws dropout masks in stacking mode 'loop' only; ParamError (one line) otherwise."""
+    if distributed.launched():
+        raise config.ParamError("--seeds: a stacked group trains in one process; start it with python, not torchrun "
+                                "(or give torchrun one --seed)")
+    if params["spatial_loss_weight"] > 0:
+        raise config.ParamError("--seeds: the localisation loss (spatial_loss_weight > 0) is not stacked; allowed: "
+                                "one --seed per run")
+    if params["weighting"] is not None and params["weighting"] not in STACKED_WEIGHTINGS:
+        raise config.ParamError(f"--seeds: weighting '{params['weighting']}' has no stacked form; allowed: "
+                                f"{', '.join(STACKED_WEIGHTINGS)}, or one --seed per run")
+    if params["weighting"] == "mgda" and num_tasks > MAX_MGDA_TASKS:
+        raise config.ParamError(f"--seeds: stacked MGDA solves up to {MAX_MGDA_TASKS} tasks, setting "
+                                f"'{params['setting']}' has {num_tasks}; allowed: one --seed per run")
+    if params["dropout"] != "none" and mode == "vmap":
+        raise config.ParamError("--stack_mode: 'vmap' cannot draw dropout masks per replica; allowed: auto, loop")
+
+
+def train(args, params, epochs, device, outs, summary_writer=None):
+    """The runs of ``args.seeds`` in ``outs`` (locked by this process): build, resume, train, evaluate, write. One
+    seed trains its model as it is; several train as one stacked group (``Replicas``), each writing the files of
+    its separate run."""
     num_tasks = NUM_TASKS[params["setting"]]
-
-    torch.manual_seed(args.seed)
-    model = build_model(params["model"], num_tasks, **config.model_kwargs(params))
-    model = model.to(device, memory_format=MEMORY_FORMATS[params["memory_format"]])
+    runs = []
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        model = build_model(params["model"], num_tasks, **config.model_kwargs(params))
+        model = model.to(device, memory_format=MEMORY_FORMATS[params["memory_format"]])
+        weighting = None
+        if params["weighting"] is not None:
+            weighting = build_weighting(params["weighting"], num_tasks, params["weighting_options"]).to(device)
+        runs.append((model, weighting, make_optimizer(params, parameter_groups(params, model, weighting))))
     rows = eval_rows(params, device)
     stats = (LOADERS[params["dataset"]].mean, LOADERS[params["dataset"]].std)
     pairs = params["dataset"] != "multi_mnist"  # evaluate only the defined (image, task) pairs (see evaluate)
-    weighting = None
-    if params["weighting"] is not None:
-        weighting = build_weighting(params["weighting"], num_tasks, params["weighting_options"]).to(device)
-    optimizer = make_optimizer(params, parameter_groups(params, model, weighting))
 
-    state = {"epoch": 0, "history": [], "best": None, "wall_time_s": 0.0}
-    saved = distributed.on_main(read_checkpoint, out / "checkpoint.pt", params, args, epochs) if args.resume else None
-    if saved is not None and saved["epoch"] >= epochs and (out / "results.json").exists():
-        log(f"{out} holds a finished run ({saved['epoch']} of {epochs} epochs); nothing to do, nothing changed")
+    saved = [distributed.on_main(read_checkpoint, out / "checkpoint.pt", params,
+                                 argparse.Namespace(**{**vars(args), "seed": seed}), epochs) if args.resume else None
+             for seed, out in zip(args.seeds, outs)]
+    finished = [s is not None and s["epoch"] >= epochs and (out / "results.json").exists() for s, out in zip(saved, outs)]
+    if all(finished):
+        for s, out in zip(saved, outs):
+            log(f"{out} holds a finished run ({s['epoch']} of {epochs} epochs); nothing to do, nothing changed")
         return 0
-    distributed.on_main(open_log, out)
-    if saved is not None:
-        state = resume(saved, out / "checkpoint.pt", params, model, weighting, optimizer)
-    trained = distributed.wrap(model, device)  # the forward whose backward averages the gradients over the ranks
+    if any(finished):
+        done = [seed for seed, f in zip(args.seeds, finished) if f]
+        raise config.ParamError(f"--seeds: seed(s) {done} have finished runs in {outs[0].parent}; give --seeds the "
+                                f"others only")
+    distributed.on_main(open_log, *outs)
+    states = [{"epoch": 0, "history": [], "best": None, "wall_time_s": 0.0} if s is None else
+              resume(s, out / "checkpoint.pt", params, *run) for s, out, run in zip(saved, outs, runs)]
+    if len({state["epoch"] for state in states}) > 1:
+        where = ", ".join(f"seed {seed}: {state['epoch']}" for seed, state in zip(args.seeds, states))
+        raise config.ParamError(f"--seeds: the runs stand at different epochs ({where}); a stacked group trains in "
+                                f"step, resume them with one --seed each")
+    group = Replicas(runs, params, device, args.seeds, args.stack_mode)
 
     splits = distributed.local_main_first(load_data, params, args.subset, args.data_root or params["data_root"])
     fingerprint = data_fingerprint(splits)
-    if saved is not None and saved.get("data_fingerprint", fingerprint) != fingerprint and not args.force:
-        raise config.ParamError(f"--resume: {out / 'checkpoint.pt'} was trained on other data (fingerprint "
-                                f"{saved['data_fingerprint']}, now {fingerprint}: another --data_root or data files); "
-                                f"pass --force to resume anyway, or choose another --out")
-    state["data_fingerprint"] = fingerprint
+    for s, out in zip(saved, outs):
+        if s is not None and s.get("data_fingerprint", fingerprint) != fingerprint and not args.force:
+            raise config.ParamError(f"--resume: {out / 'checkpoint.pt'} was trained on other data (fingerprint "
+                                    f"{s['data_fingerprint']}, now {fingerprint}: another --data_root or data "
+                                    f"files); pass --force to resume anyway, or choose another --out")
+    for state in states:
+        state["data_fingerprint"] = fingerprint
     data = {split: (images.to(device), labels.to(device)) for split, (images, labels, _) in splits.items()}
     locations = splits["train"][2].to(device) if params["spatial_loss_weight"] > 0 else None
     info = {"command": args.command,
             "git_commit": git_commit(), "device": describe_device(device), "world_size": distributed.world_size(),
-            "seed": args.seed, "epochs": epochs, "method": params["method"], "setting": params["setting"],
+            "epochs": epochs, "method": params["method"], "setting": params["setting"],
             "subset": args.subset, "overrides": args.set, "data_fingerprint": fingerprint,
-            "protocol": params["protocol"], **parameter_counts(params, model)}
+            "protocol": params["protocol"], **parameter_counts(params, runs[0][0])}
+    if len(args.seeds) > 1:
+        info["stacked"] = {"seeds": args.seeds, "mode": group.mode}
     processes = f" x {info['world_size']} processes" if distributed.is_distributed() else ""
+    stacked = f", {len(args.seeds)} seeds stacked ({group.mode})" if len(args.seeds) > 1 else ""
     log(f"{params['exp_id']}: {params['method']} on {params['setting']}, {info['num_params']} params "
-        f"(x{info['params_x']:.3f}), {len(data['train'][0])} train images, {info['device']}{processes}, out {out}")
-    log(f"{epochs} epochs from epoch {state['epoch'] + 1}, {params['optimizer']} lr {params['lr']:g}, "
-        f"batch {params['batch_size']}, {describe_schedule(params, epochs)}, seed {args.seed}"
+        f"(x{info['params_x']:.3f}), {len(data['train'][0])} train images, {info['device']}{processes}{stacked}, "
+        f"out {outs[0] if len(outs) == 1 else outs[0].parent}")
+    log(f"{epochs} epochs from epoch {states[0]['epoch'] + 1}, {params['optimizer']} lr {params['lr']:g}, "
+        f"batch {params['batch_size']}, {describe_schedule(params, epochs)}, seed {', '.join(map(str, args.seeds))}"
         + (f", overrides: {' '.join(args.set)}" if args.set else ""))
 
-    board = tensorboard_log.open_writer(summary_writer, out, state["epoch"]) \
-        if summary_writer and distributed.is_main() else None
+    boards = [tensorboard_log.open_writer(summary_writer, out, state["epoch"]) for out, state in zip(outs, states)] \
+        if summary_writer and distributed.is_main() else []
     try:
-        for epoch in range(state["epoch"], epochs):
-            train_one(epoch, epochs, trained, model, weighting, optimizer, data, params, args, out, state, stats,
-                      locations, rows, pairs, num_tasks)
-            if board:
+        for epoch in range(states[0]["epoch"], epochs):
+            train_one(epoch, epochs, group, data, params, args, outs, states, stats, locations, rows, pairs, num_tasks)
+            for board, state in zip(boards, states):
                 tensorboard_log.log_epoch(board, state["history"][-1])
     except KeyboardInterrupt:
-        raise Interrupted(interrupted_message(out, state["epoch"], epochs, args.command)) from None
+        where = outs[0] if len(outs) == 1 else outs[0].parent / "seed*"
+        raise Interrupted(interrupted_message(where, states[0]["epoch"], epochs, args.command)) from None
     finally:
-        if board:
+        for board in boards:
             board.close()
 
-    results = {**info, **reported_figures(state["history"], KEPT_MODEL[params["protocol"]]),
-               **({"active_fraction_per_task": state["best"]["active_fraction_per_task"]}
-                  if "active_fraction_per_task" in state["best"] else {}),
-               "wall_time_s": round(state["wall_time_s"], 2), "params": params}
-    distributed.on_main(write, files.write_json, results, out / "results.json")
-    at_val = "none at a best-validation epoch (protocol authors: no validation split)"
-    if results["best_epoch"] is not None:
-        at_val = f"at the best-validation epoch {results['best_epoch']}: {results['test_acc_mean']:.2f}"
-    log(f"test accuracy {at_val}; at the best test epoch {results['best_test_epoch']} (optimistic): "
-        f"{results['test_acc_mean_best_test']:.2f}; at the last epoch: {results['test_acc_mean_last']:.2f}; "
-        f"best_model.pt: epoch {results['best_model_epoch']} ({results['best_model_selection']}); "
-        f"results in {out / 'results.json'}")
+    for r, (seed, out, state) in enumerate(zip(args.seeds, outs, states)):
+        results = {**info, "seed": seed, **reported_figures(state["history"], KEPT_MODEL[params["protocol"]]),
+                   **({"active_fraction_per_task": state["best"]["active_fraction_per_task"]}
+                      if "active_fraction_per_task" in state["best"] else {}),
+                   "wall_time_s": round(state["wall_time_s"], 2), "params": params}
+        distributed.on_main(write, files.write_json, results, out / "results.json")
+        at_val = "none at a best-validation epoch (protocol authors: no validation split)"
+        if results["best_epoch"] is not None:
+            at_val = f"at the best-validation epoch {results['best_epoch']}: {results['test_acc_mean']:.2f}"
+        log(f"{group.name(r)}test accuracy {at_val}; at the best test epoch {results['best_test_epoch']} "
+            f"(optimistic): {results['test_acc_mean_best_test']:.2f}; at the last epoch: "
+            f"{results['test_acc_mean_last']:.2f}; best_model.pt: epoch {results['best_model_epoch']} "
+            f"({results['best_model_selection']}); results in {out / 'results.json'}")
     return 0
 
 
-def train_one(epoch, epochs, trained, model, weighting, optimizer, data, params, args, out, state, stats, locations,
-              rows, pairs, num_tasks):
-    """Trains and evaluates epoch ``epoch`` (0-based), records it in ``state`` and writes the epoch's files."""
+def train_one(epoch, epochs, group, data, params, args, outs, states, stats, locations, rows, pairs, num_tasks):
+    """Trains and evaluates epoch ``epoch`` (0-based) of every run of ``group``, records it in its ``states`` entry
+    and writes its epoch's files. In a stacked group a run's epoch time is the group's."""
     start = time.perf_counter()
-    for group, base_lr in zip(optimizer.param_groups, base_learning_rates(params)):
-        group["lr"] = base_lr * lr_factor(params, epoch, epochs)
-    train_loss = train_epoch(trained, weighting, optimizer, data["train"], params, args.seed, epoch, out, state,
-                             stats, locations)
-    if weighting is not None:
-        weighting.after_epoch()
-    record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss}
+    for param_group, base_lr in zip(group.optimizer.param_groups, base_learning_rates(params)):
+        param_group["lr"] = base_lr * lr_factor(params, epoch, epochs)
+    train_losses = group.train_epoch(data["train"], params, epoch, outs, states, stats, locations)
+    if group.weighting is not None:
+        group.weighting.after_epoch()
     evaluated = (epoch + 1) % params["eval_every"] == 0 or epoch + 1 == epochs
-    if evaluated:
-        for split in ("val", "test"):
-            if split not in data:  # no val split under the authors' protocol
-                continue
-            accuracy, loss = evaluate(model, *data[split], num_tasks, rows, MEMORY_FORMATS[params["memory_format"]],
-                                      stats, pairs, with_loss=True)
-            record.update({f"{split}_acc_mean": float(accuracy.nanmean()), f"{split}_loss": loss,
-                           f"{split}_acc_per_task": accuracy.tolist()})
+    records, models = [], [group.replica_model(r) for r in range(len(outs))]
+    for model, train_loss in zip(models, train_losses):
+        record = {"epoch": epoch + 1, "lr": group.optimizer.param_groups[0]["lr"], "train_loss": train_loss}
+        if evaluated:
+            for split in ("val", "test"):
+                if split not in data:  # no val split under the authors' protocol
+                    continue
+                accuracy, loss = evaluate(model, *data[split], num_tasks, rows,
+                                          MEMORY_FORMATS[params["memory_format"]], stats, pairs, with_loss=True)
+                record.update({f"{split}_acc_mean": float(accuracy.nanmean()), f"{split}_loss": loss,
+                               f"{split}_acc_per_task": accuracy.tolist()})
+        records.append(record)
     seconds = time.perf_counter() - start
-    state["wall_time_s"] += seconds
-    record.update({"epoch_time_s": round(seconds, 3), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    if weighting is not None:
-        record["task_weights"] = weighting.weights().detach().cpu().tolist()
-    if router_parameters(model):
-        record["active_fraction_per_task"] = allocation_matrix(model).mean(dim=1).cpu().tolist()
-    state["history"].append(record)
     kept = SELECTIONS[KEPT_MODEL[params["protocol"]]]  # the accuracy that picks best_model.pt
-    best = evaluated and (state["best"] is None or record[kept] > state["best"][kept])
-    if best:
-        state["best"] = record
-    state["epoch"] = epoch + 1
-    distributed.on_main(save_epoch, out, model, weighting, optimizer, params, args, epochs, state, best)
-    scores = f"(evaluated every {params['eval_every']} epochs)"
-    if evaluated:
-        now = "  ".join(f"{split} {record[f'{split}_acc_mean']:.2f}" for split in ("val", "test") if split in data)
-        scores = f"{now}  (best {kept.split('_')[0]} {state['best'][kept]:.2f} at epoch {state['best']['epoch']})"
-    log(f"epoch {epoch + 1}/{epochs}  loss {train_loss:.4f}  {scores}  {seconds:.1f}s")
+    for r, (model, record, state, out) in enumerate(zip(models, records, states, outs)):
+        state["wall_time_s"] += seconds
+        record.update({"epoch_time_s": round(seconds, 3),
+                       "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        if group.weighting is not None:
+            record["task_weights"] = group.task_weights(r)
+        if router_parameters(model):
+            record["active_fraction_per_task"] = allocation_matrix(model).mean(dim=1).cpu().tolist()
+        state["history"].append(record)
+        best = evaluated and (state["best"] is None or record[kept] > state["best"][kept])
+        if best:
+            state["best"] = record
+        state["epoch"] = epoch + 1
+        distributed.on_main(save_epoch, out, group.replica_states(r), params, args, group.seeds[r], epochs, state,
+                            best)
+        scores = f"(evaluated every {params['eval_every']} epochs)"
+        if evaluated:
+            now = "  ".join(f"{split} {record[f'{split}_acc_mean']:.2f}" for split in ("val", "test") if split in data)
+            scores = f"{now}  (best {kept.split('_')[0]} {state['best'][kept]:.2f} at epoch {state['best']['epoch']})"
+        log(f"{group.name(r)}epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f}  {scores}  {seconds:.1f}s")
+
+
+# --stack_mode auto: 'loop' on CPU (benchmarks/bench_stacked.py: vmap's grouped convolutions are 1.1-2.9x slower
+# there), 'vmap' on CUDA (fewer kernel launches; measured by benchmarks/gpu_allocation.py)
+AUTO_STACK_MODES = {"cpu": "loop", "cuda": "vmap"}
+
+
+class Replicas:
+    """The runs that this process trains: one run (its model, weighting and optimiser as they are, DDP-wrapped
+    under torchrun), or R runs of one method that differ only in their seed, trained as one stacked model
+    (training/stacked.py; ``--seeds``) whose every replica can be read as its separate run."""
+
+    def __init__(self, runs, params, device, seeds, mode="auto"):
+        self.seeds, self.mode = seeds, None
+        if len(runs) == 1:
+            self.model, self.weighting, self.optimizer = runs[0]
+            self.trained = distributed.wrap(self.model, device)  # the forward whose backward averages over ranks
+            return
+        self.mode = mode if mode != "auto" else \
+            "loop" if params["dropout"] != "none" else AUTO_STACK_MODES.get(device.type, "loop")
+        self.model, self.weighting, self.optimizer = stacked.stack_runs(runs, params, self.mode)
+
+    def train_epoch(self, train, params, epoch, outs, states, stats, locations):
+        """One epoch of every run; their mean training losses."""
+        if self.mode is None:
+            return [train_epoch(self.trained, self.weighting, self.optimizer, train, params, self.seeds[0], epoch,
+                                outs[0], states[0], stats, locations)]
+        return train_stacked_epoch(self.model, self.weighting, self.optimizer, train, params, self.seeds, epoch,
+                                   outs, states, stats)
+
+    def replica_model(self, r):
+        return self.model if self.mode is None else self.model.replica_model(r)
+
+    def replica_states(self, r):
+        """Run r's (model, weighting, optimiser) state dicts, as its separate run holds them."""
+        if self.mode is None:
+            return (self.model.state_dict(), self.weighting.state_dict() if self.weighting else {},
+                    self.optimizer.state_dict())
+        return (self.model.replica_state_dict(r), self.weighting.replica_state_dict(r) if self.weighting else {},
+                stacked.replica_optimizer_state(self.optimizer, r))
+
+    def task_weights(self, r):
+        weights = self.weighting.weights().detach()
+        return (weights if self.mode is None else weights[r]).cpu().tolist()
+
+    def name(self, r):
+        """How a log line names run r: nothing for one run, its seed in a group."""
+        return "" if self.mode is None else f"seed {self.seeds[r]}: "
 
 
 # protocol -> the selection whose epoch best_model.pt keeps: the held-out validation split, or (the authors' released
@@ -193,14 +305,14 @@ def reported_figures(history, kept):
             "best_model_selection": kept, "best_model_epoch": {"best_val": val, "best_test": test}[kept]["epoch"]}
 
 
-def save_epoch(out, model, weighting, optimizer, params, args, epochs, state, best):
-    """The end-of-epoch files (rank 0): best_model.pt on a new best, checkpoint.pt, metrics.jsonl."""
+def save_epoch(out, replica, params, args, seed, epochs, state, best):
+    """The end-of-epoch files (rank 0) of the run in ``out`` from its (model, weighting, optimiser) state dicts
+    ``replica``: best_model.pt on a new best, checkpoint.pt, metrics.jsonl."""
+    model, weighting, optimizer = replica
     if best:
-        write(checkpoint.save, {"epoch": state["epoch"], "model": model.state_dict(), "params": params},
-              out / "best_model.pt")
-    write(checkpoint.save, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "weighting": weighting.state_dict() if weighting else {}, "params": params,
-                            "seed": args.seed, "epochs": epochs, "subset": args.subset, **state}, out / "checkpoint.pt")
+        write(checkpoint.save, {"epoch": state["epoch"], "model": model, "params": params}, out / "best_model.pt")
+    write(checkpoint.save, {"model": model, "optimizer": optimizer, "weighting": weighting, "params": params,
+                            "seed": seed, "epochs": epochs, "subset": args.subset, **state}, out / "checkpoint.pt")
     write(files.write_text, "".join(json.dumps(r) + "\n" for r in state["history"]), out / "metrics.jsonl")
 
 
@@ -283,6 +395,63 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
     if int(first_bad) >= 0:
         report_nonfinite(int(first_bad), epoch, params, order, tasks, batch_size, out, state, bad_losses)
     return float(loss_sum) / len(steps)
+
+
+def train_stacked_epoch(model, weighting, optimizer, train, params, seeds, epoch, outs, states, stats=MNIST_STATS):
+    """``train_epoch`` of the R runs ``seeds`` stacked in ``model`` (training/stacked.py), in one pass over stacked
+    batches [R, B, ...]: run r's order, task draws and model noise are those of its separate run (the Gumbel
+    samples and dropout masks from a generator per replica seeded with ``epoch_seed(seeds[r], epoch)``).
+    ``weighting``: None (single-branch models) or a ``weighting.batched`` weighting. The step has static shapes and
+    no host synchronisation; the first non-finite loss of a run is reported after the epoch as ``train_epoch``
+    does. Returns every run's mean training loss."""
+    images, labels = train
+    device, n, batch_size, replicas = images.device, len(images), params["batch_size"], len(seeds)
+    memory_format, dtype = MEMORY_FORMATS[params["memory_format"]], model.stacked[0].dtype
+    generators = [epoch_generator(seed, epoch) for seed in seeds]
+    model.seed_noise([epoch_seed(seed, epoch) for seed in seeds])
+    orders = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)  # [R, N]
+    tasks = None
+    if weighting is None:
+        valid = (labels >= 0).cpu()
+        tasks = torch.stack([draw_tasks(valid, g) for g in generators]).to(device)  # [R, N]
+    model.train()
+    loss_sum = torch.zeros(replicas, device=device)
+    first_bad = torch.full((replicas,), -1, dtype=torch.int64, device=device)
+    bad_losses = None
+    steps = range(0, n, batch_size)
+    routing = params.get("router_options")
+    for step, begin in enumerate(steps):
+        batch = orders[:, begin:begin + batch_size]  # [R, B]
+        x = normalize(images[batch.flatten()], memory_format, stats).to(dtype).unflatten(0, batch.shape)
+        optimizer.zero_grad(set_to_none=True)
+        if routing:
+            update = (epoch * len(steps) + step) * labels.shape[1]
+            set_temperature(model.template, temperature_schedule(update, routing["temperature_init"],
+                                                                 routing["temperature_min"]))
+        if weighting is None:
+            t = tasks.gather(1, batch)
+            y = labels[batch, t].long()  # [R, B]
+            loss = vmap(losses.masked_cross_entropy)(model(x, t), y, vmap(loss_divisor)(y))
+            loss.sum().backward()
+            task_losses = loss.detach()[:, None]
+        else:
+            y = labels[batch].long()  # [R, B, T]
+            task_losses = weighting.backward(model, x, y, vmap(loss_divisor)(y))
+        if routing and routing["budget_penalty"] > 0:
+            stacked.add_budget_gradient(model, routing["budget"], routing["budget_penalty"])
+        optimizer.step()
+        if weighting is not None:
+            weighting.after_step()
+        step_loss = task_losses.mean(dim=1)
+        loss_sum += step_loss
+        newly_bad = (first_bad < 0) & ~torch.isfinite(step_loss)
+        first_bad = torch.where(newly_bad, step, first_bad)
+        bad_losses = task_losses if bad_losses is None else torch.where(newly_bad[:, None], task_losses, bad_losses)
+    for r, bad in enumerate(first_bad.tolist()):
+        if bad >= 0:
+            report_nonfinite(bad, epoch, params, orders[r], None if tasks is None else tasks[r], batch_size, outs[r],
+                             states[r], bad_losses[r])
+    return [float(total) / len(steps) for total in loss_sum.tolist()]
 
 
 def loss_divisor(labels):

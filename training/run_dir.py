@@ -21,9 +21,10 @@ def log(message):
                 handle.write(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {message}\n")
 
 
-def open_log(out):
-    """From now on ``log`` also appends to ``out``/train.log (a resumed run appends to the same file)."""
-    LOG_FILES[:] = [out / "train.log"]
+def open_log(*outs):
+    """From now on ``log`` also appends to the train.log of every run dir ``outs`` (a resumed run appends to the same
+    file)."""
+    LOG_FILES[:] = [out / "train.log" for out in outs]
 
 
 def close_log():

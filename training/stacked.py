@@ -16,8 +16,8 @@ sync (one shared step count), see ``torch.optim.Adam``. Every replica's model, o
 read and written in the format of a separate run (``replica_state_dict``, ``replica_optimizer_state``), so a
 replica writes the files that its separate run would and can resume from them.
 
-The step has static shapes and no host synchronisation: per-replica index gathers, noise drawn on the device from
-per-replica generators, losses and the first non-finite step kept as device tensors.
+The stacked training step is ``training.loop.train_stacked_epoch``; ``--seeds`` of the training script trains a
+group of seeds so.
 """
 import contextlib
 import copy
@@ -27,13 +27,11 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, vmap
 
-import losses
-from models.gumbel_matrix import GumbelMatrixRouter, budget_penalty, router_parameters, set_temperature, \
-    temperature_schedule
+from models.gumbel_matrix import GumbelMatrixRouter, budget_penalty, router_parameters
 from models.lenet import SenerKoltunDropout
+from training.data import MEMORY_FORMATS
+from training.optim import base_learning_rates, make_optimizer
 from weighting.batched import stack_weightings
-from train_multi_task_counter_stream import MEMORY_FORMATS, MNIST_STATS, base_learning_rates, draw_tasks, \
-    epoch_generator, epoch_seed, loss_divisor, make_optimizer, normalize
 
 MODES = ("loop", "vmap")
 
@@ -275,53 +273,6 @@ def load_replica_optimizer_state(optimizer, r, saved):
                                  f"vs {mine[key]}); stacked replicas step in sync")
             else:
                 mine[key] = value.clone() if torch.is_tensor(value) else value
-
-
-def train_epoch(stacked, weighting, optimizer, train, params, seeds, epoch, stats=MNIST_STATS):
-    """One epoch of the R runs ``seeds`` (the training script's ``train_epoch`` per replica, in one pass over
-    stacked batches): replica r's order, task draws and model noise are those of its separate run. ``weighting``:
-    None (single-branch models) or a ``weighting.batched`` weighting. Returns the mean training loss per replica
-    [R] and the first step with a non-finite loss per replica [R] (-1: none), device tensors (no host sync)."""
-    images, labels = train
-    device, n, batch_size, replicas = images.device, len(images), params["batch_size"], len(seeds)
-    memory_format, dtype = MEMORY_FORMATS[params["memory_format"]], stacked.stacked[0].dtype
-    generators = [epoch_generator(seed, epoch) for seed in seeds]
-    stacked.seed_noise([epoch_seed(seed, epoch) for seed in seeds])
-    orders = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)  # [R, N]
-    if weighting is None:
-        valid = (labels >= 0).cpu()
-        tasks = torch.stack([draw_tasks(valid, g) for g in generators]).to(device)  # [R, N]
-    stacked.train()
-    loss_sum = torch.zeros(replicas, device=device)
-    first_bad = torch.full((replicas,), -1, dtype=torch.int64, device=device)
-    steps = range(0, n, batch_size)
-    routing = params.get("router_options")
-    for step, begin in enumerate(steps):
-        batch = orders[:, begin:begin + batch_size]  # [R, B]
-        x = normalize(images[batch.flatten()], memory_format, stats).to(dtype).unflatten(0, batch.shape)
-        optimizer.zero_grad(set_to_none=True)
-        if routing:
-            update = (epoch * len(steps) + step) * labels.shape[1]
-            set_temperature(stacked.template, temperature_schedule(update, routing["temperature_init"],
-                                                                   routing["temperature_min"]))
-        if weighting is None:
-            t = tasks.gather(1, batch)
-            y = labels[batch, t].long()  # [R, B]
-            loss = vmap(losses.masked_cross_entropy)(stacked(x, t), y, vmap(loss_divisor)(y))
-            loss.sum().backward()
-            task_losses = loss.detach()[:, None]
-        else:
-            y = labels[batch].long()  # [R, B, T]
-            task_losses = weighting.backward(stacked, x, y, vmap(loss_divisor)(y))
-        if routing and routing["budget_penalty"] > 0:
-            add_budget_gradient(stacked, routing["budget"], routing["budget_penalty"])
-        optimizer.step()
-        if weighting is not None:
-            weighting.after_step()
-        step_loss = task_losses.mean(dim=1)
-        loss_sum += step_loss
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_loss), step, first_bad)
-    return loss_sum / len(steps), first_bad
 
 
 def add_budget_gradient(stacked, budget, penalty):

@@ -25,6 +25,7 @@ from .min_norm_solvers import gradient_normalizers
 from .sum import Sum
 from .uniform import Uniform
 
+STACKED_WEIGHTINGS = ("sum", "uniform", "kendall", "gradnorm", "mgda")  # the names of the ``BATCHED`` forms
 MAX_MGDA_TASKS = 12  # the solver enumerates the 2^T - 1 faces of the simplex (4,095 at 12 tasks)
 MIN_NORM_TOLERANCE = 1e-6  # max |alpha - alpha_ref| on float64 problems with a unique minimiser (tests)
 _FEASIBLE = -1e-9  # a face's alpha counts as >= 0 down to this
@@ -53,6 +54,9 @@ class BatchedWeighting(nn.Module):
 
     def after_step(self):
         """Called after the optimiser step (default: nothing)."""
+
+    def after_epoch(self):
+        """Called after each training epoch (nothing for the paper's weightings)."""
 
     def weights(self):
         """Task weights [R, T], for logging."""
