@@ -1,9 +1,10 @@
 """The prepared command for a short GPU allocation (issue 19, item 6): measure every stacked Table 2 group on this
-device and project the time of the full protocol.
+device, project the time of the full protocol, then train as many groups as fit in the rest of ``--budget_s``.
 
     python benchmarks/gpu_allocation.py --device cuda                       # the full Table 2 grid, batch 512
     OMP_NUM_THREADS=1 python benchmarks/gpu_allocation.py --device cpu --methods controlnet,mgda \\
-        --settings 2digits --batch_size 64 --probe_steps 1 --eval_images 64  # a tiny check of the command on CPU
+        --settings 2digits --batch_size 64 --probe_steps 1 --eval_images 64 --epochs 2 --subset 256 \\
+        --runs_dir /tmp/alloc --budget_s 120                                # a tiny check of the command on CPU
 
 A group is one cell of Table 2 (a method on a setting) with its ``--replicas`` seeds stacked (training/stacked.py).
 For each group and stacking mode (``loop``, ``vmap``) the command trains one warm-up epoch and one timed epoch of
@@ -11,12 +12,18 @@ For each group and stacking mode (``loop``, ``vmap``) the command trains one war
 ``--eval_images`` images (the training script's ``evaluate``, all tasks of an image at once). The projection of a
 group is ``epochs x (steps per epoch x ms/step of its faster mode + 2 x val/test images / eval_images x eval
 time)`` with the protocol's 50,000 training, 10,000 validation and 10,000 test images; the total is the sum over
-the groups run one after the other. Figures (device, per-group ms/step of each mode, the chosen mode, projected
-seconds) go to benchmarks/results/gpu_allocation-<device>.json when the code is a clean commit.
+the groups run one after the other. Then the groups train, quickest first, each as one process of the training
+script (``--seeds``, its faster mode) into <runs_dir>/<setting>/<method>/seed<k>, resumed where an earlier
+allocation stopped; when the budget runs out the running group gets Ctrl-C (its last finished epoch is kept).
+Figures (device, per-group ms/step of each mode, the chosen mode, projected seconds, the cells finished) go to
+benchmarks/results/gpu_allocation-<device>.json when the code is a clean commit.
 """
 import argparse
+import json
 import math
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,6 +57,10 @@ def parse_args(argv):
     parser.add_argument("--batch_size", type=int, default=512, help="training batch (default 512, the paper's)")
     parser.add_argument("--probe_steps", type=int, default=10, help="timed training steps per group and mode")
     parser.add_argument("--eval_images", type=int, default=2048, help="images of the timed evaluation")
+    parser.add_argument("--runs_dir", default=str(REPO / "runs" / "table2_stacked"), help="where the groups train")
+    parser.add_argument("--budget_s", type=float, default=540.0, help="seconds for the whole command, measurement "
+                        "included (default 540: a 10-minute allocation less a margin); 0 = measure only")
+    parser.add_argument("--subset", type=int, help="train on N images (the check on CPU)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods.split(",")) - set(TABLE2)) + sorted(set(args.settings.split(",")) - set(SETTINGS))
     if unknown or min(args.replicas, args.epochs, args.batch_size, args.probe_steps, args.eval_images) < 1:
@@ -95,6 +106,55 @@ def measure_group(method, setting, args, device):
             "projected_s": round(projected, 1)}
 
 
+def train_groups(groups, args, device, started):
+    """Trains the groups, quickest projection first, while ``--budget_s`` lasts; {cell: finished, interrupted at
+    epoch k, failed (exit code) or not started}."""
+    status = {}
+    for cell in sorted(groups, key=lambda cell: groups[cell]["projected_s"]):
+        setting, method = cell.split("/")
+        out = Path(args.runs_dir) / setting / method
+        seeds = range(args.replicas)
+        if all(finished(out / f"seed{seed}", args) for seed in seeds):
+            status[cell] = "finished"
+            continue
+        left = args.budget_s - (time.perf_counter() - started)
+        if left < 10:
+            status[cell] = "not started"
+            continue
+        command = [sys.executable, str(REPO / "train_multi_task_counter_stream.py"), "--param_file",
+                   str(REPO / "params" / f"mmnist_{setting}_{method}.json"), "--seeds", ",".join(map(str, seeds)),
+                   "--epochs", str(args.epochs), "--out", str(out), "--device", str(device),
+                   "--stack_mode", groups[cell]["mode"]]
+        command += ["--subset", str(args.subset)] if args.subset else []
+        command += ["--resume"] if any((out / f"seed{seed}" / "checkpoint.pt").exists() for seed in seeds) else []
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = process.communicate(timeout=left)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGINT)  # Ctrl-C: stops after the files of the last finished epoch
+            _, err = process.communicate()
+        epochs = [epochs_done(out / f"seed{seed}") for seed in seeds]
+        status[cell] = "finished" if process.returncode == 0 else \
+            f"interrupted at epoch {min(epochs)}" if process.returncode == 130 else \
+            f"failed (exit {process.returncode}): {err.strip().splitlines()[-1] if err.strip() else ''}"
+        print(f"{cell}: {status[cell]}", flush=True)
+    return status
+
+
+def finished(run_dir, args):
+    """A run of this protocol with its results.json."""
+    path = run_dir / "results.json"
+    if not path.exists():
+        return False
+    results = json.loads(path.read_text())
+    return results["epochs"] == args.epochs and results["subset"] == args.subset
+
+
+def epochs_done(run_dir):
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = cli.resolve_device(args.device)
@@ -117,6 +177,9 @@ def main(argv=None):
                "runs_projected": len(groups) * args.replicas, "measurement_s": round(time.perf_counter() - started, 1)}
     print(f"projected: {total / 60:.1f} min for {results['runs_projected']} runs of {args.epochs} epochs, groups one "
           f"after the other ({results['measurement_s']}s of measurement)")
+    results["trained"] = train_groups(groups, args, device, started)
+    results["cells_finished"] = sorted(cell for cell, status in results["trained"].items() if status == "finished")
+    print(f"{len(results['cells_finished'])} of {len(groups)} cells finished in {args.runs_dir}")
     tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-")
     out = REPO / "benchmarks" / "results" / f"gpu_allocation-{tag}.json"
     if commit.endswith("-dirty") or commit == "unknown":
