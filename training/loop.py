@@ -12,15 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.func import vmap
 from tqdm import tqdm
 
 from loaders import LOADERS, NUM_TASKS
 import losses
 from metrics import SELECTIONS, select_record
 from models import LOCATION_HEAD_MODELS, TD_MAP_MODELS, build_model, count_parameters, unit_counts
-from models.gumbel_matrix import (
-    add_budget_gradient, allocation_matrix, router_parameters, set_temperature, temperature_schedule)
+from models.gumbel_matrix import allocation_matrix, router_parameters, temperature_schedule
 from runtime import distributed, files
 from runtime.files import REPO
 from training import checkpoint, config, run_lock, stacked, tensorboard_log
@@ -115,7 +113,8 @@ def train(args, params, epochs, device, outs, summary_writer=None):
     saved = [distributed.on_main(read_checkpoint, out / "checkpoint.pt", params,
                                  argparse.Namespace(**{**vars(args), "seed": seed}), epochs) if args.resume else None
              for seed, out in zip(args.seeds, outs)]
-    finished = [s is not None and s["epoch"] >= epochs and (out / "results.json").exists() for s, out in zip(saved, outs)]
+    finished = [s is not None and s["epoch"] >= epochs and (out / "results.json").exists()
+                for s, out in zip(saved, outs)]
     if all(finished):
         for s, out in zip(saved, outs):
             log(f"{out} holds a finished run ({s['epoch']} of {epochs} epochs); nothing to do, nothing changed")
@@ -242,27 +241,27 @@ AUTO_STACK_MODES = {"cpu": "loop", "cuda": "vmap"}
 
 
 class Replicas:
-    """The runs that this process trains: one run (its model, weighting and optimiser as they are, DDP-wrapped
-    under torchrun), or R runs of one method that differ only in their seed, trained as one stacked model
-    (training/stacked.py; ``--seeds``) whose every replica can be read as its separate run."""
+    """The runs that this process trains, all with ``train_stacked_epoch``: one run (its model, weighting and
+    optimiser as they are, DDP-wrapped under torchrun; a stack of one), or R runs of one method that differ only in
+    their seed, trained as one stacked model (training/stacked.py; ``--seeds``) whose every replica can be read as
+    its separate run."""
 
     def __init__(self, runs, params, device, seeds, mode="auto"):
         self.seeds, self.mode = seeds, None
         if len(runs) == 1:
             self.model, self.weighting, self.optimizer = runs[0]
-            self.trained = distributed.wrap(self.model, device)  # the forward whose backward averages over ranks
+            self.stack = stacked.OneRun(distributed.wrap(self.model, device))  # DDP's forward averages the gradients
+            self.step_weighting = None if self.weighting is None else stacked.OneWeighting(self.weighting)
             return
         self.mode = mode if mode != "auto" else \
             "loop" if params["dropout"] != "none" else AUTO_STACK_MODES.get(device.type, "loop")
         self.model, self.weighting, self.optimizer = stacked.stack_runs(runs, params, self.mode)
+        self.stack, self.step_weighting = self.model, self.weighting
 
     def train_epoch(self, train, params, epoch, outs, states, stats, locations):
-        """One epoch of every run; their mean training losses."""
-        if self.mode is None:
-            return [train_epoch(self.trained, self.weighting, self.optimizer, train, params, self.seeds[0], epoch,
-                                outs[0], states[0], stats, locations)]
-        return train_stacked_epoch(self.model, self.weighting, self.optimizer, train, params, self.seeds, epoch,
-                                   outs, states, stats)
+        """One epoch of every run (``train_stacked_epoch``); their mean training losses."""
+        return train_stacked_epoch(self.stack, self.step_weighting, self.optimizer, train, params, self.seeds, epoch,
+                                   outs, states, stats, locations)
 
     def replica_model(self, r):
         return self.model if self.mode is None else self.model.replica_model(r)
@@ -334,81 +333,29 @@ def draw_tasks(valid, generator):
 
 def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, state, stats=MNIST_STATS,
                 locations=None):
-    """One epoch; ``model`` is the DDP wrapper in a distributed run, where each rank trains on its part of every
-    global batch and the logged losses are averaged over the ranks: the global batch's, as in one process.
-    ``locations`` (float [N, T, 2]) adds the localisation loss ('loc', ``losses.location_loss``), weighted by
-    ``spatial_loss_weight``: on ControlNet's TD map, or on a baseline's location head."""
-    images, labels = train
-    device, n, batch_size = images.device, len(images), params["batch_size"]
-    memory_format = MEMORY_FORMATS[params["memory_format"]]
-    generator = epoch_generator(seed, epoch)
-    torch.manual_seed(epoch_seed(seed, epoch))  # the model's own draws (Gumbel samples): also a function of (seed, epoch)
-    order = torch.randperm(n, generator=generator)
-    tasks = draw_tasks((labels >= 0).cpu(), generator).to(device) if weighting is None else None
-    order = order.to(device)
-    model.train()
-    loss_sum = torch.zeros((), device=device)
-    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-    bad_losses = None
-    steps = range(0, n, batch_size)
-    routed, routing = distributed.unwrap(model), params.get("router_options")
-    progress = tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, unit="batch",
-                    disable=not (distributed.is_main() and sys.stderr.isatty()))  # no bar frames in a log file
-    for step, begin in enumerate(progress):
-        batch = order[begin:begin + batch_size]  # the global batch, the same for any number of processes
-        index = distributed.shard(batch)  # this rank's part of it
-        x = normalize(images[index], memory_format, stats)
-        optimizer.zero_grad(set_to_none=True)
-        if routing:  # Gumbel-softmax temperature, counted in task-updates as Maziarz et al.'s mnist_train.py
-            update = (epoch * len(steps) + step) * labels.shape[1]
-            set_temperature(routed, temperature_schedule(update, routing["temperature_init"], routing["temperature_min"]))
-        if weighting is None:
-            t = tasks[index]
-            divisor = loss_divisor(labels[batch, tasks[batch]])
-            if locations is None:
-                loss = losses.masked_cross_entropy(model(x, t), labels[index, t].long(), divisor)
-            else:
-                logits, where = model(x, t, **{LOCATION_OUTPUT[params["model"]]: True})
-                targets = losses.LocationTargets(locations[index, t], locations[batch, tasks[batch]], x.shape[-1],
-                                                 params["spatial_loss_weight"], distributed.world_size())
-                loss = losses.masked_cross_entropy(logits, labels[index, t].long(), divisor) + targets.loss(where)
-            loss.backward()
-            task_losses = loss.detach()
-        else:
-            located = {}  # the 'loc' targets, passed only with 'loc' (the weightings that take them: base.Weighting)
-            if locations is not None:
-                located["locations"] = losses.LocationTargets(locations[index], locations[batch], x.shape[-1],
-                                                              params["spatial_loss_weight"], distributed.world_size())
-            task_losses = weighting.backward(model, x, labels[index].long(), loss_divisor(labels[batch]), **located)
-            distributed.average_gradients(weighting.parameters())
-        if routing and routing["budget_penalty"] > 0:
-            add_budget_gradient(routed, routing["budget"], routing["budget_penalty"])
-        task_losses = distributed.mean(task_losses)
-        optimizer.step()
-        if weighting is not None:
-            weighting.after_step()
-        step_loss = task_losses.mean()
-        loss_sum += step_loss
-        newly_bad = (first_bad < 0) & ~torch.isfinite(step_loss)
-        first_bad = torch.where(newly_bad, step, first_bad)
-        bad_losses = task_losses if bad_losses is None else torch.where(newly_bad, task_losses, bad_losses)
-    if int(first_bad) >= 0:
-        report_nonfinite(int(first_bad), epoch, params, order, tasks, batch_size, out, state, bad_losses)
-    return float(loss_sum) / len(steps)
+    """One epoch of one run: ``train_stacked_epoch`` of the run as a stack of one (``stacked.OneRun``). ``model`` is
+    the DDP wrapper in a distributed run. Returns the run's mean training loss."""
+    one_weighting = None if weighting is None else stacked.OneWeighting(weighting)
+    return train_stacked_epoch(stacked.OneRun(model), one_weighting, optimizer, train, params, [seed], epoch, [out],
+                               [state], stats, locations)[0]
 
 
-def train_stacked_epoch(model, weighting, optimizer, train, params, seeds, epoch, outs, states, stats=MNIST_STATS):
-    """``train_epoch`` of the R runs ``seeds`` stacked in ``model`` (training/stacked.py), in one pass over stacked
-    batches [R, B, ...]: run r's order, task draws and model noise are those of its separate run (the Gumbel
-    samples and dropout masks from a generator per replica seeded with ``epoch_seed(seeds[r], epoch)``).
-    ``weighting``: None (single-branch models) or a ``weighting.batched`` weighting. The step has static shapes and
-    no host synchronisation; the first non-finite loss of a run is reported after the epoch as ``train_epoch``
-    does. Returns every run's mean training loss."""
+def train_stacked_epoch(model, weighting, optimizer, train, params, seeds, epoch, outs, states, stats=MNIST_STATS,
+                        locations=None):
+    """One epoch of the runs ``seeds``: ``model`` is a stack of R runs (``stacked.StackedModel``, ``weighting`` a
+    ``weighting.batched`` one) or one run (``stacked.OneRun``, R = 1), the same step either way. Run r's data order,
+    task draws and model noise depend only on (seeds[r], epoch), so resuming is exact and a stacked run is its
+    separate run. Inputs carry the replica dimension first ([R, B, ...]). In a distributed run (one run) each rank
+    trains on its part of every global batch and the logged losses are averaged over the ranks: the global batch's,
+    as in one process. ``locations`` (float [N, T, 2], one run) adds the localisation loss ('loc',
+    ``losses.location_loss``), weighted by ``spatial_loss_weight``: on ControlNet's TD map, or on a baseline's
+    location head. The step has static shapes and no host synchronisation; the first non-finite loss of a run is
+    reported after the epoch. Returns every run's mean training loss."""
     images, labels = train
     device, n, batch_size, replicas = images.device, len(images), params["batch_size"], len(seeds)
-    memory_format, dtype = MEMORY_FORMATS[params["memory_format"]], model.stacked[0].dtype
+    memory_format = MEMORY_FORMATS[params["memory_format"]]
     generators = [epoch_generator(seed, epoch) for seed in seeds]
-    model.seed_noise([epoch_seed(seed, epoch) for seed in seeds])
+    model.seed_noise([epoch_seed(seed, epoch) for seed in seeds])  # the model's own draws (Gumbel samples, dropout)
     orders = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)  # [R, N]
     tasks = None
     if weighting is None:
@@ -420,25 +367,42 @@ def train_stacked_epoch(model, weighting, optimizer, train, params, seeds, epoch
     bad_losses = None
     steps = range(0, n, batch_size)
     routing = params.get("router_options")
-    for step, begin in enumerate(steps):
-        batch = orders[:, begin:begin + batch_size]  # [R, B]
-        x = normalize(images[batch.flatten()], memory_format, stats).to(dtype).unflatten(0, batch.shape)
+    progress = tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, unit="batch",
+                    disable=not (distributed.is_main() and sys.stderr.isatty()))  # no bar frames in a log file
+    for step, begin in enumerate(progress):
+        batch = orders[:, begin:begin + batch_size]  # the global batches [R, B], the same for any number of processes
+        index = torch.stack([distributed.shard(run_batch) for run_batch in batch])  # this rank's part of them
+        x = normalize(images[index.flatten()], memory_format, stats).to(model.dtype).unflatten(0, index.shape)
         optimizer.zero_grad(set_to_none=True)
-        if routing:
+        if routing:  # Gumbel-softmax temperature, counted in task-updates as Maziarz et al.'s mnist_train.py
             update = (epoch * len(steps) + step) * labels.shape[1]
-            set_temperature(model.template, temperature_schedule(update, routing["temperature_init"],
-                                                                 routing["temperature_min"]))
+            model.set_temperature(temperature_schedule(update, routing["temperature_init"], routing["temperature_min"]))
         if weighting is None:
-            t = tasks.gather(1, batch)
-            y = labels[batch, t].long()  # [R, B]
-            loss = vmap(losses.masked_cross_entropy)(model(x, t), y, vmap(loss_divisor)(y))
+            t = tasks.gather(1, index)
+            divisors = [loss_divisor(labels[b, run_tasks[b]]) for b, run_tasks in zip(batch, tasks)]
+            if locations is None:
+                loss = torch.stack([losses.masked_cross_entropy(logits, labels[i, tt].long(), divisor)
+                                    for logits, i, tt, divisor in zip(model(x, t), index, t, divisors)])
+            else:
+                logits, where = model(x, t, **{LOCATION_OUTPUT[params["model"]]: True})
+                loss = torch.stack([
+                    losses.masked_cross_entropy(run_logits, labels[i, tt].long(), divisor) + losses.LocationTargets(
+                        locations[i, tt], locations[b, run_tasks[b]], x.shape[-1], params["spatial_loss_weight"],
+                        distributed.world_size()).loss(run_where)
+                    for run_logits, run_where, i, tt, b, run_tasks, divisor in
+                    zip(logits, where, index, t, batch, tasks, divisors)])
             loss.sum().backward()
             task_losses = loss.detach()[:, None]
         else:
-            y = labels[batch].long()  # [R, B, T]
-            task_losses = weighting.backward(model, x, y, vmap(loss_divisor)(y))
+            located = {} if locations is None else {"locations": [losses.LocationTargets(
+                locations[i], locations[b], x.shape[-1], params["spatial_loss_weight"], distributed.world_size())
+                for i, b in zip(index, batch)]}
+            divisors = torch.stack([loss_divisor(labels[run_batch]) for run_batch in batch])
+            task_losses = weighting.backward(model, x, labels[index].long(), divisors, **located)
+            distributed.average_gradients(weighting.parameters())
         if routing and routing["budget_penalty"] > 0:
-            stacked.add_budget_gradient(model, routing["budget"], routing["budget_penalty"])
+            model.add_budget_gradient(routing["budget"], routing["budget_penalty"])
+        task_losses = distributed.mean(task_losses)
         optimizer.step()
         if weighting is not None:
             weighting.after_step()

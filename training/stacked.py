@@ -16,8 +16,8 @@ sync (one shared step count), see ``torch.optim.Adam``. Every replica's model, o
 read and written in the format of a separate run (``replica_state_dict``, ``replica_optimizer_state``), so a
 replica writes the files that its separate run would and can resume from them.
 
-The stacked training step is ``training.loop.train_stacked_epoch``; ``--seeds`` of the training script trains a
-group of seeds so.
+The training step is ``training.loop.train_stacked_epoch``, the same for a stacked group and for one run (``OneRun``:
+a stack of one); ``--seeds`` of the training script trains a group of seeds.
 """
 import contextlib
 import copy
@@ -27,8 +27,10 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, vmap
 
-from models.gumbel_matrix import GumbelMatrixRouter, budget_penalty, router_parameters
+from models.gumbel_matrix import GumbelMatrixRouter, add_budget_gradient, budget_penalty, router_parameters, \
+    set_temperature
 from models.lenet import SenerKoltunDropout
+from runtime import distributed
 from training.data import MEMORY_FORMATS
 from training.optim import base_learning_rates, make_optimizer
 from weighting.batched import stack_weightings
@@ -186,6 +188,22 @@ class StackedModel(nn.Module):
         zero = torch.zeros(self.num_replicas, device=self.stacked[0].device)
         return self.call(lambda model, _: budget_penalty(model, budget, penalty).mean(), zero, draws=False)
 
+    @property
+    def dtype(self):
+        return self.stacked[0].dtype
+
+    def set_temperature(self, temperature):
+        """The Gumbel-softmax temperature of every replica (they train in step)."""
+        set_temperature(self.template, temperature)
+
+    def add_budget_gradient(self, budget, penalty):
+        """``models.gumbel_matrix.add_budget_gradient`` for every replica: the gradient of its budget penalty added
+        to its allocation logits' ``.grad``."""
+        logits = [self.parameter(self._name_of(p)) for p in router_parameters(self.template)]
+        values = self.budget_penalty(budget, penalty)
+        for parameter, grad in zip(logits, torch.autograd.grad(values.sum(), logits)):
+            parameter.grad = grad if parameter.grad is None else parameter.grad + grad
+
     def replica_state_dict(self, r):
         """Replica r's ``state_dict()``: the same keys and values as its separate run's model."""
         tensors = self.tensors()
@@ -275,11 +293,45 @@ def load_replica_optimizer_state(optimizer, r, saved):
                 mine[key] = value.clone() if torch.is_tensor(value) else value
 
 
-def add_budget_gradient(stacked, budget, penalty):
-    """``models.gumbel_matrix.add_budget_gradient`` for every replica: the gradient of its budget penalty added to
-    its allocation logits' ``.grad``; returns the penalties [R]."""
-    logits = [stacked.parameter(stacked._name_of(p)) for p in router_parameters(stacked.template)]
-    values = stacked.budget_penalty(budget, penalty)
-    for parameter, grad in zip(logits, torch.autograd.grad(values.sum(), logits)):
-        parameter.grad = grad if parameter.grad is None else parameter.grad + grad
-    return values.detach()
+class OneRun:
+    """One run seen as a stack of one (R = 1), so that a single run takes the very training step of a stacked group
+    (``training.loop.train_stacked_epoch``): the run's own model (``trained``: its DDP wrapper under torchrun), torch's
+    global generator for the model's noise (seeded per epoch, as a run always did), inputs and outputs with a leading
+    replica dimension of 1."""
+
+    def __init__(self, trained):
+        self.trained, self.model = trained, distributed.unwrap(trained)
+        self.dtype = next(self.model.parameters()).dtype
+
+    def __call__(self, images, *args, **kwargs):
+        out = self.trained(images[0], *(arg[0] for arg in args), **kwargs)
+        return tuple(part[None] for part in out) if isinstance(out, tuple) else out[None]
+
+    def train(self):
+        self.trained.train()
+
+    def seed_noise(self, seeds):
+        torch.manual_seed(seeds[0])
+
+    def set_temperature(self, temperature):
+        set_temperature(self.model, temperature)
+
+    def add_budget_gradient(self, budget, penalty):
+        add_budget_gradient(self.model, budget, penalty)
+
+
+class OneWeighting:
+    """A run's own weighting seen as the batched weighting of a stack of one (``OneRun``)."""
+
+    def __init__(self, weighting):
+        self.weighting = weighting
+
+    def backward(self, stack, images, labels, num_valid, locations=None):
+        located = {} if locations is None else {"locations": locations[0]}
+        return self.weighting.backward(stack.trained, images[0], labels[0], num_valid[0], **located)[None]
+
+    def after_step(self):
+        self.weighting.after_step()
+
+    def parameters(self):
+        return self.weighting.parameters()
