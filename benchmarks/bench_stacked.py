@@ -4,14 +4,15 @@
     python benchmarks/bench_stacked.py --device cuda                   # batch 512 (the paper's), on a GPU
 
 For every Table 2 method (params/mmnist_<setting>_<method>.json) and both memory formats, R runs (seeds 0..R-1)
-are timed over the same training steps: separately (the training script's ``train_epoch``, one run after the
-other), stacked replica after replica (``loop``) and stacked under ``torch.func.vmap`` (``vmap``), and one run
-alone against a stack of one (R = 1: the overhead that decides whether a single run can be a stack of one). The data are random uint8 images
-with random digit labels (the speed of a step does not depend on them; by reference, half of the labels are
-undefined). Each path trains one warm-up epoch, then ``--epochs`` timed epochs of ``--steps`` steps, the paths
-taking turns; a figure is the fastest timed epoch's time per step, in ms, for all R runs together. Ratios are
-stacked / separate, within one run of this script (below 1: stacked is faster). The figures go to
-benchmarks/results/stacked-<device-tag>[-quick].json, and only when the code is a clean commit.
+are timed over the same training steps: separately (the training loop's ``train_epoch``, one run after the other),
+stacked replica after replica (``loop``) and stacked under ``torch.func.vmap`` (``vmap``); and one run against a
+``StackedModel`` of one replica (``separate_1``, ``loop_1``: the price of the stacking machinery itself; the loop
+trains a single run as ``OneRun``, its model as it is). The data are random uint8 images with random digit labels
+(the speed of a step does not depend on them; by reference, half of the labels are undefined). Each path trains one
+warm-up epoch, then ``--epochs`` timed epochs of ``--steps`` steps, the paths taking turns; a figure is the
+fastest timed epoch's time per step, in ms, for all R runs together. Ratios are stacked / separate, within one run
+of this script (below 1: stacked is faster). The figures go to benchmarks/results/stacked-<device-tag>[-quick].json,
+and only when the code is a clean commit.
 """
 import argparse
 import os
