@@ -33,17 +33,6 @@ def positive_float(text):
     return value
 
 
-def seed_group(text):
-    """'0,1,2,3,4' -> [0, 1, 2, 3, 4]: distinct seeds >= 0 (``--seeds``)."""
-    try:
-        seeds = [int(item) for item in text.split(",")]
-    except ValueError:
-        seeds = []
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"expected a comma list of distinct seeds >= 0 (0,1,2,3,4), got {text!r}")
-    return seeds
-
-
 def _int_at_least(text, low):
     try:
         value = int(text)
