@@ -151,9 +151,9 @@ def train(args, params, epochs, device, outs, summary_writer=None):
     if len(args.seeds) > 1:
         info["stacked"] = {"seeds": args.seeds, "mode": group.mode}
     processes = f" x {info['world_size']} processes" if distributed.is_distributed() else ""
-    stacked = f", {len(args.seeds)} seeds stacked ({group.mode})" if len(args.seeds) > 1 else ""
+    together = f", {len(args.seeds)} seeds stacked ({group.mode})" if len(args.seeds) > 1 else ""
     log(f"{params['exp_id']}: {params['method']} on {params['setting']}, {info['num_params']} params "
-        f"(x{info['params_x']:.3f}), {len(data['train'][0])} train images, {info['device']}{processes}{stacked}, "
+        f"(x{info['params_x']:.3f}), {len(data['train'][0])} train images, {info['device']}{processes}{together}, "
         f"out {outs[0] if len(outs) == 1 else outs[0].parent}")
     log(f"{epochs} epochs from epoch {states[0]['epoch'] + 1}, {params['optimizer']} lr {params['lr']:g}, "
         f"batch {params['batch_size']}, {describe_schedule(params, epochs)}, seed {', '.join(map(str, args.seeds))}"
