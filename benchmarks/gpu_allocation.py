@@ -16,7 +16,7 @@ the groups run one after the other. Then the groups train, quickest first, each 
 script (``--seeds``, its faster mode) into <runs_dir>/<setting>/<method>/seed<k>, resumed where an earlier
 allocation stopped; when the budget runs out the running group gets Ctrl-C (its last finished epoch is kept).
 Figures (device, per-group ms/step of each mode, the chosen mode, projected seconds, the cells finished) go to
-benchmarks/results/gpu_allocation-<device>.json when the code is a clean commit.
+benchmarks/results/gpu_allocation-<device>.json (or ``--out``) when the code is a clean commit.
 """
 import argparse
 import json
@@ -61,6 +61,7 @@ def parse_args(argv):
     parser.add_argument("--budget_s", type=float, default=540.0, help="seconds for the whole command, measurement "
                         "included (default 540: a 10-minute allocation less a margin); 0 = measure only")
     parser.add_argument("--subset", type=int, help="train on N images (the check on CPU)")
+    parser.add_argument("--out", help="the figures' file (default benchmarks/results/gpu_allocation-<device>.json)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods.split(",")) - set(TABLE2)) + sorted(set(args.settings.split(",")) - set(SETTINGS))
     if unknown or min(args.replicas, args.epochs, args.batch_size, args.probe_steps, args.eval_images) < 1:
@@ -181,7 +182,7 @@ def main(argv=None):
     results["cells_finished"] = sorted(cell for cell, status in results["trained"].items() if status == "finished")
     print(f"{len(results['cells_finished'])} of {len(groups)} cells finished in {args.runs_dir}")
     tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-")
-    out = REPO / "benchmarks" / "results" / f"gpu_allocation-{tag}.json"
+    out = Path(args.out or REPO / "benchmarks" / "results" / f"gpu_allocation-{tag}.json")
     if commit.endswith("-dirty") or commit == "unknown":
         print(f"not written to {out}: the code is not a clean commit ({commit})")
         return 0

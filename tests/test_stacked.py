@@ -1,22 +1,28 @@
 """Stacked runs (issue 19): R runs trained as one stacked model equal the R separate runs of the training loop
 (float64, every Table 2 method, by location and by reference, both stacking modes), resume, the batched
 min-norm solver against ``min_norm_solvers``, the training script's ``--seeds`` end to end (the files of separate
-runs, Ctrl-C and --resume), and the one-line errors."""
+runs, Ctrl-C and --resume), the one-line errors, and the GPU allocation command on a tiny CPU protocol."""
 import json
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import train_multi_task_counter_stream as train_script
 from models import build_model
+from run_files import metrics_without_timing
 from training import config, evaluate as evaluation, loop, stacked as stacking
+from training.checkpoint import load
 from training.data import MEMORY_FORMATS
 from training.optim import make_optimizer, parameter_groups
-from run_files import metrics_without_timing
-from training.checkpoint import load
 from weighting import WEIGHTINGS, build_weighting
 from weighting.batched import BATCHED, MIN_NORM_TOLERANCE, STACKED_WEIGHTINGS, batched_min_norm_element, \
     stack_weightings
 from weighting.min_norm_solvers import find_min_norm_element
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import gpu_allocation  # noqa: E402
 
 SEEDS = (0, 1, 2)
 TABLE2 = ("single_task", "uniform_scaling", "gradnorm", "kendall", "mgda", "task_routing", "ch_mod",
@@ -289,3 +295,20 @@ def test_bad_seed_groups_fail_with_one_line(args, message, tmp_path, capsys):
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and message in lines[0], captured.err
     assert not (tmp_path / "group").exists()
+
+
+def test_gpu_allocation_command_on_a_tiny_protocol(tmp_path, capsys):
+    """benchmarks/gpu_allocation.py on CPU: two groups measured in both modes, projected, trained to the end (their
+    seeds' results.json), then found finished by a second call without training again."""
+    args = ["--device", "cpu", "--methods", "uniform_scaling,controlnet", "--settings", "2digits", "--replicas", "2",
+            "--batch_size", "64", "--probe_steps", "1", "--eval_images", "64", "--epochs", "1", "--subset", "128",
+            "--runs_dir", str(tmp_path / "runs"), "--budget_s", "300", "--out", str(tmp_path / "figures.json")]
+    assert gpu_allocation.main(args) == 0
+    output = capsys.readouterr().out
+    assert "2 of 2 cells finished" in output and "projected:" in output
+    for method in ("uniform_scaling", "controlnet"):
+        for seed in (0, 1):
+            results = json.loads((tmp_path / "runs" / "2digits" / method / f"seed{seed}" / "results.json").read_text())
+            assert results["seed"] == seed and results["stacked"]["seeds"] == [0, 1]
+    assert gpu_allocation.main(args) == 0
+    assert "2digits/controlnet: " not in capsys.readouterr().out  # finished cells are not trained again
