@@ -9,8 +9,13 @@ Each cell trains params/mmnist_<setting>_<method>.json with train_multi_task_cou
 never redone; a cell with a checkpoint but no results is resumed; the others start fresh. Interrupt and rerun
 the same command to continue. A failing cell is reported (stderr tail in its stderr.txt) and the sweep goes on;
 the exit code is 1 if any cell failed (or holds a run of another protocol). Every invocation is logged in <runs_dir>/sweep.json; then
-experiments/table2.py writes <out_dir>/table2.{json,md}.
+experiments/table2.py writes <out_dir>/table2.{json,md}. With --stacked the seeds of a cell that start together (or
+resume from the same epoch) train in one process as one stacked model (the training script's --seeds,
+docs/stacked.md), with the same files; --shard K/N takes every N-th cell of the settings x methods grid from the
+K-th (a job array, N hosts).
 """
+import argparse
+import itertools
 import json
 import os
 import re
@@ -52,12 +57,45 @@ def parse_args(argv):
     parser.add_argument("--runs_dir", default="runs/table2", help="cells go to <runs_dir>/<setting>/<method>/seed<k>")
     parser.add_argument("--out_dir", default="runs/tables", help="where experiments/table2.py writes table2.{json,md} "
                         "(default runs/tables: a committed table is only replaced when its folder is named)")
+    parser.add_argument("--stacked", action="store_true", help="train the seeds of a cell in one process as one "
+                        "stacked model (--seeds; the methods whose weighting has a stacked form)")
+    parser.add_argument("--shard", type=shard, default=(1, 1), metavar="K/N",
+                        help="only the cells (a method on a setting, all its seeds) at places K, K+N, K+2N, ... of "
+                             "the settings x methods grid (default 1/1: all)")
     parser.add_argument("--no_table", action="store_true", help="only train, do not build the table")
     parser.add_argument("--dry_run", action="store_true", help="list the cells and their state, train nothing")
     args = parser.parse_args(argv)
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         parser.error(f"argument --device: unknown device {args.device!r}; valid choices: auto, cpu, cuda, cuda:N")
     return args
+
+
+def shard(text):
+    """'K/N' -> (K, N) with 1 <= K <= N."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise argparse.ArgumentTypeError(f"expected K/N with 1 <= K <= N (e.g. 2/4), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def jobs_of(todo, stacked):
+    """The training processes of the sweep, each a list of cells: one cell each, or with ``stacked`` the seeds of a
+    stackable method's cell that start together or resume from the same epoch (torch is imported only here)."""
+    if not stacked:
+        return [[cell] for cell in todo]
+    from training import checkpoint, config
+    from weighting.batched import STACKED_WEIGHTINGS
+    groups = {}
+    for cell in todo:
+        key = cell["name"]  # alone: a weighting without a stacked form, or a checkpoint the run will report
+        if config.METHODS[cell["method"]][1] in (None, *STACKED_WEIGHTINGS):
+            try:
+                epoch = checkpoint.load(cell["out"] / "checkpoint.pt")["epoch"] if cell["state"] == "resume" else 0
+                key = (cell["setting"], cell["method"], epoch)
+            except (checkpoint.CheckpointError, OSError, KeyError, TypeError):
+                pass
+        groups.setdefault(key, []).append(cell)
+    return list(groups.values())
 
 
 def device_type(name):
@@ -82,11 +120,17 @@ def cell_state(out, epochs, subset):
     return ("resume" if (out / "checkpoint.pt").exists() else "start"), None
 
 
-def run_cell(cell, args, env):
-    """Trains one cell in a subprocess; returns (cell, return code, stderr)."""
+def run_job(job, args, env):
+    """Trains the cells of one job in a subprocess (one seed, or with several a stacked group into their cell's
+    folder); returns (job, return code, stderr)."""
+    cell = job[0]
     param_file = REPO / "params" / f"mmnist_{cell['setting']}_{cell['method']}.json"
     command = [sys.executable, str(SCRIPT), "--param_file", str(param_file), "--epochs", str(args.epochs),
-               "--seed", str(cell["seed"]), "--out", str(cell["out"]), "--device", args.device]
+               "--device", args.device]
+    if len(job) == 1:
+        command += ["--seed", str(cell["seed"]), "--out", str(cell["out"])]
+    else:
+        command += ["--seeds", ",".join(str(c["seed"]) for c in job), "--out", str(cell["out"].parent)]
     if args.subset:
         command += ["--subset", str(args.subset)]
     for setting in args.set:
@@ -94,7 +138,7 @@ def run_cell(cell, args, env):
     if cell["state"] == "resume":
         command.append("--resume")
     proc = subprocess.run(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return cell, proc.returncode, proc.stderr
+    return job, proc.returncode, proc.stderr
 
 
 def report_failure(cell, returncode, stderr):
@@ -109,13 +153,15 @@ def main(argv=None):
     command = cli.command_line(__spec__.name, argv)
     runs_dir = Path(args.runs_dir).resolve()
     cells = []
-    for setting in args.settings:
-        for method in args.methods:
-            for seed in args.seeds:
-                out = runs_dir / setting / method / f"seed{seed}"
-                state, why = cell_state(out, args.epochs, args.subset)
-                cells.append({"setting": setting, "method": method, "seed": seed, "out": out,
-                              "name": f"{setting}/{method}/seed{seed}", "state": state, "why": why})
+    part, parts = args.shard
+    for place, (setting, method) in enumerate(itertools.product(args.settings, args.methods)):
+        if place % parts != part - 1:  # another shard's cell
+            continue
+        for seed in args.seeds:
+            out = runs_dir / setting / method / f"seed{seed}"
+            state, why = cell_state(out, args.epochs, args.subset)
+            cells.append({"setting": setting, "method": method, "seed": seed, "out": out,
+                          "name": f"{setting}/{method}/seed{seed}", "state": state, "why": why})
     todo = [cell for cell in cells if cell["state"] in ("start", "resume")]
     conflicts = [cell for cell in cells if cell["state"] == "conflict"]
     num_done = len(cells) - len(todo) - len(conflicts)
@@ -140,24 +186,28 @@ def main(argv=None):
     if device == "cpu" and workers > 1:  # share the cores; torch sizes its thread pool from OMP_NUM_THREADS
         threads = str(max(1, (os.cpu_count() or 1) // workers))
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    print(f"{summary}; running {len(todo)} on {device} with {workers} worker(s)", flush=True)
+    jobs = jobs_of(todo, args.stacked)
+    shard_note = f" (shard {part}/{parts})" if parts > 1 else ""
+    print(f"{summary}; running {len(todo)} in {len(jobs)} process(es){shard_note} on {device} with {workers} "
+          f"worker(s)", flush=True)
 
     start, wall_start = datetime.now(timezone.utc), time.perf_counter()
     finished, failed = 0, []
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         with tqdm(total=len(cells), initial=num_done, unit="cell", desc="table 2 sweep") as bar:
-            futures = [pool.submit(run_cell, cell, args, env) for cell in todo]
+            futures = [pool.submit(run_job, job, args, env) for job in jobs]
             for future in as_completed(futures):
-                cell, returncode, stderr = future.result()
-                finished += 1
-                if returncode == 0:
-                    (cell["out"] / "stderr.txt").unlink(missing_ok=True)
-                else:
-                    failed.append(cell)
-                    tqdm.write(report_failure(cell, returncode, stderr), file=sys.stderr)
-                    bar.set_postfix(failed=len(failed))
-                bar.update()
+                job, returncode, stderr = future.result()
+                finished += len(job)
+                for cell in job:
+                    if returncode == 0:
+                        (cell["out"] / "stderr.txt").unlink(missing_ok=True)
+                    else:
+                        failed.append(cell)
+                        tqdm.write(report_failure(cell, returncode, stderr), file=sys.stderr)
+                        bar.set_postfix(failed=len(failed))
+                bar.update(len(job))
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to continue (finished cells are kept, the others resume)",
               file=sys.stderr)

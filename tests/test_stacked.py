@@ -1,7 +1,8 @@
 """Stacked runs (issue 19): R runs trained as one stacked model equal the R separate runs of the training loop
 (float64, every Table 2 method, by location and by reference, both stacking modes), resume, the batched
 min-norm solver against ``min_norm_solvers``, the training script's ``--seeds`` end to end (the files of separate
-runs, Ctrl-C and --resume), the one-line errors, and the GPU allocation command on a tiny CPU protocol."""
+runs, Ctrl-C and --resume), the one-line errors, the Table 2 sweep's --stacked and --shard, and the GPU allocation
+command on a tiny CPU protocol."""
 import json
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import train_multi_task_counter_stream as train_script
+from experiments import table2_sweep
 from models import build_model
 from run_files import metrics_without_timing
 from training import config, evaluate as evaluation, loop, stacked as stacking
@@ -312,3 +314,20 @@ def test_gpu_allocation_command_on_a_tiny_protocol(tmp_path, capsys):
             assert results["seed"] == seed and results["stacked"]["seeds"] == [0, 1]
     assert gpu_allocation.main(args) == 0
     assert "2digits/controlnet: " not in capsys.readouterr().out  # finished cells are not trained again
+
+
+def test_sweep_stacks_the_seeds_of_a_cell_and_shards_the_grid(tmp_path, capsys):
+    """``python -m experiments.table2_sweep --stacked``: the seeds of uniform scaling train as one group, PCGrad (no
+    stacked form) one seed per process; ``--shard 2/2`` takes the second cell of the grid (PCGrad), ``--shard 1/2`` the first."""
+    args = ["--methods", "uniform_scaling,pcgrad", "--settings", "2digits", "--seeds", "2", "--epochs", "1",
+            "--subset", "128", "--runs_dir", str(tmp_path), "--no_table", "--device", "cpu", "--stacked"]
+    assert table2_sweep.main(args + ["--shard", "2/2"]) == 0
+    assert "2 cell(s) (1 epochs, subset 128): 0 done, 0 to resume, 2 to start; running 2 in 2 process(es) " \
+        "(shard 2/2)" in capsys.readouterr().out
+    assert sorted(p.parent.name for p in tmp_path.glob("2digits/*/seed*/results.json")) == ["seed0", "seed1"]
+    assert table2_sweep.main(args + ["--shard", "1/2"]) == 0
+    assert "running 2 in 1 process(es) (shard 1/2)" in capsys.readouterr().out
+    for method, seed in [("uniform_scaling", 0), ("uniform_scaling", 1), ("pcgrad", 0), ("pcgrad", 1)]:
+        results = json.loads((tmp_path / "2digits" / method / f"seed{seed}" / "results.json").read_text())
+        assert results["seed"] == seed and results.get("stacked", {}).get("seeds") == \
+            ([0, 1] if method == "uniform_scaling" else None)
