@@ -78,6 +78,8 @@ def parse_args(argv):
         parser.error("the following arguments are required: --param_file")
     if args.seeds and (args.seed is not None or args.eval_only):
         parser.error("--seeds replaces --seed and trains; drop --seed" + (" and --eval_only" if args.eval_only else ""))
+    if args.seeds and len(args.seeds) < 2:
+        parser.error(f"--seeds trains a group of 2 or more seeds, got {args.seeds}; for one, use --seed")
     args.seeds = args.seeds or [args.seed or 0]
     args.seed = args.seeds[0]
     return args

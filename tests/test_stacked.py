@@ -287,6 +287,7 @@ def test_interrupted_stacked_group_resumes_to_the_uninterrupted_result(tmp_path,
 @pytest.mark.parametrize("args,message", [
     (["--seeds", "0,1", "--seed", "3"], "--seeds replaces --seed and trains; drop --seed"),
     (["--seeds", "0,-1"], "expected a count >= 1 (5 = seeds 0..4) or a comma list of seeds >= 0"),
+    (["--seeds", "3,"], "--seeds trains a group of 2 or more seeds, got [3]; for one, use --seed"),
     (["--seeds", "0,1", "--set", "method=\"pcgrad\""], "--seeds: weighting 'pcgrad' has no stacked form; allowed: sum, "
                                                        "uniform, kendall, gradnorm, mgda, or one --seed per run"),
     (["--seeds", "0,1", "--set", "dropout=\"sener_koltun\"", "--set", "method=\"mgda\"", "--stack_mode", "vmap"],
