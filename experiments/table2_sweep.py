@@ -78,23 +78,29 @@ def shard(text):
     return int(match[1]), int(match[2])
 
 
-def jobs_of(todo, stacked):
+def jobs_of(todo, stacked, overrides):
     """The training processes of the sweep, each a list of cells: one cell each, or with ``stacked`` the seeds of a
-    stackable method's cell that start together or resume from the same epoch (torch is imported only here)."""
+    stackable method's cell (``training.loop.check_stackable``) that start together or resume from the same epoch
+    (torch is imported only here)."""
     if not stacked:
         return [[cell] for cell in todo]
-    from training import checkpoint, config
-    from weighting.batched import STACKED_WEIGHTINGS
+    from loaders import NUM_TASKS
+    from training import checkpoint, config, loop
+
+    def group(cell):
+        """The cell's group key; its name (alone) for a method that does not stack or a checkpoint that the run
+        will report."""
+        try:
+            params = config.load_params(REPO / "params" / f"mmnist_{cell['setting']}_{cell['method']}.json", overrides)
+            loop.check_stackable(params, NUM_TASKS[params["setting"]], "auto")
+            epoch = checkpoint.load(cell["out"] / "checkpoint.pt")["epoch"] if cell["state"] == "resume" else 0
+        except (config.ParamError, checkpoint.CheckpointError, OSError, KeyError, TypeError):
+            return cell["name"]
+        return cell["setting"], cell["method"], epoch
+
     groups = {}
     for cell in todo:
-        key = cell["name"]  # alone: a weighting without a stacked form, or a checkpoint the run will report
-        if config.METHODS[cell["method"]][1] in (None, *STACKED_WEIGHTINGS):
-            try:
-                epoch = checkpoint.load(cell["out"] / "checkpoint.pt")["epoch"] if cell["state"] == "resume" else 0
-                key = (cell["setting"], cell["method"], epoch)
-            except (checkpoint.CheckpointError, OSError, KeyError, TypeError):
-                pass
-        groups.setdefault(key, []).append(cell)
+        groups.setdefault(group(cell), []).append(cell)
     return list(groups.values())
 
 
@@ -186,7 +192,7 @@ def main(argv=None):
     if device == "cpu" and workers > 1:  # share the cores; torch sizes its thread pool from OMP_NUM_THREADS
         threads = str(max(1, (os.cpu_count() or 1) // workers))
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    jobs = jobs_of(todo, args.stacked)
+    jobs = jobs_of(todo, args.stacked, args.set)
     shard_note = f" (shard {part}/{parts})" if parts > 1 else ""
     print(f"{summary}; running {len(todo)} in {len(jobs)} process(es){shard_note} on {device} with {workers} "
           f"worker(s)", flush=True)
