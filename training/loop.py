@@ -371,33 +371,32 @@ def train_stacked_epoch(model, weighting, optimizer, train, params, seeds, epoch
                     disable=not (distributed.is_main() and sys.stderr.isatty()))  # no bar frames in a log file
     for step, begin in enumerate(progress):
         batch = orders[:, begin:begin + batch_size]  # the global batches [R, B], the same for any number of processes
-        index = torch.stack([distributed.shard(run_batch) for run_batch in batch])  # this rank's part of them
+        index = distributed.shard(batch.T).T  # this rank's part of them
         x = normalize(images[index.flatten()], memory_format, stats).to(model.dtype).unflatten(0, index.shape)
         optimizer.zero_grad(set_to_none=True)
         if routing:  # Gumbel-softmax temperature, counted in task-updates as Maziarz et al.'s mnist_train.py
             update = (epoch * len(steps) + step) * labels.shape[1]
             model.set_temperature(temperature_schedule(update, routing["temperature_init"], routing["temperature_min"]))
         if weighting is None:
-            t = tasks.gather(1, index)
-            divisors = [loss_divisor(labels[b, run_tasks[b]]) for b, run_tasks in zip(batch, tasks)]
+            t, batch_tasks = tasks.gather(1, index), tasks.gather(1, batch)
+            divisors = model.per_replica(loss_divisor, labels[batch, batch_tasks])
             if locations is None:
-                loss = torch.stack([losses.masked_cross_entropy(logits, labels[i, tt].long(), divisor)
-                                    for logits, i, tt, divisor in zip(model(x, t), index, t, divisors)])
+                loss = model.per_replica(losses.masked_cross_entropy, model(x, t), labels[index, t].long(), divisors)
             else:
+                def located_loss(logits, where, y, divisor, xy, batch_xy):
+                    targets = losses.LocationTargets(xy, batch_xy, x.shape[-1], params["spatial_loss_weight"],
+                                                     distributed.world_size())
+                    return losses.masked_cross_entropy(logits, y, divisor) + targets.loss(where)
                 logits, where = model(x, t, **{LOCATION_OUTPUT[params["model"]]: True})
-                loss = torch.stack([
-                    losses.masked_cross_entropy(run_logits, labels[i, tt].long(), divisor) + losses.LocationTargets(
-                        locations[i, tt], locations[b, run_tasks[b]], x.shape[-1], params["spatial_loss_weight"],
-                        distributed.world_size()).loss(run_where)
-                    for run_logits, run_where, i, tt, b, run_tasks, divisor in
-                    zip(logits, where, index, t, batch, tasks, divisors)])
+                loss = model.per_replica(located_loss, logits, where, labels[index, t].long(), divisors,
+                                         locations[index, t], locations[batch, batch_tasks])
             loss.sum().backward()
             task_losses = loss.detach()[:, None]
         else:
             located = {} if locations is None else {"locations": [losses.LocationTargets(
                 locations[i], locations[b], x.shape[-1], params["spatial_loss_weight"], distributed.world_size())
                 for i, b in zip(index, batch)]}
-            divisors = torch.stack([loss_divisor(labels[run_batch]) for run_batch in batch])
+            divisors = model.per_replica(loss_divisor, labels[batch])
             task_losses = weighting.backward(model, x, labels[index].long(), divisors, **located)
             distributed.average_gradients(weighting.parameters())
         if routing and routing["budget_penalty"] > 0:

@@ -192,6 +192,13 @@ class StackedModel(nn.Module):
     def dtype(self):
         return self.stacked[0].dtype
 
+    def per_replica(self, fn, *args):
+        """``fn(*args[r])`` of every replica, stacked: under ``vmap`` in that mode (one batched kernel), else one
+        replica after the other."""
+        if self.mode == "vmap":
+            return vmap(fn)(*args)
+        return torch.stack([fn(*(arg[r] for arg in args)) for r in range(self.num_replicas)])
+
     def set_temperature(self, temperature):
         """The Gumbel-softmax temperature of every replica (they train in step)."""
         set_temperature(self.template, temperature)
@@ -309,6 +316,9 @@ class OneRun:
 
     def train(self):
         self.trained.train()
+
+    def per_replica(self, fn, *args):
+        return fn(*(arg[0] for arg in args))[None]
 
     def seed_noise(self, seeds):
         torch.manual_seed(seeds[0])
