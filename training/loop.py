@@ -343,14 +343,15 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
 def train_stacked_epoch(model, weighting, optimizer, train, params, seeds, epoch, outs, states, stats=MNIST_STATS,
                         locations=None):
     """One epoch of the runs ``seeds``: ``model`` is a stack of R runs (``stacked.StackedModel``, ``weighting`` a
-    ``weighting.batched`` one) or one run (``stacked.OneRun``, R = 1), the same step either way. Run r's data order,
+    ``weighting.batched`` one) or one run (``stacked.OneRun`` and ``stacked.OneWeighting``, R = 1), the same step
+    either way. Run r's data order,
     task draws and model noise depend only on (seeds[r], epoch), so resuming is exact and a stacked run is its
     separate run. Inputs carry the replica dimension first ([R, B, ...]). In a distributed run (one run) each rank
     trains on its part of every global batch and the logged losses are averaged over the ranks: the global batch's,
     as in one process. ``locations`` (float [N, T, 2], one run) adds the localisation loss ('loc',
     ``losses.location_loss``), weighted by ``spatial_loss_weight``: on ControlNet's TD map, or on a baseline's
-    location head. The step has static shapes and no host synchronisation; the first non-finite loss of a run is
-    reported after the epoch. Returns every run's mean training loss."""
+    location head. The step has static shapes (but for the last, partial batch) and no host synchronisation; the
+    first non-finite loss of a run is reported after the epoch. Returns every run's mean training loss."""
     images, labels = train
     device, n, batch_size, replicas = images.device, len(images), params["batch_size"], len(seeds)
     memory_format = MEMORY_FORMATS[params["memory_format"]]
