@@ -319,7 +319,8 @@ def test_gpu_allocation_command_on_a_tiny_protocol(tmp_path, capsys):
 
 def test_sweep_stacks_the_seeds_of_a_cell_and_shards_the_grid(tmp_path, capsys):
     """``python -m experiments.table2_sweep --stacked``: the seeds of uniform scaling train as one group, PCGrad (no
-    stacked form) one seed per process; ``--shard 2/2`` takes the second cell of the grid (PCGrad), ``--shard 1/2`` the first."""
+    stacked form) one seed per process; ``--shard 2/2`` takes the second cell of the grid (PCGrad), ``--shard 1/2``
+    the first."""
     args = ["--methods", "uniform_scaling,pcgrad", "--settings", "2digits", "--seeds", "2", "--epochs", "1",
             "--subset", "128", "--runs_dir", str(tmp_path), "--no_table", "--device", "cpu", "--stacked"]
     assert table2_sweep.main(args + ["--shard", "2/2"]) == 0
