@@ -50,7 +50,7 @@ def main(argv=None):
                     continue
                 if cell["state"] != "done":
                     print(f"training {cell['name']} ({cell['state']})", flush=True)
-                    _, code, stderr = table2_sweep.run_cell(cell, args, None)
+                    _, code, stderr = table2_sweep.run_job([cell], args, None)
                     if code != 0:
                         failed.append(table2_sweep.report_failure(cell, code, stderr))
                         continue
