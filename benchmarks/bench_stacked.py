@@ -150,14 +150,25 @@ def main(argv=None):
             results["methods"].setdefault(method, {})[memory_format] = figures
             print(f"{method:16s} {memory_format:13s} ms/step {figures['ms_per_step']}  stacked/separate "
                   f"{figures['stacked_over_separate']}", flush=True)
-    tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-")
-    out = REPO / "benchmarks" / "results" / f"stacked-{tag}{'-quick' if args.quick else ''}.json"
+    name = f"stacked-{device_tag(device)}{'-quick' if args.quick else ''}.json"
+    write_if_clean(results, REPO / "benchmarks" / "results" / name)
+    return 0
+
+
+def device_tag(device):
+    """'cpu', or the GPU's name without spaces: the suffix of a results file."""
+    return "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-")
+
+
+def write_if_clean(results, out):
+    """Writes ``results`` to ``out`` only when its ``git_commit`` is a clean commit (a committed figure must name the
+    code that made it)."""
+    commit = results["git_commit"]
     if commit.endswith("-dirty") or commit == "unknown":
         print(f"not written to {out}: the code is not a clean commit ({commit})")
-        return 0
+        return
     files.write_json(results, out)
     print(f"written to {out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -35,13 +35,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from loaders import NUM_TASKS  # noqa: E402
-from runtime import files  # noqa: E402
 from training import cli, config, loop, stacked as stacking  # noqa: E402
 from training.data import MEMORY_FORMATS  # noqa: E402
 from training.evaluate import eval_rows, evaluate  # noqa: E402
 from training.provenance import describe_device, git_commit  # noqa: E402
 
-from bench_stacked import TABLE2, build_runs, fastest_step_ms, random_data, synchronize  # noqa: E402
+from bench_stacked import (  # noqa: E402
+    TABLE2, build_runs, device_tag, fastest_step_ms, random_data, synchronize, write_if_clean)
 
 SETTINGS = ("2digits", "4digits", "9digits", "9digits_byref")
 TRAIN_IMAGES, EVAL_IMAGES = 50_000, 10_000  # the held-out protocol: MNIST train[:50k], val train[50k:], test
@@ -181,13 +181,8 @@ def main(argv=None):
     results["trained"] = train_groups(groups, args, device, started)
     results["cells_finished"] = sorted(cell for cell, status in results["trained"].items() if status == "finished")
     print(f"{len(results['cells_finished'])} of {len(groups)} cells finished in {args.runs_dir}")
-    tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-")
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"gpu_allocation-{tag}.json")
-    if commit.endswith("-dirty") or commit == "unknown":
-        print(f"not written to {out}: the code is not a clean commit ({commit})")
-        return 0
-    files.write_json(results, out)
-    print(f"written to {out}")
+    out = args.out or REPO / "benchmarks" / "results" / f"gpu_allocation-{device_tag(device)}.json"
+    write_if_clean(results, Path(out))
     return 0
 
 
