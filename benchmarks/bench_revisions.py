@@ -8,14 +8,16 @@ modules kept apart from this checkout's), each builds the run of every method fr
 (params/mmnist_<setting>_<method>.json, seed 0) and trains it with its own ``training.loop.train_epoch`` on the same
 random data (uint8 images and digit labels; by reference half of the labels undefined). Each path trains one warm-up
 epoch, then ``--epochs`` timed epochs of ``--steps`` steps, the two revisions taking turns within every epoch so that
-both see the same load of a shared machine; a figure is the fastest timed epoch's time per step in ms, and the ratio
-is this checkout / base (below 1: this checkout is faster). The figures go to
+both see the same load of a shared machine; a figure is the fastest timed epoch's time per step in ms. Two ratios
+this checkout / base (below 1: this checkout is faster): of the fastest epochs, and the median over the timed epochs
+of the two revisions' times in the same epoch (steadier when the load changes during the run). The figures go to
 benchmarks/results/revisions-<base>-<device-tag>[-quick].json, only when this checkout is a clean commit. The base
 must have the package layout of docs/architecture.md (``training/loop.py``).
 """
 import argparse
 import importlib
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +29,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # train_epoch's progress bar; must b
 
 import torch  # noqa: E402
 
-from bench_stacked import TABLE2, device_tag, fastest_step_ms, random_data, write_if_clean  # noqa: E402
+from bench_stacked import TABLE2, device_tag, random_data, step_ms, write_if_clean  # noqa: E402
 from training import cli  # noqa: E402
 from training.provenance import describe_device, git_commit  # noqa: E402
 
@@ -117,12 +119,16 @@ def main(argv=None):
             data = random_data(args.setting, batch * args.steps, num_tasks, device)
             paths = {name: epoch_of(rev, build_run(rev, method, args.setting, batch, device), data)
                      for name, rev in revisions.items()}
-            figures = {key: round(value, 2) for key, value in
-                       fastest_step_ms(paths, args.epochs, args.steps, device).items()}
-            ratio = round(figures["head"] / figures["base"], 3)
-            results["methods"][method] = {"ms_per_step": figures, "head_over_base": ratio}
-            print(f"{method:16s} ms/step base {figures['base']:8.2f}  head {figures['head']:8.2f}  "
-                  f"head/base {ratio:.3f}", flush=True)
+            times = step_ms(paths, args.epochs, args.steps, device)
+            figures = {name: round(min(ms), 2) for name, ms in times.items()}
+            ratios = {"fastest": round(figures["head"] / figures["base"], 3),
+                      "median_paired": round(statistics.median(h / b for h, b in zip(times["head"], times["base"])), 3)}
+            results["methods"][method] = {"ms_per_step": figures, "head_over_base": ratios,
+                                          "ms_per_step_each_epoch": {name: [round(t, 2) for t in ms]
+                                                                     for name, ms in times.items()}}
+            print(f"{method:16s} ms/step base {figures['base']:8.2f}  head {figures['head']:8.2f}  head/base "
+                  f"{ratios['fastest']:.3f} (fastest epochs), {ratios['median_paired']:.3f} (median of the epochs)",
+                  flush=True)
     name = f"revisions-{base_commit}-{device_tag(device)}{'-quick' if args.quick else ''}.json"
     write_if_clean(results, Path(args.out) if args.out else REPO / "benchmarks" / "results" / name)
     return 0

@@ -64,10 +64,10 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def fastest_step_ms(paths, epochs, steps, device):
-    """{name: ms per step}: every path (a function of the epoch) trains the warm-up epoch 0, then ``epochs`` more,
-    the paths taking turns within each epoch so that all see the same load of a shared machine; a path's figure is
-    its fastest timed epoch."""
+def step_ms(paths, epochs, steps, device):
+    """{name: [ms per step of each timed epoch]}: every path (a function of the epoch) trains the warm-up epoch 0,
+    then ``epochs`` more, the paths taking turns within each epoch so that all see the same load of a shared
+    machine."""
     times = {name: [] for name in paths}
     for epoch in range(epochs + 1):
         for name, train_epoch in paths.items():
@@ -75,8 +75,13 @@ def fastest_step_ms(paths, epochs, steps, device):
             start = time.perf_counter()
             train_epoch(epoch)
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: 1000 * min(seconds[1:]) / steps for name, seconds in times.items()}
+            times[name].append(1000 * (time.perf_counter() - start) / steps)
+    return {name: ms[1:] for name, ms in times.items()}
+
+
+def fastest_step_ms(paths, epochs, steps, device):
+    """{name: ms per step} of every path's fastest timed epoch (``step_ms``)."""
+    return {name: min(ms) for name, ms in step_ms(paths, epochs, steps, device).items()}
 
 
 def build_runs(params, seeds, num_tasks, device):

@@ -32,7 +32,7 @@ def test_the_same_revision_trains_the_same_run_and_is_timed(tmp_path, capsys):
     if out.exists():  # written only from a clean commit
         figures = json.loads(out.read_text())
         row = figures["methods"]["uniform_scaling"]
-        assert row["ms_per_step"]["base"] > 0 and row["ms_per_step"]["head"] > 0 and row["head_over_base"] > 0
+        assert min(row["ms_per_step"].values()) > 0 and min(row["head_over_base"].values()) > 0
         assert figures["git_commit"].startswith(figures["base_commit"])
 
 
