@@ -24,7 +24,7 @@ from runtime.files import REPO
 from training import checkpoint, config, run_lock, stacked, tensorboard_log
 from training.cli import Interrupted, RunError, resolve_device
 from training.data import MEMORY_FORMATS, MNIST_STATS, data_fingerprint, load_data, normalize
-from training.evaluate import eval_rows, evaluate
+from training.evaluate import eval_rows, evaluate_stack
 from training.optim import base_learning_rates, describe_schedule, lr_factor, make_optimizer, parameter_groups
 from training.provenance import describe_device, git_commit
 from training.run_dir import close_log, log, open_log, prepare_output_dir, read_checkpoint, resume, write
@@ -199,28 +199,27 @@ def train_one(epoch, epochs, group, data, params, args, outs, states, stats, loc
     if group.weighting is not None:
         group.weighting.after_epoch()
     evaluated = (epoch + 1) % params["eval_every"] == 0 or epoch + 1 == epochs
-    records, models = [], [group.replica_model(r) for r in range(len(outs))]
-    for model, train_loss in zip(models, train_losses):
+    scores = {split: evaluate_stack(group.stack, *data[split], num_tasks, rows, MEMORY_FORMATS[params["memory_format"]],
+                                    stats, pairs, with_loss=True)
+              for split in ("val", "test") if evaluated and split in data}  # no val split under the authors' protocol
+    records = []
+    for r, train_loss in enumerate(train_losses):
         record = {"epoch": epoch + 1, "lr": group.optimizer.param_groups[0]["lr"], "train_loss": train_loss}
-        if evaluated:
-            for split in ("val", "test"):
-                if split not in data:  # no val split under the authors' protocol
-                    continue
-                accuracy, loss = evaluate(model, *data[split], num_tasks, rows,
-                                          MEMORY_FORMATS[params["memory_format"]], stats, pairs, with_loss=True)
-                record.update({f"{split}_acc_mean": float(accuracy.nanmean()), f"{split}_loss": loss,
-                               f"{split}_acc_per_task": accuracy.tolist()})
+        for split, (accuracy, loss) in scores.items():
+            record.update({f"{split}_acc_mean": float(accuracy[r].nanmean()), f"{split}_loss": float(loss[r]),
+                           f"{split}_acc_per_task": accuracy[r].tolist()})
         records.append(record)
     seconds = time.perf_counter() - start
     kept = SELECTIONS[KEPT_MODEL[params["protocol"]]]  # the accuracy that picks best_model.pt
-    for r, (model, record, state, out) in enumerate(zip(models, records, states, outs)):
+    active = group.active_fractions()
+    for r, (record, state, out) in enumerate(zip(records, states, outs)):
         state["wall_time_s"] += seconds
         record.update({"epoch_time_s": round(seconds, 3),
                        "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
         if group.weighting is not None:
             record["task_weights"] = group.task_weights(r)
-        if router_parameters(model):
-            record["active_fraction_per_task"] = allocation_matrix(model).mean(dim=1).cpu().tolist()
+        if active is not None:
+            record["active_fraction_per_task"] = active[r]
         state["history"].append(record)
         best = evaluated and (state["best"] is None or record[kept] > state["best"][kept])
         if best:
@@ -263,8 +262,13 @@ class Replicas:
         return train_stacked_epoch(self.stack, self.step_weighting, self.optimizer, train, params, self.seeds, epoch,
                                    outs, states, stats, locations)
 
-    def replica_model(self, r):
-        return self.model if self.mode is None else self.model.replica_model(r)
+    def active_fractions(self):
+        """Per run, the fraction of active components of every task (Gumbel-Matrix's greedy allocation, [R][T]
+        lists); None for a model without learned allocation."""
+        if not router_parameters(self.model if self.mode is None else self.model.template):
+            return None
+        matrices = allocation_matrix(self.model)[None] if self.mode is None else self.model.allocation_matrix()
+        return matrices.mean(dim=-1).cpu().tolist()
 
     def replica_states(self, r):
         """Run r's (model, weighting, optimiser) state dicts, as its separate run holds them."""

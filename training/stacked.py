@@ -17,7 +17,8 @@ read and written in the format of a separate run (``replica_state_dict``, ``repl
 replica writes the files that its separate run would and can resume from them.
 
 The training step is ``training.loop.train_stacked_epoch``, the same for a stacked group and for one run (``OneRun``:
-a stack of one); ``--seeds`` of the training script trains a group of seeds.
+a stack of one), and so is evaluation (``training.evaluate.evaluate_stack``: every replica in each pass, in eval mode,
+which draws no noise); ``--seeds`` of the training script trains a group of seeds.
 """
 import contextlib
 import copy
@@ -27,8 +28,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, vmap
 
-from models.gumbel_matrix import GumbelMatrixRouter, add_budget_gradient, budget_penalty, router_parameters, \
-    set_temperature
+from models.gumbel_matrix import GumbelMatrixRouter, add_budget_gradient, allocation_matrix, budget_penalty, \
+    router_parameters, set_temperature
 from models.lenet import SenerKoltunDropout
 from runtime import distributed
 from training.data import MEMORY_FORMATS
@@ -203,6 +204,11 @@ class StackedModel(nn.Module):
         """The Gumbel-softmax temperature of every replica (they train in step)."""
         set_temperature(self.template, temperature)
 
+    def allocation_matrix(self):
+        """[R, T, L*K]: every replica's greedy allocation (``models.gumbel_matrix.allocation_matrix``)."""
+        zero = torch.zeros(self.num_replicas, device=self.stacked[0].device)
+        return self.call(lambda model, _: allocation_matrix(model), zero, draws=False)
+
     def add_budget_gradient(self, budget, penalty):
         """``models.gumbel_matrix.add_budget_gradient`` for every replica: the gradient of its budget penalty added
         to its allocation logits' ``.grad``."""
@@ -304,11 +310,21 @@ class OneRun:
     """One run seen as a stack of one (R = 1), so that a single run takes the very training step of a stacked group
     (``training.loop.train_stacked_epoch``): the run's own model (``trained``: its DDP wrapper under torchrun), torch's
     global generator for the model's noise (seeded per epoch, as a run always did), inputs and outputs with a leading
-    replica dimension of 1."""
+    replica dimension of 1. ``call`` (evaluation) runs the model itself, not its DDP wrapper."""
+
+    num_replicas, mode = 1, None
 
     def __init__(self, trained):
         self.trained, self.model = trained, distributed.unwrap(trained)
         self.dtype = next(self.model.parameters()).dtype
+
+    @property
+    def paradigm(self):
+        return self.model.paradigm
+
+    def call(self, fn, *args):
+        """``fn(model, *args[0])`` with a leading replica dimension of 1 (``StackedModel.call``)."""
+        return fn(self.model, *(arg[0] for arg in args))[None]
 
     def __call__(self, images, *args, **kwargs):
         out = self.trained(images[0], *(arg[0] for arg in args), **kwargs)
@@ -316,6 +332,9 @@ class OneRun:
 
     def train(self):
         self.trained.train()
+
+    def eval(self):
+        self.trained.eval()
 
     def per_replica(self, fn, *args):
         return fn(*(arg[0] for arg in args))[None]
