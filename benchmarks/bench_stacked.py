@@ -7,10 +7,13 @@ For every Table 2 method (params/mmnist_<setting>_<method>.json) and both memory
 are timed over the same training steps: separately (the training loop's ``train_epoch``, one run after the other),
 stacked replica after replica (``loop``) and stacked under ``torch.func.vmap`` (``vmap``); and one run against a
 ``StackedModel`` of one replica (``separate_1``, ``loop_1``: the price of the stacking machinery itself; the loop
-trains a single run as ``OneRun``, its model as it is). The data are random uint8 images with random digit labels
-(the speed of a step does not depend on them; by reference, half of the labels are undefined). Each path trains one
-warm-up epoch, then ``--epochs`` timed epochs of ``--steps`` steps, the paths taking turns; a figure is the
-fastest timed epoch's time per step, in ms, for all R runs together. Ratios are stacked / separate, within one run
+trains a single run as ``OneRun``, its model as it is). Evaluation likewise (``eval_ms``: ms per evaluation of the
+same images, with the loss, as the training loop evaluates a split): every replica's model with ``evaluate``, one
+after the other, against ``evaluate_stack`` of the stack in either mode. The data are random uint8 images with
+random digit labels (the speed of a step does not depend on them; by reference, half of the labels are
+undefined). Each path trains one warm-up epoch (or evaluates once), then ``--epochs`` timed epochs of ``--steps``
+steps (evaluations), the paths taking turns; a figure is the fastest timed epoch's time per step (evaluation), in
+ms, for all R runs together. Ratios are stacked / separate, within one run
 of this script (below 1: stacked is faster). The figures go to benchmarks/results/stacked-<device-tag>[-quick].json,
 and only when the code is a clean commit.
 """
@@ -29,7 +32,7 @@ import torch  # noqa: E402
 from loaders import NUM_TASKS  # noqa: E402
 from models import build_model  # noqa: E402
 from runtime import files  # noqa: E402
-from training import cli, config, loop, stacked as stacking  # noqa: E402
+from training import cli, config, evaluate, loop, stacked as stacking  # noqa: E402
 from training.data import MEMORY_FORMATS  # noqa: E402
 from training.optim import make_optimizer, parameter_groups  # noqa: E402
 from training.provenance import describe_device, git_commit  # noqa: E402
@@ -134,7 +137,27 @@ def bench_method(method, memory_format, args, device):
     figures = {key: round(value, 2) for key, value in figures.items()}
     ratios = {"loop": figures["loop"] / figures["separate"], "vmap": figures["vmap"] / figures["separate"],
               "loop_1": figures["loop_1"] / figures["separate_1"]}
-    return {"ms_per_step": figures, "stacked_over_separate": {k: round(v, 3) for k, v in ratios.items()}}
+    return {"ms_per_step": figures, "stacked_over_separate": {k: round(v, 3) for k, v in ratios.items()},
+            **bench_evaluation(runs, params, data, num_tasks, args, device)}
+
+
+def bench_evaluation(runs, params, data, num_tasks, args, device):
+    """ms per evaluation of ``data`` (every task, with the loss) of R runs: separately and stacked in either mode."""
+    rows, memory_format = evaluate.eval_rows(params, device), MEMORY_FORMATS[params["memory_format"]]
+
+    def separate(epoch):
+        for model, _, _ in runs:
+            evaluate.evaluate(model, *data, num_tasks, rows, memory_format, with_loss=True)
+
+    def stacked(mode):
+        model = stacking.StackedModel([model for model, _, _ in runs], mode, memory_format)
+        return lambda epoch: evaluate.evaluate_stack(model, *data, num_tasks, rows, memory_format, with_loss=True)
+
+    figures = fastest_step_ms({"separate": separate, "loop": stacked("loop"), "vmap": stacked("vmap")}, args.epochs,
+                              1, device)
+    return {"eval_ms": {key: round(value, 2) for key, value in figures.items()},
+            "eval_stacked_over_separate": {mode: round(figures[mode] / figures["separate"], 3)
+                                           for mode in ("loop", "vmap")}}
 
 
 def main(argv=None):
@@ -154,7 +177,8 @@ def main(argv=None):
             figures = bench_method(method, memory_format, args, device)
             results["methods"].setdefault(method, {})[memory_format] = figures
             print(f"{method:16s} {memory_format:13s} ms/step {figures['ms_per_step']}  stacked/separate "
-                  f"{figures['stacked_over_separate']}", flush=True)
+                  f"{figures['stacked_over_separate']}  evaluation ms {figures['eval_ms']}  stacked/separate "
+                  f"{figures['eval_stacked_over_separate']}", flush=True)
     name = f"stacked-{device_tag(device)}{'-quick' if args.quick else ''}.json"
     write_if_clean(results, REPO / "benchmarks" / "results" / name)
     return 0

@@ -236,7 +236,8 @@ class StackedModel(nn.Module):
                 tensors[key][r].copy_(state[key])
 
     def replica_model(self, r):
-        """A separate model holding replica r's state (e.g. for ``evaluate``), in this stack's train/eval mode."""
+        """A separate model holding replica r's state (e.g. to compare with its separate run), in this stack's train/eval
+        mode."""
         model = copy.deepcopy(self.template).to_empty(device=self.stacked[0].device)
         model = model.to(memory_format=self.memory_format)
         model.load_state_dict(self.replica_state_dict(r))
