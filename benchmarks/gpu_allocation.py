@@ -8,15 +8,15 @@ device, project the time of the full protocol, then train as many groups as fit 
 
 A group is one cell of Table 2 (a method on a setting) with its ``--replicas`` seeds stacked (training/stacked.py).
 For each group and stacking mode (``loop``, ``vmap``) the command trains one warm-up epoch and one timed epoch of
-``--probe_steps`` steps on random data of the right shapes, and times the evaluation of every replica on
-``--eval_images`` images (the training script's ``evaluate``, all tasks of an image at once). The projection of a
-group is ``epochs x (steps per epoch x ms/step of its faster mode + 2 x val/test images / eval_images x eval
-time)`` with the protocol's 50,000 training, 10,000 validation and 10,000 test images; the total is the sum over
-the groups run one after the other. Then the groups train, quickest first, each as one process of the training
-script (``--seeds``, its faster mode) into <runs_dir>/<setting>/<method>/seed<k>, resumed where an earlier
-allocation stopped; when the budget runs out the running group gets Ctrl-C (its last finished epoch is kept).
-Figures (device, per-group ms/step of each mode, the chosen mode, projected seconds, the cells finished) go to
-benchmarks/results/gpu_allocation-<device>.json (or ``--out``) when the code is a clean commit.
+``--probe_steps`` steps on random data of the right shapes, and times the evaluation of all replicas on
+``--eval_images`` images in its faster mode (the training loop's ``evaluate_stack``, all tasks of an image at once).
+The projection of a group is ``epochs x (steps per epoch x ms/step of its faster mode + 2 x val/test images /
+eval_images x eval time)`` with the protocol's 50,000 training, 10,000 validation and 10,000 test images; the total
+is the sum over the groups run one after the other. Then the groups train, quickest first, each as one process of
+the training script (``--seeds``, its faster mode) into <runs_dir>/<setting>/<method>/seed<k>, resumed where an
+earlier allocation stopped; when the budget runs out the running group gets Ctrl-C (its last finished epoch is
+kept). Figures (device, per-group ms/step of each mode, the chosen mode, projected seconds, the cells finished) go
+to benchmarks/results/gpu_allocation-<device>.json (or ``--out``) when the code is a clean commit.
 """
 import argparse
 import json
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from loaders import NUM_TASKS  # noqa: E402
 from training import cli, config, loop, stacked as stacking  # noqa: E402
 from training.data import MEMORY_FORMATS  # noqa: E402
-from training.evaluate import eval_rows, evaluate  # noqa: E402
+from training.evaluate import eval_rows, evaluate_stack  # noqa: E402
 from training.provenance import describe_device, git_commit  # noqa: E402
 
 from bench_stacked import (  # noqa: E402
@@ -71,36 +71,35 @@ def parse_args(argv):
 
 
 def measure_group(method, setting, args, device):
-    """ms per training step of the stacked group in each mode, and the seconds of one evaluation pass of every
-    replica over ``eval_images`` images."""
+    """ms per training step of the stacked group in each mode, and the seconds of one stacked evaluation of all
+    replicas over ``eval_images`` images in the faster mode."""
     params = config.load_params(REPO / "params" / f"mmnist_{setting}_{method}.json",
                                 [f"batch_size={args.batch_size}"])
     num_tasks = NUM_TASKS[params["setting"]]
     data = random_data(setting, args.batch_size * args.probe_steps, num_tasks, device)
     seeds = list(range(args.replicas))
     runs = build_runs(params, seeds, num_tasks, device)
-    paths, ms_per_step = {}, {}
+    paths, ms_per_step, stacks = {}, {}, {}
     for mode in stacking.MODES:
         try:
-            model, weighting, optimizer = stacking.stack_runs(runs, params, mode)
+            stacks[mode] = stacking.stack_runs(runs, params, mode)
         except ValueError as err:  # e.g. vmap with dropout
             ms_per_step[mode] = f"n/a: {err}"
             continue
-        paths[mode] = lambda epoch, stack=(model, weighting, optimizer): loop.train_stacked_epoch(
+        paths[mode] = lambda epoch, stack=stacks[mode]: loop.train_stacked_epoch(
             *stack, data, params, seeds, epoch, [None] * len(seeds), [{"epoch": 0}] * len(seeds))
     ms_per_step.update({mode: round(ms, 3) for mode, ms in fastest_step_ms(paths, 1, args.probe_steps, device).items()})
+    timed = {mode: value for mode, value in ms_per_step.items() if isinstance(value, float)}
+    mode = min(timed, key=timed.get)
     images, labels = random_data(setting, args.eval_images, num_tasks, device)
     memory_format, rows = MEMORY_FORMATS[params["memory_format"]], eval_rows(params, device)
     eval_s = []
     for _ in range(2):  # the first pass warms up
         synchronize(device)
         start = time.perf_counter()
-        for model, _, _ in runs:
-            evaluate(model, images, labels, num_tasks, rows, memory_format)
+        evaluate_stack(stacks[mode][0], images, labels, num_tasks, rows, memory_format, with_loss=True)
         synchronize(device)
         eval_s.append(time.perf_counter() - start)
-    timed = {mode: value for mode, value in ms_per_step.items() if isinstance(value, float)}
-    mode = min(timed, key=timed.get)
     steps = math.ceil(TRAIN_IMAGES / args.batch_size)
     projected = args.epochs * (steps * timed[mode] / 1000 + 2 * EVAL_IMAGES / args.eval_images * eval_s[1])
     return {"ms_per_step": ms_per_step, "mode": mode, "eval_s_per_pass": round(eval_s[1], 4),
