@@ -110,16 +110,17 @@ def average_gradients(parameters):
 
 
 def cat(tensor):
-    """The ranks' ``tensor`` [N, D_r] concatenated along dim 1 in rank order, [N, sum of D_r] (D_r may differ)."""
+    """The ranks' ``tensor`` [..., D_r] concatenated along the last dimension in rank order, [..., sum of D_r] (D_r
+    may differ)."""
     if not is_distributed():
         return tensor
     widths = [torch.zeros(1, dtype=torch.int64, device=tensor.device) for _ in range(world_size())]
-    dist.all_gather(widths, torch.tensor([tensor.shape[1]], device=tensor.device))
+    dist.all_gather(widths, torch.tensor([tensor.shape[-1]], device=tensor.device))
     widths = [int(width) for width in widths]
-    padded = torch.nn.functional.pad(tensor.detach(), (0, max(widths) - tensor.shape[1])).contiguous()
+    padded = torch.nn.functional.pad(tensor.detach(), (0, max(widths) - tensor.shape[-1])).contiguous()
     parts = [torch.empty_like(padded) for _ in widths]
     dist.all_gather(parts, padded)
-    return torch.cat([part[:, :width] for part, width in zip(parts, widths)], dim=1)
+    return torch.cat([part[..., :width] for part, width in zip(parts, widths)], dim=-1)
 
 
 def on_main(fn, *args):
