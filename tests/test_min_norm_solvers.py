@@ -126,5 +126,9 @@ def test_gradient_normalizers():
     assert set(expected) == set(NORMALIZATIONS)
     for kind, values in expected.items():
         assert gradient_normalizers(grads, losses, kind).tolist() == pytest.approx(values)
+    doubled = {"none": [1.0, 1.0, 1.0], "l2": [10.0, 1.0, 2.0], "loss": [2.0, 1.0, 0.5], "loss+": [20.0, 1.0, 1.0]}
+    for kind, values in doubled.items():  # R runs at once ([R, T, D], [R, T]; stacked MGDA): each run's own
+        runs = gradient_normalizers(torch.stack([grads, 2 * grads]), torch.stack([losses, losses]), kind)
+        assert runs.tolist() == [pytest.approx(expected[kind]), pytest.approx(values)]
     with pytest.raises(ValueError, match="none, l2, loss, loss\\+"):
         gradient_normalizers(grads, losses, "L2")

@@ -18,10 +18,9 @@ from training import config, evaluate as evaluation, loop, stacked as stacking
 from training.checkpoint import load
 from training.data import MEMORY_FORMATS
 from training.optim import make_optimizer, parameter_groups
-from weighting import WEIGHTINGS, build_weighting
-from weighting.batched import BATCHED, MIN_NORM_TOLERANCE, STACKED_WEIGHTINGS, batched_min_norm_element, \
-    stack_weightings
-from weighting.min_norm_solvers import find_min_norm_element
+from weighting import build_weighting
+from weighting.batched import STACKED_WEIGHTINGS, StackedWeighting
+from weighting.min_norm_solvers import MIN_NORM_TOLERANCE, batched_min_norm_element, find_min_norm_element
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import gpu_allocation  # noqa: E402
@@ -205,9 +204,9 @@ def test_bad_stacks_fail_with_one_line():
     with pytest.raises(ValueError, match="'vmap' cannot draw Sener-Koltun dropout"):
         stacking.StackedModel([build_model("multi_branch", 9, dropout="sener_koltun")] * 2, "vmap")
     with pytest.raises(ValueError, match="no stacked form of weighting PCGrad"):
-        stack_weightings([build_weighting("pcgrad", 9)] * 2)
+        StackedWeighting([build_weighting("pcgrad", 9)] * 2)
     with pytest.raises(ValueError, match="stacked MGDA solves up to 12 tasks"):
-        stack_weightings([build_weighting("mgda", 13)] * 2)
+        StackedWeighting([build_weighting("mgda", 13)] * 2)
     model = stacking.StackedModel([lenet, lenet])
     with pytest.raises(RuntimeError, match=r"keys \['bu.fc9.weight'\]"):
         model.load_replica_state_dict(0, {**lenet.state_dict(), "bu.fc9.weight": torch.zeros(1)})
@@ -216,8 +215,24 @@ def test_bad_stacks_fail_with_one_line():
         gumbel(torch.zeros(2, 1, 1, 28, 28))
 
 
-def test_stacked_weighting_names_are_the_batched_forms():
-    assert {WEIGHTINGS[name] for name in STACKED_WEIGHTINGS} == set(BATCHED)
+def test_the_stacked_weightings_are_those_of_table2():
+    assert STACKED_WEIGHTINGS == ("uniform", "sum", "gradnorm", "kendall", "mgda")
+
+
+@pytest.mark.parametrize("name", STACKED_WEIGHTINGS)
+def test_stacked_weighting_holds_every_runs_state(name):
+    """Replica r's state dict and task weights are its run's (keys, shapes, values); the parameters are the rule's,
+    stacked."""
+    runs = [build_weighting(name, 4) for _ in range(3)]
+    with torch.no_grad():
+        for r, weighting in enumerate(runs):  # a different state in every run
+            for value in weighting.state_dict().values():
+                value.add_(0.25 * r)
+    stacked = StackedWeighting(runs)
+    for r, weighting in enumerate(runs):
+        assert_close_states(stacked.replica_state_dict(r), weighting.state_dict(), f"replica {r}")
+        torch.testing.assert_close(stacked.weights()[r], weighting.weights())
+    assert [p.shape for p in stacked.parameters()] == [(3, *p.shape) for p in runs[0].parameters()]
 
 
 RUN = ["--epochs", "2", "--subset", "256", "--device", "cpu", "--set", "batch_size=64"]
@@ -288,8 +303,8 @@ def test_interrupted_stacked_group_resumes_to_the_uninterrupted_result(tmp_path,
     (["--seeds", "0,1", "--seed", "3"], "--seeds replaces --seed and trains; drop --seed"),
     (["--seeds", "0,-1"], "expected a count >= 1 (5 = seeds 0..4) or a comma list of seeds >= 0"),
     (["--seeds", "3,"], "--seeds trains a group of 2 or more seeds, got [3]; for one, use --seed"),
-    (["--seeds", "0,1", "--set", "method=\"pcgrad\""], "--seeds: weighting 'pcgrad' has no stacked form; allowed: sum, "
-                                                       "uniform, kendall, gradnorm, mgda, or one --seed per run"),
+    (["--seeds", "0,1", "--set", "method=\"pcgrad\""], "--seeds: weighting 'pcgrad' has no stacked form; allowed: "
+                                                       "uniform, sum, gradnorm, kendall, mgda, or one --seed per run"),
     (["--seeds", "0,1", "--set", "dropout=\"sener_koltun\"", "--set", "method=\"mgda\"", "--stack_mode", "vmap"],
      "--stack_mode: 'vmap' cannot draw dropout masks per replica; allowed: auto, loop")])
 def test_bad_seed_groups_fail_with_one_line(args, message, tmp_path, capsys):

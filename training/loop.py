@@ -29,7 +29,8 @@ from training.optim import base_learning_rates, describe_schedule, lr_factor, ma
 from training.provenance import describe_device, git_commit
 from training.run_dir import close_log, log, open_log, prepare_output_dir, read_checkpoint, resume, write
 from weighting import build_weighting
-from weighting.batched import MAX_MGDA_TASKS, STACKED_WEIGHTINGS
+from weighting.batched import STACKED_WEIGHTINGS
+from weighting.min_norm_solvers import MAX_BATCHED_TASKS
 
 
 # the forward keyword that returns a model's localisation output along with its logits
@@ -85,8 +86,8 @@ def check_stackable(params, num_tasks, mode):
     if params["weighting"] is not None and params["weighting"] not in STACKED_WEIGHTINGS:
         raise config.ParamError(f"--seeds: weighting '{params['weighting']}' has no stacked form; allowed: "
                                 f"{', '.join(STACKED_WEIGHTINGS)}, or one --seed per run")
-    if params["weighting"] == "mgda" and num_tasks > MAX_MGDA_TASKS:
-        raise config.ParamError(f"--seeds: stacked MGDA solves up to {MAX_MGDA_TASKS} tasks, setting "
+    if params["weighting"] == "mgda" and num_tasks > MAX_BATCHED_TASKS:
+        raise config.ParamError(f"--seeds: stacked MGDA solves up to {MAX_BATCHED_TASKS} tasks, setting "
                                 f"'{params['setting']}' has {num_tasks}; allowed: one --seed per run")
     if params["dropout"] != "none" and mode == "vmap":
         raise config.ParamError("--stack_mode: 'vmap' cannot draw dropout masks per replica; allowed: auto, loop")

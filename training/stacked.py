@@ -31,10 +31,10 @@ from torch.func import functional_call, vmap
 from models.gumbel_matrix import GumbelMatrixRouter, add_budget_gradient, allocation_matrix, budget_penalty, \
     router_parameters, set_temperature
 from models.lenet import SenerKoltunDropout
-from runtime import distributed
 from training.data import MEMORY_FORMATS
 from training.optim import base_learning_rates, make_optimizer
-from weighting.batched import stack_weightings
+from weighting import base as weighting_base
+from weighting.batched import StackedWeighting
 
 MODES = ("loop", "vmap")
 
@@ -267,7 +267,7 @@ def stack_runs(runs, params, mode="loop"):
     optimizer)`` as the training script builds them, in ``params``' memory format), each replica holding a copy of
     its run's current state."""
     model = StackedModel([m for m, _, _ in runs], mode, MEMORY_FORMATS[params["memory_format"]])
-    weighting = stack_weightings([w for _, w, _ in runs]) if runs[0][1] is not None else None
+    weighting = StackedWeighting([w for _, w, _ in runs]) if runs[0][1] is not None else None
     optimizer = make_optimizer(params, parameter_groups(params, model, weighting))
     for r, (_, _, separate) in enumerate(runs):
         load_replica_optimizer_state(optimizer, r, separate.state_dict())
@@ -307,16 +307,17 @@ def load_replica_optimizer_state(optimizer, r, saved):
                 mine[key] = value.clone() if torch.is_tensor(value) else value
 
 
-class OneRun:
+class OneRun(weighting_base.OneRun):
     """One run seen as a stack of one (R = 1), so that a single run takes the very training step of a stacked group
     (``training.loop.train_stacked_epoch``): the run's own model (``trained``: its DDP wrapper under torchrun), torch's
     global generator for the model's noise (seeded per epoch, as a run always did), inputs and outputs with a leading
-    replica dimension of 1. ``call`` (evaluation) runs the model itself, not its DDP wrapper."""
+    replica dimension of 1 (``weighting.base.OneRun``, what the weightings see of a run). ``call`` (evaluation) runs
+    the model itself, not its DDP wrapper."""
 
     num_replicas, mode = 1, None
 
     def __init__(self, trained):
-        self.trained, self.model = trained, distributed.unwrap(trained)
+        super().__init__(trained)
         self.dtype = next(self.model.parameters()).dtype
 
     @property
@@ -327,18 +328,11 @@ class OneRun:
         """``fn(model, *args[0])`` with a leading replica dimension of 1 (``StackedModel.call``)."""
         return fn(self.model, *(arg[0] for arg in args))[None]
 
-    def __call__(self, images, *args, **kwargs):
-        out = self.trained(images[0], *(arg[0] for arg in args), **kwargs)
-        return tuple(part[None] for part in out) if isinstance(out, tuple) else out[None]
-
     def train(self):
         self.trained.train()
 
     def eval(self):
         self.trained.eval()
-
-    def per_replica(self, fn, *args):
-        return fn(*(arg[0] for arg in args))[None]
 
     def seed_noise(self, seeds):
         torch.manual_seed(seeds[0])

@@ -14,7 +14,10 @@ VARIANTS = {
 
 
 class Kendall(Weighting):
-    """Kendall uncertainty weighting, default variant 'gal': L = sum_t [exp(-s_t) L_t + s_t], s_t init 0."""
+    """Kendall uncertainty weighting, default variant 'gal': L = sum_t [exp(-s_t) L_t + s_t], s_t init 0
+    (s [T]; stacked, s [R, T] and losses [R, T])."""
+
+    stackable = True
 
     def __init__(self, num_tasks, variant="gal"):
         super().__init__(num_tasks)

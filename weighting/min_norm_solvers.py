@@ -17,13 +17,23 @@ projected-gradient steps with an exact line search, stopped when ||alpha_new - a
 - the iteration count is capped (``max_iter``; SK never increments its counter, SK issue #39);
 - M is computed in float64 and divided by its largest diagonal entry, so the step threshold is scale-free
   (alpha does not depend on the scale of M); all-zero gradients give uniform alpha (every alpha is optimal).
+
+For R problems at once on the device (R stacked runs, weighting/batched.py) ``batched_min_norm_element`` is an exact
+solver with a fixed amount of work (every face of the simplex) and no host synchronisation, equal to
+``find_min_norm_element`` within ``MIN_NORM_TOLERANCE``.
 """
+import functools
+import itertools
+
 import numpy as np
 import torch
 
 STOP_CRIT = 1e-5  # stop when ||alpha_new - alpha||_1 falls below this (SK)
 _MIN_STEP = 1e-7  # boundary-hit steps at or below this are ignored (SK `_next_point`)
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
+MAX_BATCHED_TASKS = 12  # the batched solver enumerates the 2^T - 1 faces of the simplex (4,095 at 12 tasks)
+MIN_NORM_TOLERANCE = 1e-6  # max |alpha - alpha_ref| of the two solvers on float64 problems with a unique minimiser
+_FEASIBLE = -1e-9  # a face's alpha counts as >= 0 down to this
 
 
 def _min_norm_element_from2(v1v1, v1v2, v2v2):
@@ -141,13 +151,59 @@ def find_min_norm_element(grads, max_iter=250):
 def gradient_normalizers(grads, losses, kind):
     """Per-task normalisers n_t for g_t / n_t (SK `multi_task/min_norm_solvers.py` gradient_normalizers).
 
-    ``grads`` [T, ...], ``losses`` [T]; kind: 'none' -> 1, 'l2' -> ||g_t||, 'loss' -> L_t,
-    'loss+' -> L_t ||g_t||. A zero normaliser is replaced by 1 instead of dividing by 0 (it comes from a
-    task without a valid label in the batch, whose loss and gradient are 0).
+    ``grads`` [T, ...], ``losses`` [T] (or R runs': [R, T, ...], [R, T]); kind: 'none' -> 1, 'l2' -> ||g_t||,
+    'loss' -> L_t, 'loss+' -> L_t ||g_t||. A zero normaliser is replaced by 1 instead of dividing by 0 (it comes
+    from a task without a valid label in the batch, whose loss and gradient are 0).
     """
     if kind not in NORMALIZATIONS:
         raise ValueError(f"unknown gradient normalization {kind!r}; valid: {', '.join(NORMALIZATIONS)}")
     grads, losses = grads.detach(), losses.detach().to(grads.dtype)
-    norms = grads.reshape(grads.shape[0], -1).norm(dim=1)
+    norms = grads.reshape(*losses.shape, -1).norm(dim=-1)
     n = {"none": torch.ones_like(norms), "l2": norms, "loss": losses, "loss+": losses * norms}[kind]
     return torch.where(n > 0, n, torch.ones_like(n))
+
+
+@functools.lru_cache(maxsize=None)
+def _faces(num_tasks):
+    """[2^T - 1, T] bool: the support of every face of the simplex, smallest first, then by task index (so that a
+    tie goes to the face that ``find_min_norm_element`` ends on: e.g. the first task without a gradient)."""
+    supports = [s for size in range(1, num_tasks + 1) for s in itertools.combinations(range(num_tasks), size)]
+    faces = torch.zeros(len(supports), num_tasks, dtype=torch.bool)
+    for index, support in enumerate(supports):
+        faces[index, list(support)] = True
+    return faces
+
+
+def batched_min_norm_element(grads):
+    """Min-norm element of the convex hull of each of R problems' task gradients ``grads`` [R, T, D] (SK Eq. 3), T
+    at most ``MAX_BATCHED_TASKS``: alpha [R, T] on the simplex, in ``grads``' dtype and device, with no host
+    synchronisation.
+
+    The minimiser lies in the relative interior of a face whose gradients are affinely independent (Caratheodory),
+    where it is the minimiser of alpha^T M alpha on the face's affine hull (M = G G^T, scaled by its largest
+    diagonal entry as ``find_min_norm_element``). So every face's KKT system [[M_S, 1], [1^T, 0]] is solved at once
+    (``torch.linalg.solve_ex``: no error check, no sync), the solutions with alpha >= 0 are kept and the one of
+    least cost wins: exact, a fixed amount of work, no iteration count. All-zero gradients give uniform alpha."""
+    replicas, tasks = grads.shape[:2]
+    G = grads.detach().flatten(2).double()
+    M = G @ G.transpose(1, 2)
+    scale = M.diagonal(dim1=1, dim2=2).amax(dim=1)
+    M = M / torch.where(scale > 0, scale, 1.0)[:, None, None]
+    faces = _faces(tasks).to(grads.device)  # [S, T]
+    inside = faces[:, :, None] & faces[:, None, :]
+    eye = torch.eye(tasks, dtype=M.dtype, device=M.device)
+    kkt = torch.zeros(replicas, len(faces), tasks + 1, tasks + 1, dtype=M.dtype, device=M.device)
+    kkt[..., :tasks, :tasks] = torch.where(inside, M[:, None], eye * ~faces[:, :, None])  # off the face: alpha_t = 0
+    kkt[..., :tasks, tasks] = faces
+    kkt[..., tasks, :tasks] = faces
+    rhs = torch.zeros(tasks + 1, dtype=M.dtype, device=M.device)
+    rhs[tasks] = 1.0
+    solution, info = torch.linalg.solve_ex(kkt, rhs.expand(replicas, len(faces), tasks + 1))
+    alpha = solution[..., :tasks]
+    feasible = (info == 0) & torch.isfinite(alpha).all(dim=-1) & (alpha >= _FEASIBLE).all(dim=-1)
+    alpha = alpha.clamp(min=0.0).nan_to_num(0.0)
+    alpha = alpha / alpha.sum(dim=-1, keepdim=True).clamp(min=1e-300)
+    cost = torch.einsum("rsi,rij,rsj->rs", alpha, M, alpha).where(feasible, torch.inf)
+    best = alpha.gather(1, cost.argmin(dim=1)[:, None, None].expand(-1, 1, tasks))[:, 0]
+    best = torch.where((scale > 0)[:, None], best, torch.full_like(best, 1.0 / tasks))
+    return best.to(grads.dtype)

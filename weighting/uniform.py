@@ -8,8 +8,10 @@ from .base import Weighting
 class Uniform(Weighting):
     """Uniform scaling: L = sum_t L_t / T (c_t = 1/T as SK's `scales`, not LibMTL EW's c_t = 1)."""
 
+    stackable = True
+
     def combine(self, losses):
-        return losses.mean()
+        return losses.mean(dim=-1).sum()
 
     def weights(self):
         return torch.full((self.num_tasks,), 1.0 / self.num_tasks)
