@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from runtime import distributed
-from training import round_robin
+from training import round_robin, step_graph
 from training.cli import ArgumentParser, command_line, exit_code, non_negative_int, positive_int, seed_list
 from training.evaluate import evaluate_only
 from training.loop import run
@@ -52,6 +52,9 @@ def parse_args(argv):
     parser.add_argument("--stack_mode", choices=("auto", "loop", "vmap"), default="auto", help="how --seeds runs "
                         "its replicas: loop (one after the other), vmap (batched kernels) or auto (loop on CPU, vmap "
                         "on CUDA)")
+    parser.add_argument("--cuda_graphs", choices=step_graph.CHOICES, default="auto", help="replay the training "
+                        "step as a CUDA graph: auto (for --seeds groups on CUDA), on (also one --seed; CUDA only) or "
+                        "off (docs/stacked.md)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--out", help="output dir (default runs/<exp_id>/seed<k>)")
     parser.add_argument("--subset", type=positive_int, help="use only N training and N/5 val/test images (smoke runs)")

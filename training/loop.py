@@ -21,7 +21,7 @@ from models import LOCATION_HEAD_MODELS, TD_MAP_MODELS, build_model, count_param
 from models.gumbel_matrix import allocation_matrix, router_parameters, temperature_schedule
 from runtime import distributed, files
 from runtime.files import REPO
-from training import checkpoint, config, run_lock, stacked, tensorboard_log
+from training import checkpoint, config, run_lock, stacked, step_graph, tensorboard_log
 from training.cli import Interrupted, RunError, resolve_device
 from training.data import MEMORY_FORMATS, MNIST_STATS, data_fingerprint, load_data, normalize
 from training.evaluate import eval_rows, evaluate_stack
@@ -51,6 +51,7 @@ def run(args):
     device = resolve_device(args.device)
     if len(args.seeds) > 1:
         check_stackable(params, num_tasks, args.stack_mode)
+    graphs = step_graph.build(args.cuda_graphs, device, len(args.seeds), params)
     if distributed.launched():
         distributed.init(device)
     outs = run_dirs(args, params)
@@ -59,7 +60,7 @@ def run(args):
         for out in outs:
             distributed.on_main(prepare_output_dir, out, args.resume, args.command)
             locked.append(out)
-        return train(args, params, epochs, device, outs, summary_writer)
+        return train(args, params, epochs, device, outs, summary_writer, graphs)
     finally:
         close_log()
         for out in locked:
@@ -93,10 +94,10 @@ def check_stackable(params, num_tasks, mode):
         raise config.ParamError("--stack_mode: 'vmap' cannot draw dropout masks per replica; allowed: auto, loop")
 
 
-def train(args, params, epochs, device, outs, summary_writer=None):
+def train(args, params, epochs, device, outs, summary_writer=None, graphs=None):
     """The runs of ``args.seeds`` in ``outs`` (locked by this process): build, resume, train, evaluate, write. One
     seed trains its model as it is; several train as one stacked group (``Replicas``), each writing the files of
-    its separate run."""
+    its separate run; ``graphs``: the CUDA graph of the step (``step_graph.build``), or None."""
     num_tasks = NUM_TASKS[params["setting"]]
     runs = []
     for seed in args.seeds:
@@ -131,7 +132,7 @@ def train(args, params, epochs, device, outs, summary_writer=None):
         where = ", ".join(f"seed {seed}: {state['epoch']}" for seed, state in zip(args.seeds, states))
         raise config.ParamError(f"--seeds: the runs stand at different epochs ({where}); a stacked group trains in "
                                 f"step, resume them with one --seed each")
-    group = Replicas(runs, params, device, args.seeds, args.stack_mode)
+    group = Replicas(runs, params, device, args.seeds, args.stack_mode, graphs)
 
     splits = distributed.local_main_first(load_data, params, args.subset, args.data_root or params["data_root"])
     fingerprint = data_fingerprint(splits)
@@ -153,6 +154,7 @@ def train(args, params, epochs, device, outs, summary_writer=None):
         info["stacked"] = {"seeds": args.seeds, "mode": group.mode}
     processes = f" x {info['world_size']} processes" if distributed.is_distributed() else ""
     together = f", {len(args.seeds)} seeds stacked ({group.mode})" if len(args.seeds) > 1 else ""
+    together += ", CUDA graphs" if group.graphs is not None else ""
     log(f"{params['exp_id']}: {params['method']} on {params['setting']}, {info['num_params']} params "
         f"(x{info['params_x']:.3f}), {len(data['train'][0])} train images, {info['device']}{processes}{together}, "
         f"out {outs[0] if len(outs) == 1 else outs[0].parent}")
@@ -244,10 +246,10 @@ class Replicas:
     """The runs that this process trains, all with ``train_stacked_epoch``: one run (its model, weighting and
     optimiser as they are, DDP-wrapped under torchrun; a stack of one), or R runs of one method that differ only in
     their seed, trained as one stacked model (training/stacked.py; ``--seeds``) whose every replica can be read as
-    its separate run."""
+    its separate run. ``graphs``: the group's ``step_graph.StepGraph`` (CUDA graphs of the step), or None."""
 
-    def __init__(self, runs, params, device, seeds, mode="auto"):
-        self.seeds, self.mode = seeds, None
+    def __init__(self, runs, params, device, seeds, mode="auto", graphs=None):
+        self.seeds, self.mode, self.graphs = seeds, None, graphs
         if len(runs) == 1:
             self.model, self.weighting, self.optimizer = runs[0]
             self.stack = stacked.OneRun(distributed.wrap(self.model, device))  # DDP's forward averages the gradients
@@ -261,7 +263,7 @@ class Replicas:
     def train_epoch(self, train, params, epoch, outs, states, stats, locations):
         """One epoch of every run (``train_stacked_epoch``); their mean training losses."""
         return train_stacked_epoch(self.stack, self.step_weighting, self.optimizer, train, params, self.seeds, epoch,
-                                   outs, states, stats, locations)
+                                   outs, states, stats, locations, self.graphs)
 
     def active_fractions(self):
         """Per run, the fraction of active components of every task (Gumbel-Matrix's greedy allocation, [R][T]
@@ -346,20 +348,20 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, out, st
 
 
 def train_stacked_epoch(model, weighting, optimizer, train, params, seeds, epoch, outs, states, stats=MNIST_STATS,
-                        locations=None):
+                        locations=None, graphs=None):
     """One epoch of the runs ``seeds``: ``model`` is a stack of R runs (``stacked.StackedModel``, ``weighting`` a
     ``weighting.batched`` one) or one run (``stacked.OneRun`` and ``stacked.OneWeighting``, R = 1), the same step
-    either way. Run r's data order,
-    task draws and model noise depend only on (seeds[r], epoch), so resuming is exact and a stacked run is its
-    separate run. Inputs carry the replica dimension first ([R, B, ...]). In a distributed run (one run) each rank
-    trains on its part of every global batch and the logged losses are averaged over the ranks: the global batch's,
-    as in one process. ``locations`` (float [N, T, 2], one run) adds the localisation loss ('loc',
-    ``losses.location_loss``), weighted by ``spatial_loss_weight``: on ControlNet's TD map, or on a baseline's
-    location head. The step has static shapes (but for the last, partial batch) and no host synchronisation; the
-    first non-finite loss of a run is reported after the epoch. Returns every run's mean training loss."""
+    either way. Run r's data order, task draws and model noise depend only on (seeds[r], epoch), so resuming is
+    exact and a stacked run is its separate run. Inputs carry the replica dimension first ([R, B, ...]). In a
+    distributed run (one run) each rank trains on its part of every global batch and the logged losses are averaged
+    over the ranks: the global batch's, as in one process. ``locations`` (float [N, T, 2], one run) adds the
+    localisation loss ('loc', ``losses.location_loss``), weighted by ``spatial_loss_weight``: on ControlNet's TD map,
+    or on a baseline's location head. A full batch's step is a function of device tensors only (``train_step``: the
+    batch is picked by a step index tensor, no host synchronisation), captured as a CUDA graph when ``graphs`` (a
+    ``step_graph.StepGraph``) is given; the last, partial batch takes the same step eagerly. The first non-finite
+    loss of a run is reported after the epoch. Returns every run's mean training loss."""
     images, labels = train
     device, n, batch_size, replicas = images.device, len(images), params["batch_size"], len(seeds)
-    memory_format = MEMORY_FORMATS[params["memory_format"]]
     generators = [epoch_generator(seed, epoch) for seed in seeds]
     model.seed_noise([epoch_seed(seed, epoch) for seed in seeds])  # the model's own draws (Gumbel samples, dropout)
     orders = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)  # [R, N]
@@ -368,59 +370,98 @@ def train_stacked_epoch(model, weighting, optimizer, train, params, seeds, epoch
         valid = (labels >= 0).cpu()
         tasks = torch.stack([draw_tasks(valid, g) for g in generators]).to(device)  # [R, N]
     model.train()
-    loss_sum = torch.zeros(replicas, device=device)
-    first_bad = torch.full((replicas,), -1, dtype=torch.int64, device=device)
-    bad_losses = None
-    steps = range(0, n, batch_size)
+    steps, full = -(-n // batch_size), n // batch_size
     routing = params.get("router_options")
-    progress = tqdm(steps, desc=f"epoch {epoch + 1}", leave=False, unit="batch",
-                    disable=not (distributed.is_main() and sys.stderr.isatty()))  # no bar frames in a log file
-    for step, begin in enumerate(progress):
-        batch = orders[:, begin:begin + batch_size]  # the global batches [R, B], the same for any number of processes
-        index = distributed.shard(batch.T).T  # this rank's part of them
-        x = normalize(images[index.flatten()], memory_format, stats).to(model.dtype).unflatten(0, index.shape)
-        optimizer.zero_grad(set_to_none=True)
-        if routing:  # Gumbel-softmax temperature, counted in task-updates as Maziarz et al.'s mnist_train.py
-            update = (epoch * len(steps) + step) * labels.shape[1]
-            model.set_temperature(temperature_schedule(update, routing["temperature_init"], routing["temperature_min"]))
-        if weighting is None:
-            t, batch_tasks = tasks.gather(1, index), tasks.gather(1, batch)
-            divisors = model.per_replica(loss_divisor, labels[batch, batch_tasks])
-            if locations is None:
-                loss = model.per_replica(losses.masked_cross_entropy, model(x, t), labels[index, t].long(), divisors)
-            else:
-                def located_loss(logits, where, y, divisor, xy, batch_xy):
-                    targets = losses.LocationTargets(xy, batch_xy, x.shape[-1], params["spatial_loss_weight"],
-                                                     distributed.world_size())
-                    return losses.masked_cross_entropy(logits, y, divisor) + targets.loss(where)
-                logits, where = model(x, t, **{LOCATION_OUTPUT[params["model"]]: True})
-                loss = model.per_replica(located_loss, logits, where, labels[index, t].long(), divisors,
-                                         locations[index, t], locations[batch, batch_tasks])
-            loss.sum().backward()
-            task_losses = loss.detach()[:, None]
-        else:
-            located = {} if locations is None else {"locations": [losses.LocationTargets(
-                locations[i], locations[b], x.shape[-1], params["spatial_loss_weight"], distributed.world_size())
-                for i, b in zip(index, batch)]}
-            divisors = model.per_replica(loss_divisor, labels[batch])
-            task_losses = weighting.backward(model, x, labels[index].long(), divisors, **located)
-            distributed.average_gradients(weighting.parameters())
-        if routing and routing["budget_penalty"] > 0:
-            model.add_budget_gradient(routing["budget"], routing["budget_penalty"])
-        task_losses = distributed.mean(task_losses)
+    temperatures = None
+    if routing:  # Gumbel-softmax temperature, counted in task-updates as Maziarz et al.'s mnist_train.py
+        temperatures = torch.tensor([temperature_schedule((epoch * steps + step) * labels.shape[1],
+                                                          routing["temperature_init"], routing["temperature_min"])
+                                     for step in range(steps)], dtype=model.dtype, device=device)
+    live = {"orders": orders, "tasks": tasks, "temperatures": temperatures,
+            "step": torch.zeros(1, dtype=torch.int64, device=device),
+            "loss_sum": torch.zeros(replicas, device=device),
+            "first_bad": torch.full((replicas,), -1, dtype=torch.int64, device=device),
+            "bad_losses": torch.zeros(replicas, 1 if weighting is None else labels.shape[1], dtype=model.dtype,
+                                      device=device)}
+    if graphs is not None:
+        live = graphs.stage(live, (images.data_ptr(), labels.data_ptr(), n, batch_size, id(model), id(weighting),
+                                   id(optimizer), tuple(map(id, model.noise_generators()))))
+    parameters = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+
+    def gradients(batch):
+        train_step(model, weighting, optimizer, images, labels, params, stats, locations, live, batch)
+        return [parameter.grad for parameter in parameters]
+
+    def full_batch():  # batch number live["step"] of the epoch's order
+        return gradients(live["orders"][:, :full * batch_size].view(replicas, full, batch_size)
+                         .index_select(1, live["step"])[:, 0])
+
+    def update():
         optimizer.step()
         if weighting is not None:
             weighting.after_step()
-        step_loss = task_losses.mean(dim=1)
-        loss_sum += step_loss
-        newly_bad = (first_bad < 0) & ~torch.isfinite(step_loss)
-        first_bad = torch.where(newly_bad, step, first_bad)
-        bad_losses = task_losses if bad_losses is None else torch.where(newly_bad[:, None], task_losses, bad_losses)
-    for r, bad in enumerate(first_bad.tolist()):
+
+    progress = tqdm(range(steps), desc=f"epoch {epoch + 1}", leave=False, unit="batch",
+                    disable=not (distributed.is_main() and sys.stderr.isatty()))  # no bar frames in a log file
+    for step in progress:
+        if step == full:
+            gradients(live["orders"][:, full * batch_size:])  # the partial batch
+            update()
+        elif graphs is not None:
+            graphs.step(full_batch, update, parameters, model.noise_generators())
+        else:
+            full_batch()
+            update()
+    for r, bad in enumerate(live["first_bad"].tolist()):
         if bad >= 0:
             report_nonfinite(bad, epoch, params, orders[r], None if tasks is None else tasks[r], batch_size, outs[r],
-                             states[r], bad_losses[r])
-    return [float(total) / len(steps) for total in loss_sum.tolist()]
+                             states[r], live["bad_losses"][r])
+    return [float(total) / steps for total in live["loss_sum"].tolist()]
+
+
+def train_step(model, weighting, optimizer, images, labels, params, stats, locations, live, batch):
+    """The gradients of one step of every run on ``batch`` [R, B] (indices into ``images``, the global batches, the
+    same for any number of processes), from device tensors only: the epoch's task draws, temperatures and step
+    index ``live["step"]``, which the step advances by one after adding its losses to ``live``'s loss sum and
+    first non-finite step and losses of every run."""
+    index = distributed.shard(batch.T).T  # this rank's part of the global batches
+    x = normalize(images[index.flatten()], MEMORY_FORMATS[params["memory_format"]], stats).to(model.dtype) \
+        .unflatten(0, index.shape)
+    optimizer.zero_grad(set_to_none=True)
+    routing = params.get("router_options")
+    if routing:
+        model.set_temperature(live["temperatures"].index_select(0, live["step"])[0])
+    if weighting is None:
+        t, batch_tasks = live["tasks"].gather(1, index), live["tasks"].gather(1, batch)
+        divisors = model.per_replica(loss_divisor, labels[batch, batch_tasks])
+        if locations is None:
+            loss = model.per_replica(losses.masked_cross_entropy, model(x, t), labels[index, t].long(), divisors)
+        else:
+            def located_loss(logits, where, y, divisor, xy, batch_xy):
+                targets = losses.LocationTargets(xy, batch_xy, x.shape[-1], params["spatial_loss_weight"],
+                                                 distributed.world_size())
+                return losses.masked_cross_entropy(logits, y, divisor) + targets.loss(where)
+            logits, where = model(x, t, **{LOCATION_OUTPUT[params["model"]]: True})
+            loss = model.per_replica(located_loss, logits, where, labels[index, t].long(), divisors,
+                                     locations[index, t], locations[batch, batch_tasks])
+        loss.sum().backward()
+        task_losses = loss.detach()[:, None]
+    else:
+        located = {} if locations is None else {"locations": [losses.LocationTargets(
+            locations[i], locations[b], x.shape[-1], params["spatial_loss_weight"], distributed.world_size())
+            for i, b in zip(index, batch)]}
+        divisors = model.per_replica(loss_divisor, labels[batch])
+        task_losses = weighting.backward(model, x, labels[index].long(), divisors, **located)
+        distributed.average_gradients(weighting.parameters())
+    if routing and routing["budget_penalty"] > 0:
+        model.add_budget_gradient(routing["budget"], routing["budget_penalty"])
+    task_losses = distributed.mean(task_losses)
+    step_loss = task_losses.mean(dim=1)
+    live["loss_sum"].add_(step_loss)
+    newly_bad = (live["first_bad"] < 0) & ~torch.isfinite(step_loss)
+    live["first_bad"].copy_(torch.where(newly_bad, live["step"], live["first_bad"]))
+    live["bad_losses"].copy_(torch.where(newly_bad[:, None], task_losses, live["bad_losses"]))
+    live["step"].add_(1)
 
 
 def loss_divisor(labels):

@@ -113,7 +113,14 @@ class StackedModel(nn.Module):
         """One generator per replica for the model's own draws, seeded as its separate run seeds torch's generator
         (``torch.manual_seed(seed)`` seeds the CPU and CUDA generators alike)."""
         device = self.stacked[0].device
-        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        if self.generators is None or len(self.generators) != len(seeds):
+            self.generators = [torch.Generator(device=device) for _ in seeds]
+        for generator, seed in zip(self.generators, seeds):  # the same generators every epoch (a CUDA graph's)
+            generator.manual_seed(seed)
+
+    def noise_generators(self):
+        """The generators of the model's own draws that a CUDA graph of the step must register."""
+        return list(self.generators or []) if self.routers or self.dropouts else []
 
     @contextlib.contextmanager
     def held_dropout_masks(self):
@@ -336,6 +343,10 @@ class OneRun(weighting_base.OneRun):
 
     def seed_noise(self, seeds):
         torch.manual_seed(seeds[0])
+
+    def noise_generators(self):
+        """None beyond torch's default generator, which a CUDA graph registers by itself."""
+        return []
 
     def set_temperature(self, temperature):
         set_temperature(self.model, temperature)

@@ -164,14 +164,15 @@ def gradient_normalizers(grads, losses, kind):
 
 
 @functools.lru_cache(maxsize=None)
-def _faces(num_tasks):
-    """[2^T - 1, T] bool: the support of every face of the simplex, smallest first, then by task index (so that a
-    tie goes to the face that ``find_min_norm_element`` ends on: e.g. the first task without a gradient)."""
+def _faces(num_tasks, device="cpu"):
+    """[2^T - 1, T] bool on ``device``: the support of every face of the simplex, smallest first, then by task index
+    (so that a tie goes to the face that ``find_min_norm_element`` ends on: e.g. the first task without a gradient).
+    Cached per device: a training step captured as a CUDA graph copies nothing from the host."""
     supports = [s for size in range(1, num_tasks + 1) for s in itertools.combinations(range(num_tasks), size)]
     faces = torch.zeros(len(supports), num_tasks, dtype=torch.bool)
     for index, support in enumerate(supports):
         faces[index, list(support)] = True
-    return faces
+    return faces.to(device)
 
 
 def batched_min_norm_element(grads):
@@ -189,7 +190,7 @@ def batched_min_norm_element(grads):
     M = G @ G.transpose(1, 2)
     scale = M.diagonal(dim1=1, dim2=2).amax(dim=1)
     M = M / torch.where(scale > 0, scale, 1.0)[:, None, None]
-    faces = _faces(tasks).to(grads.device)  # [S, T]
+    faces = _faces(tasks, grads.device)  # [S, T]
     inside = faces[:, :, None] & faces[:, None, :]
     eye = torch.eye(tasks, dtype=M.dtype, device=M.device)
     kkt = torch.zeros(replicas, len(faces), tasks + 1, tasks + 1, dtype=M.dtype, device=M.device)
