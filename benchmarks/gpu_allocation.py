@@ -7,16 +7,19 @@ device, project the time of the full protocol, then train as many groups as fit 
         --runs_dir /tmp/alloc --budget_s 120                                # a tiny check of the command on CPU
 
 A group is one cell of Table 2 (a method on a setting) with its ``--replicas`` seeds stacked (training/stacked.py).
-For each group and stacking mode (``loop``, ``vmap``) the command trains one warm-up epoch and one timed epoch of
-``--probe_steps`` steps on random data of the right shapes, and times the evaluation of all replicas on
-``--eval_images`` images in its faster mode (the training loop's ``evaluate_stack``, all tasks of an image at once).
-The projection of a group is ``epochs x (steps per epoch x ms/step of its faster mode + 2 x val/test images /
+For each group, stacking mode (``loop``, ``vmap``) and, on CUDA, without and with CUDA graphs of the step
+(``+graphs``: training/step_graph.py) the command trains one warm-up epoch and one timed epoch of ``--probe_steps``
+steps on random data of the right shapes (a graphed path captures after 3 eager steps and is used only if its
+weights then equal its eager mode's, ``graph_check``), and times the evaluation of all replicas on ``--eval_images``
+images in the mode of its fastest path (the training loop's ``evaluate_stack``, all tasks of an image at once). The
+projection of a group is ``epochs x (steps per epoch x ms/step of its fastest path + 2 x val/test images /
 eval_images x eval time)`` with the protocol's 50,000 training, 10,000 validation and 10,000 test images; the total
 is the sum over the groups run one after the other. Then the groups train, quickest first, each as one process of
-the training script (``--seeds``, its faster mode) into <runs_dir>/<setting>/<method>/seed<k>, resumed where an
-earlier allocation stopped; when the budget runs out the running group gets Ctrl-C (its last finished epoch is
-kept). Figures (device, per-group ms/step of each mode, the chosen mode, projected seconds, the cells finished) go
-to benchmarks/results/gpu_allocation-<device>.json (or ``--out``) when the code is a clean commit.
+the training script (``--seeds``, its fastest path: ``--stack_mode``, ``--cuda_graphs``) into
+<runs_dir>/<setting>/<method>/seed<k>, resumed where an earlier allocation stopped; when the budget runs out the
+running group gets Ctrl-C (its last finished epoch is kept). Figures (device, per-group ms/step of each path, the
+chosen one, the graph checks, projected seconds, the cells finished) go to
+benchmarks/results/gpu_allocation-<device>.json (or ``--out``) when the code is a clean commit.
 """
 import argparse
 import json
@@ -35,7 +38,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from loaders import NUM_TASKS  # noqa: E402
-from training import cli, config, loop, stacked as stacking  # noqa: E402
+from training import cli, config, loop, stacked as stacking, step_graph  # noqa: E402
 from training.data import MEMORY_FORMATS  # noqa: E402
 from training.evaluate import eval_rows, evaluate_stack  # noqa: E402
 from training.provenance import describe_device, git_commit  # noqa: E402
@@ -45,6 +48,7 @@ from bench_stacked import (  # noqa: E402
 
 SETTINGS = ("2digits", "4digits", "9digits", "9digits_byref")
 TRAIN_IMAGES, EVAL_IMAGES = 50_000, 10_000  # the held-out protocol: MNIST train[:50k], val train[50k:], test
+GRAPHED = "+graphs"  # a path with its full-batch steps replayed from a CUDA graph (training/step_graph.py)
 
 
 def parse_args(argv):
@@ -79,31 +83,64 @@ def measure_group(method, setting, args, device):
     data = random_data(setting, args.batch_size * args.probe_steps, num_tasks, device)
     seeds = list(range(args.replicas))
     runs = build_runs(params, seeds, num_tasks, device)
-    paths, ms_per_step, stacks = {}, {}, {}
+    paths, ms_per_step, stacks, graphs = {}, {}, {}, {}
     for mode in stacking.MODES:
-        try:
-            stacks[mode] = stacking.stack_runs(runs, params, mode)
-        except ValueError as err:  # e.g. vmap with dropout
-            ms_per_step[mode] = f"n/a: {err}"
-            continue
-        paths[mode] = lambda epoch, stack=stacks[mode]: loop.train_stacked_epoch(
-            *stack, data, params, seeds, epoch, [None] * len(seeds), [{"epoch": 0}] * len(seeds))
-    ms_per_step.update({mode: round(ms, 3) for mode, ms in fastest_step_ms(paths, 1, args.probe_steps, device).items()})
-    timed = {mode: value for mode, value in ms_per_step.items() if isinstance(value, float)}
-    mode = min(timed, key=timed.get)
+        for graphed in (False, True):
+            path = f"{mode}{GRAPHED if graphed else ''}"
+            if graphed and device.type != "cuda":
+                ms_per_step[path] = "n/a: CUDA graphs need a CUDA device"
+                continue
+            try:
+                stacks[path] = stacking.stack_runs(runs, params, mode)
+            except ValueError as err:  # e.g. vmap with dropout
+                ms_per_step[path] = f"n/a: {err}"
+                continue
+            graphs[path] = step_graph.StepGraph(step_graph.CudaBackend(device)) if graphed else None
+            paths[path] = lambda epoch, stack=stacks[path], graph=graphs[path]: loop.train_stacked_epoch(
+                *stack, data, params, seeds, epoch, [None] * len(seeds), [{"epoch": 0}] * len(seeds), graphs=graph)
+    ms_per_step.update({path: round(ms, 3) for path, ms in fastest_step_ms(paths, 1, args.probe_steps, device).items()})
+    graph_check = check_graphs(stacks, graphs, [model for model, _, _ in runs])
+    for path, check in graph_check.items():
+        if not check.startswith("equal"):
+            ms_per_step[path] = f"not used: {check} ({ms_per_step[path]} ms/step)"
+    timed = {path: value for path, value in ms_per_step.items() if isinstance(value, float)}
+    fastest = min(timed, key=timed.get)
     images, labels = random_data(setting, args.eval_images, num_tasks, device)
     memory_format, rows = MEMORY_FORMATS[params["memory_format"]], eval_rows(params, device)
     eval_s = []
     for _ in range(2):  # the first pass warms up
         synchronize(device)
         start = time.perf_counter()
-        evaluate_stack(stacks[mode][0], images, labels, num_tasks, rows, memory_format, with_loss=True)
+        evaluate_stack(stacks[fastest.removesuffix(GRAPHED)][0], images, labels, num_tasks, rows, memory_format,
+                       with_loss=True)
         synchronize(device)
         eval_s.append(time.perf_counter() - start)
     steps = math.ceil(TRAIN_IMAGES / args.batch_size)
-    projected = args.epochs * (steps * timed[mode] / 1000 + 2 * EVAL_IMAGES / args.eval_images * eval_s[1])
-    return {"ms_per_step": ms_per_step, "mode": mode, "eval_s_per_pass": round(eval_s[1], 4),
-            "projected_s": round(projected, 1)}
+    projected = args.epochs * (steps * timed[fastest] / 1000 + 2 * EVAL_IMAGES / args.eval_images * eval_s[1])
+    return {"ms_per_step": ms_per_step, "mode": fastest.removesuffix(GRAPHED), "cuda_graphs": fastest.endswith(GRAPHED),
+            "graph_check": graph_check, "eval_s_per_pass": round(eval_s[1], 4), "projected_s": round(projected, 1)}
+
+
+def check_graphs(stacks, graphs, models):
+    """Every graphed path against its eager mode, both trained the same epochs from the same runs: 'equal' (the
+    largest weight difference below 1% of the largest weight change of the eager path, float32 and atomic-add
+    order) with both figures, or why not (a failed capture, other weights)."""
+    checks = {}
+    for path, graph in graphs.items():
+        if graph is None:
+            continue
+        if graph.failed is not None or graph.replay is None:
+            checks[path] = f"not captured: {graph.failed or 'too few steps'}"
+            continue
+        eager, graphed = stacks[path.removesuffix(GRAPHED)][0], stacks[path][0]
+        difference = change = 0.0
+        for r, model in enumerate(models):  # the runs' models keep their initial weights
+            mine, theirs, initial = graphed.replica_state_dict(r), eager.replica_state_dict(r), model.state_dict()
+            difference = max([difference] + [float((mine[key] - theirs[key]).abs().max()) for key in theirs])
+            change = max([change] + [float((theirs[key] - initial[key]).abs().max()) for key in theirs])
+        checks[path] = f"{'equal' if difference <= 0.01 * change else 'differs'}: max |graphed - eager| " \
+                       f"{difference:.3g}, max eager change {change:.3g}"
+    return checks
 
 
 def train_groups(groups, args, device, started):
@@ -124,7 +161,7 @@ def train_groups(groups, args, device, started):
         command = [sys.executable, str(REPO / "train_multi_task_counter_stream.py"), "--param_file",
                    str(REPO / "params" / f"mmnist_{setting}_{method}.json"), "--seeds", ",".join(map(str, seeds)),
                    "--epochs", str(args.epochs), "--out", str(out), "--device", str(device),
-                   "--stack_mode", groups[cell]["mode"]]
+                   "--stack_mode", groups[cell]["mode"], "--cuda_graphs", "on" if groups[cell]["cuda_graphs"] else "off"]
         command += ["--subset", str(args.subset)] if args.subset else []
         command += ["--resume"] if any((out / f"seed{seed}" / "checkpoint.pt").exists() for seed in seeds) else []
         process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -164,7 +201,8 @@ def main(argv=None):
     for setting in args.settings.split(","):
         for method in args.methods.split(","):
             groups[f"{setting}/{method}"] = figures = measure_group(method, setting, args, device)
-            print(f"{setting:14s} {method:16s} ms/step {figures['ms_per_step']} -> {figures['mode']}, eval "
+            print(f"{setting:14s} {method:16s} ms/step {figures['ms_per_step']} -> {figures['mode']}"
+                  f"{GRAPHED if figures['cuda_graphs'] else ''}, eval "
                   f"{figures['eval_s_per_pass']}s per pass, projected {figures['projected_s']}s", flush=True)
     total = sum(group["projected_s"] for group in groups.values())
     results = {"command": " ".join(["python", "benchmarks/gpu_allocation.py"] + (argv or sys.argv[1:])),
