@@ -77,8 +77,8 @@ def test_step_of_device_tensors_equals_a_loop_over_slices(float64, param_file, o
 
 class FakeBackend:
     """``step_graph.CudaBackend`` on CPU: a warm-up runs the step; a capture records the gradient function without
-    running it (a CUDA capture records kernels without their effects) and may raise ``fail``; a replay runs it and
-    writes its gradients into the tensors that the first replay returned (a graph's fixed outputs)."""
+    running it (a CUDA capture records kernels without their effects) or raises ``fail`` as a capture does; a replay
+    runs it and writes its gradients into the tensors that the first replay returned (a graph's fixed outputs)."""
 
     def __init__(self, fail=None):
         self.fail, self.warmups, self.captures, self.replays, self.generators = fail, 0, 0, 0, None
@@ -88,8 +88,11 @@ class FakeBackend:
         step()
 
     def capture(self, gradients, generators):
-        if self.fail:
-            raise self.fail
+        if self.fail:  # raised inside the capture, then by capture_end on leaving it
+            try:
+                raise self.fail
+            finally:
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
         self.captures += 1
         self.generators = generators
         outputs = []

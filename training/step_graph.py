@@ -38,11 +38,14 @@ class CudaBackend:
     def capture(self, gradients, generators):
         """A replay function of the captured ``gradients``: each call replays the graph and returns the gradient
         tensors that the capture produced (refilled by the replay)."""
-        graph = torch.cuda.CUDAGraph()
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream(self.device)
         for generator in generators:
             graph.register_generator_state(generator)
-        with torch.cuda.graph(graph):
-            outputs = gradients()
+        try:
+            with torch.cuda.graph(graph):
+                outputs = gradients()
+        finally:
+            torch.cuda.set_stream(stream)  # a capture that failed in capture_end leaves its own stream current
 
         def replay():
             graph.replay()
@@ -78,6 +81,8 @@ class StepGraph:
             try:
                 self.replay = self.backend.capture(gradients, generators)
             except Exception as err:  # the run goes on eagerly; the graph is an optimisation
+                while err.__context__ is not None:  # the first error, not capture_end's on leaving the capture
+                    err = err.__context__
                 self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 log(f"CUDA graph capture failed ({self.failed}); the training step runs eagerly")
                 for parameter in parameters:
