@@ -96,8 +96,8 @@ def measure_group(method, setting, args, device):
                 ms_per_step[path] = f"n/a: {err}"
                 continue
             graphs[path] = step_graph.StepGraph(step_graph.CudaBackend(device)) if graphed else None
-            paths[path] = lambda epoch, stack=stacks[path], graph=graphs[path]: loop.train_stacked_epoch(
-                *stack, data, params, seeds, epoch, [None] * len(seeds), [{"epoch": 0}] * len(seeds), graphs=graph)
+            paths[path] = lambda epoch, stack=stacks[path], graph=graphs[path]: probe_epoch(
+                stack, data, params, seeds, epoch, graph)
     ms_per_step.update({path: round(ms, 3) for path, ms in fastest_step_ms(paths, 1, args.probe_steps, device).items()})
     graph_check = check_graphs(stacks, graphs, [model for model, _, _ in runs])
     for path, check in graph_check.items():
@@ -119,6 +119,19 @@ def measure_group(method, setting, args, device):
     projected = args.epochs * (steps * timed[fastest] / 1000 + 2 * EVAL_IMAGES / args.eval_images * eval_s[1])
     return {"ms_per_step": ms_per_step, "mode": fastest.removesuffix(GRAPHED), "cuda_graphs": fastest.endswith(GRAPHED),
             "graph_check": graph_check, "eval_s_per_pass": round(eval_s[1], 4), "projected_s": round(projected, 1)}
+
+
+def probe_epoch(stack, data, params, seeds, epoch, graph):
+    """One epoch of a measured path; an error of a graphed one (not yet run on a GPU) is its graph's failure, so
+    that the command goes on without that path."""
+    try:
+        loop.train_stacked_epoch(*stack, data, params, seeds, epoch, [None] * len(seeds), [{"epoch": 0}] * len(seeds),
+                                 graphs=graph)
+    except Exception as err:
+        if graph is None:
+            raise
+        graph.failed = graph.failed or f"{type(err).__name__}: {err}".splitlines()[0]
+        graph.replay = None
 
 
 def check_graphs(stacks, graphs, models):
@@ -161,7 +174,8 @@ def train_groups(groups, args, device, started):
         command = [sys.executable, str(REPO / "train_multi_task_counter_stream.py"), "--param_file",
                    str(REPO / "params" / f"mmnist_{setting}_{method}.json"), "--seeds", ",".join(map(str, seeds)),
                    "--epochs", str(args.epochs), "--out", str(out), "--device", str(device),
-                   "--stack_mode", groups[cell]["mode"], "--cuda_graphs", "on" if groups[cell]["cuda_graphs"] else "off"]
+                   "--stack_mode", groups[cell]["mode"],
+                   "--cuda_graphs", "on" if groups[cell]["cuda_graphs"] else "off"]
         command += ["--subset", str(args.subset)] if args.subset else []
         command += ["--resume"] if any((out / f"seed{seed}" / "checkpoint.pt").exists() for seed in seeds) else []
         process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

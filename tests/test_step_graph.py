@@ -13,7 +13,8 @@ from models.gumbel_matrix import add_budget_gradient, set_temperature, temperatu
 from training import config, loop, stacked as stacking, step_graph
 from training.data import MEMORY_FORMATS, MNIST_STATS, normalize
 
-from test_stacked import RUN, assert_close_states, float64, run_script, separate_run, toy_data  # noqa: F401
+from test_stacked import RUN, assert_close_states, float64, gpu_allocation, run_script, separate_run, \
+    toy_data  # noqa: F401
 
 EXACT = {"rtol": 0.0, "atol": 0.0}
 
@@ -177,6 +178,31 @@ def test_failed_capture_runs_eagerly_with_one_line(float64, capsys):
     assert (backend.warmups, backend.captures, backend.replays) == (2, 0, 0)
 
 
+class BrokenWarmUp(FakeBackend):
+    def warm_up(self, step):
+        raise ValueError("boom\nmore")
+
+
+def test_gpu_allocation_uses_a_graphed_path_only_if_it_equals_its_eager_mode(float64):
+    """benchmarks/gpu_allocation.py's check of a graphed path against its eager mode after the same epochs: equal,
+    differing weights (an epoch more), a failed warm-up (the command goes on without the path)."""
+    params = config.load_params("params/mmnist_9digits_kendall.json", ["batch_size=4"])
+    data, seeds = toy_data(params["setting"], n=12), [0, 1]
+    runs = [separate_run(params, seed, 9) for seed in seeds]
+    paths = ("loop", "loop+graphs", "vmap+graphs")
+    stacks = {path: stacking.stack_runs(runs, params, "loop") for path in paths}
+    graphs = {"loop": None, "loop+graphs": step_graph.StepGraph(FakeBackend(), warmup=1),
+              "vmap+graphs": step_graph.StepGraph(BrokenWarmUp(), warmup=1)}
+    for path in paths:
+        gpu_allocation.probe_epoch(stacks[path], data, params, seeds, 0, graphs[path])
+    checks = gpu_allocation.check_graphs(stacks, graphs, [model for model, _, _ in runs])
+    assert checks["loop+graphs"].startswith("equal: max |graphed - eager| 0, max eager change ")
+    assert checks["vmap+graphs"] == "not captured: ValueError: boom"
+    gpu_allocation.probe_epoch(stacks["loop+graphs"], data, params, seeds, 1, graphs["loop+graphs"])
+    assert gpu_allocation.check_graphs(stacks, graphs, [model for model, _, _ in runs])["loop+graphs"] \
+        .startswith("differs: ")
+
+
 def test_cuda_graphs_switch(tmp_path, capsys):
     """auto captures stacked groups on CUDA only; 'on' where no graph can be captured fails with one line."""
     params = config.load_params("params/mmnist_9digits_controlnet.json")
@@ -190,7 +216,8 @@ def test_cuda_graphs_switch(tmp_path, capsys):
     code, captured = run_script(capsys, "--param_file", "params/mmnist_2digits_uniform_scaling.json", *RUN,
                                 "--seeds", "0,1", "--cuda_graphs", "on", "--out", tmp_path / "group")
     lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert code == 2 and lines == ["error: --cuda_graphs on: it needs a CUDA device; allowed here: auto, off"], captured.err
+    assert lines == ["error: --cuda_graphs on: it needs a CUDA device; allowed here: auto, off"], captured.err
+    assert code == 2
     assert not (tmp_path / "group").exists()
 
 
