@@ -16,8 +16,6 @@ from training.data import MEMORY_FORMATS, MNIST_STATS, normalize
 from test_stacked import RUN, assert_close_states, float64, gpu_allocation, run_script, separate_run, \
     toy_data  # noqa: F401
 
-EXACT = {"rtol": 0.0, "atol": 0.0}
-
 
 def reference_epoch(model, weighting, optimizer, data, params, seed, epoch):
     """One epoch of one run as a plain loop over slices of its order, written out from the paper's protocol: the
