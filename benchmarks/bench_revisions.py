@@ -11,7 +11,7 @@ epoch, then ``--epochs`` timed epochs of ``--steps`` steps, the two revisions ta
 both see the same load of a shared machine; a figure is the fastest timed epoch's time per step in ms. Two ratios
 this checkout / base (below 1: this checkout is faster): of the fastest epochs, and the median over the timed epochs
 of the two revisions' times in the same epoch (steadier when the load changes during the run). The figures go to
-benchmarks/results/revisions-<base>-<device-tag>[-quick].json, only when this checkout is a clean commit. The base
+runs/benchmarks/revisions-<base>-<device-tag>[-quick].json (or ``--out``), only when this checkout is a clean commit. The base
 must have the package layout of docs/architecture.md (``training/loop.py``).
 """
 import argparse
@@ -29,7 +29,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # train_epoch's progress bar; must b
 
 import torch  # noqa: E402
 
-from bench_stacked import TABLE2, device_tag, random_data, step_ms, write_if_clean  # noqa: E402
+from bench_stacked import TABLE2, device_tag, out_path, random_data, step_ms, write_if_clean  # noqa: E402
 from training import cli  # noqa: E402
 from training.provenance import describe_device, git_commit  # noqa: E402
 
@@ -45,7 +45,7 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=4, help="training steps per epoch (default 4)")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs after the warm-up one (default 3)")
     parser.add_argument("--methods", default=",".join(TABLE2), help="comma list (default: the Table 2 methods)")
-    parser.add_argument("--out", help="results JSON (default benchmarks/results/revisions-<base>-<device>[-quick].json)")
+    parser.add_argument("--out", help="results JSON (default runs/benchmarks/revisions-<base>-<device>[-quick].json)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods.split(",")) - set(TABLE2))
     if unknown or min(args.steps, args.epochs) < 1:
@@ -130,7 +130,7 @@ def main(argv=None):
                   f"{ratios['fastest']:.3f} (fastest epochs), {ratios['median_paired']:.3f} (median of the epochs)",
                   flush=True)
     name = f"revisions-{base_commit}-{device_tag(device)}{'-quick' if args.quick else ''}.json"
-    write_if_clean(results, Path(args.out) if args.out else REPO / "benchmarks" / "results" / name)
+    write_if_clean(results, out_path(args.out, name))
     return 0
 
 

@@ -14,8 +14,8 @@ random digit labels (the speed of a step does not depend on them; by reference, 
 undefined). Each path trains one warm-up epoch (or evaluates once), then ``--epochs`` timed epochs of ``--steps``
 steps (evaluations), the paths taking turns; a figure is the fastest timed epoch's time per step (evaluation), in
 ms, for all R runs together. Ratios are stacked / separate, within one run
-of this script (below 1: stacked is faster). The figures go to benchmarks/results/stacked-<device-tag>[-quick].json,
-and only when the code is a clean commit.
+of this script (below 1: stacked is faster). The figures go to runs/benchmarks/stacked-<device-tag>[-quick].json (or
+``--out``), and only when the code is a clean commit.
 """
 import argparse
 import os
@@ -53,6 +53,7 @@ def parse_args(argv):
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up one (default 2)")
     parser.add_argument("--methods", default=",".join(TABLE2), help="comma list (default: the Table 2 methods)")
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma list of memory formats")
+    parser.add_argument("--out", help="results JSON (default runs/benchmarks/stacked-<device-tag>[-quick].json)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods.split(",")) - set(config.METHODS)) + \
         sorted(set(args.formats.split(",")) - set(FORMATS))
@@ -180,13 +181,19 @@ def main(argv=None):
                   f"{figures['stacked_over_separate']}  evaluation ms {figures['eval_ms']}  stacked/separate "
                   f"{figures['eval_stacked_over_separate']}", flush=True)
     name = f"stacked-{device_tag(device)}{'-quick' if args.quick else ''}.json"
-    write_if_clean(results, REPO / "benchmarks" / "results" / name)
+    write_if_clean(results, out_path(args.out, name))
     return 0
 
 
 def device_tag(device):
     """'cpu', or the GPU's name without spaces: the suffix of a results file."""
     return "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-")
+
+
+def out_path(out, name):
+    """Where a benchmark writes its figures: ``--out``, else runs/benchmarks/<name> (never over a committed file of
+    benchmarks/results/ unless told to)."""
+    return Path(out) if out else REPO / "runs" / "benchmarks" / name
 
 
 def write_if_clean(results, out):
@@ -196,6 +203,7 @@ def write_if_clean(results, out):
     if commit.endswith("-dirty") or commit == "unknown":
         print(f"not written to {out}: the code is not a clean commit ({commit})")
         return
+    out.parent.mkdir(parents=True, exist_ok=True)
     files.write_json(results, out)
     print(f"written to {out}")
 

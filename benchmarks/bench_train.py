@@ -19,12 +19,11 @@ ControlNet on 9 digits by location, one epoch each, from the same initial weight
 An epoch is train + evaluation of every task on val and test (what the training script does; the original
 evaluated the test split only, the reference here does the same work as ours). Evaluation speed counts
 image-task pairs. Then every Table 2 method is timed for one epoch of our path. Figures go to
-``benchmarks/results/<device-tag>[-quick].json``; see benchmarks/README.md.
+``runs/benchmarks/<device-tag>[-quick].json`` (or ``--out``); see benchmarks/README.md.
 """
 import copy
 import ctypes
 import gc
-import json
 import os
 import platform
 import re
@@ -43,6 +42,7 @@ import torch  # noqa: E402
 
 from loaders import NUM_TASKS  # noqa: E402
 from models import build_model  # noqa: E402
+from runtime import files  # noqa: E402
 from training import cli, config, evaluate, loop, optim, provenance  # noqa: E402
 from training.data import MEMORY_FORMATS, load_data  # noqa: E402
 from weighting import build_weighting  # noqa: E402
@@ -351,7 +351,7 @@ def parse_args(argv):
     parser.add_argument("--contiguous", action="store_true", help="extra row: our path without channels_last")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for the main process (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="result JSON (default benchmarks/results/<device-tag>[-quick].json)")
+    parser.add_argument("--out", help="result JSON (default runs/benchmarks/<device-tag>[-quick].json)")
     args = parser.parse_args(argv)
     args.methods = TABLE2 if args.methods == "all" else [] if args.methods == "none" else args.methods.split(",")
     unknown = sorted(set(args.methods) - set(config.METHODS))
@@ -439,9 +439,9 @@ def main(argv=None):
         "variants": variants, "methods_epoch": methods,
     }
     out = Path(args.out) if args.out else \
-        REPO / "benchmarks" / "results" / f"{device_tag(device)}{'-quick' if args.quick else ''}.json"
+        REPO / "runs" / "benchmarks" / f"{device_tag(device)}{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    files.write_json(result, out)
     print(f"\nwrote {out}")
     return 0
 

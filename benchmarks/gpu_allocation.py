@@ -19,7 +19,7 @@ the training script (``--seeds``, its fastest path: ``--stack_mode``, ``--cuda_g
 <runs_dir>/<setting>/<method>/seed<k>, resumed where an earlier allocation stopped; when the budget runs out the
 running group gets Ctrl-C (its last finished epoch is kept). Figures (device, per-group ms/step of each path, the
 chosen one, the graph checks, projected seconds, the cells finished) go to
-benchmarks/results/gpu_allocation-<device>.json (or ``--out``) when the code is a clean commit.
+runs/benchmarks/gpu_allocation-<device>.json (or ``--out``) when the code is a clean commit.
 """
 import argparse
 import json
@@ -44,7 +44,7 @@ from training.evaluate import eval_rows, evaluate_stack  # noqa: E402
 from training.provenance import describe_device, git_commit  # noqa: E402
 
 from bench_stacked import (  # noqa: E402
-    TABLE2, build_runs, device_tag, fastest_step_ms, random_data, synchronize, write_if_clean)
+    TABLE2, build_runs, device_tag, fastest_step_ms, out_path, random_data, synchronize, write_if_clean)
 
 SETTINGS = ("2digits", "4digits", "9digits", "9digits_byref")
 TRAIN_IMAGES, EVAL_IMAGES = 50_000, 10_000  # the held-out protocol: MNIST train[:50k], val train[50k:], test
@@ -65,7 +65,7 @@ def parse_args(argv):
     parser.add_argument("--budget_s", type=float, default=540.0, help="seconds for the whole command, measurement "
                         "included (default 540: a 10-minute allocation less a margin); 0 = measure only")
     parser.add_argument("--subset", type=int, help="train on N images (the check on CPU)")
-    parser.add_argument("--out", help="the figures' file (default benchmarks/results/gpu_allocation-<device>.json)")
+    parser.add_argument("--out", help="the figures' file (default runs/benchmarks/gpu_allocation-<device>.json)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods.split(",")) - set(TABLE2)) + sorted(set(args.settings.split(",")) - set(SETTINGS))
     if unknown or min(args.replicas, args.epochs, args.batch_size, args.probe_steps, args.eval_images) < 1:
@@ -232,7 +232,7 @@ def main(argv=None):
     results["trained"] = train_groups(groups, args, device, started)
     results["cells_finished"] = sorted(cell for cell, status in results["trained"].items() if status == "finished")
     print(f"{len(results['cells_finished'])} of {len(groups)} cells finished in {args.runs_dir}")
-    out = args.out or REPO / "benchmarks" / "results" / f"gpu_allocation-{device_tag(device)}.json"
+    out = out_path(args.out, f"gpu_allocation-{device_tag(device)}.json")
     write_if_clean(results, Path(out))
     return 0
 
