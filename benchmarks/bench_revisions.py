@@ -11,8 +11,8 @@ epoch, then ``--epochs`` timed epochs of ``--steps`` steps, the two revisions ta
 both see the same load of a shared machine; a figure is the fastest timed epoch's time per step in ms. Two ratios
 this checkout / base (below 1: this checkout is faster): of the fastest epochs, and the median over the timed epochs
 of the two revisions' times in the same epoch (steadier when the load changes during the run). The figures go to
-runs/benchmarks/revisions-<base>-<device-tag>[-quick].json (or ``--out``), only when this checkout is a clean commit. The base
-must have the package layout of docs/architecture.md (``training/loop.py``).
+runs/benchmarks/revisions-<base>-<device-tag>[-quick].json (or ``--out``), only when this checkout is a clean
+commit. The base must have the package layout of docs/architecture.md (``training/loop.py``).
 """
 import argparse
 import importlib
