@@ -242,14 +242,6 @@ class StackedModel(nn.Module):
             for key in expected:
                 tensors[key][r].copy_(state[key])
 
-    def replica_model(self, r):
-        """A separate model holding replica r's state (e.g. to compare with its separate run), in this stack's train/eval
-        mode."""
-        model = copy.deepcopy(self.template).to_empty(device=self.stacked[0].device)
-        model = model.to(memory_format=self.memory_format)
-        model.load_state_dict(self.replica_state_dict(r))
-        return model.train(self.training)
-
 
 def _stack(tensors, memory_format):
     """[R, ...] from R equal-shaped tensors; with channels_last, a 4-d tensor's slices [r] are channels_last."""
