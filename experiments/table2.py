@@ -3,7 +3,9 @@
     python -m experiments.table2 --runs_dir runs/table2 --out_dir runs/tables
 
 Writes <out_dir>/table2.json and <out_dir>/table2.md (default runs/tables: a committed table is only replaced when
-its folder is named), never an empty table. Accuracy is a run's test accuracy, averaged over tasks (percent), at
+its folder is named), never an empty table. The .md opens with a summary (one figure per cell beside the paper's);
+``--readme FILE`` also puts that summary between the markers ``<!-- <name> summary begin -->`` and
+``<!-- <name> summary end -->`` of FILE (the README's headline table), leaving the rest of FILE as it is. Accuracy is a run's test accuracy, averaged over tasks (percent), at
 the epoch that --select names: the best-validation epoch (best_val, the default), the best test epoch (best_test:
 the authors' selection, optimistic, since the test split picks the epoch) or the last epoch (last); a run whose
 results.json predates the best-test figure gets it from its metrics.jsonl. std is the sample std over seeds
@@ -15,6 +17,7 @@ other protocol is listed in one line below the table. A seed is counted once per
 """
 import functools
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -66,6 +69,8 @@ def parse_args(argv):
     parser.add_argument("--select", choices=tuple(SELECTIONS), default="best_val",
                         help="the test figure of each run: at the best-validation epoch (default), at the best test "
                              "epoch (the authors' selection, optimistic) or at the last epoch")
+    parser.add_argument("--readme", help="also replace the summary between the markers <!-- <name> summary begin --> "
+                                         "and <!-- <name> summary end --> of this Markdown file")
     args = parser.parse_args(argv)
     if args.subset is not None and args.epochs is None:
         parser.error("--subset needs --epochs (together they pick the protocol)")
@@ -98,9 +103,35 @@ def main(argv=None):
         except (OSError, json.JSONDecodeError) as err:
             print(f"error: --reasons {args.reasons}: {err}", file=sys.stderr)
             return 2
-    for path in write_tables(table, args.out_dir, args.name, args.reasons):
+    if args.readme:
+        try:
+            readme_text = with_summary(Path(args.readme).read_text(encoding="utf-8"), args.name, "")
+        except (OSError, ValueError) as err:
+            print(f"error: --readme {args.readme}: {err}", file=sys.stderr)
+            return 2
+    paths = write_tables(table, args.out_dir, args.name, args.reasons)
+    for path in paths:
         print(f"wrote {path}")
+    if args.readme:
+        link = Path(os.path.relpath(paths[1], Path(args.readme).resolve().parent)).as_posix()
+        summary = render_summary(json.loads(paths[0].read_text()), link)
+        files.write_text(with_summary(readme_text, args.name, summary), args.readme)
+        print(f"wrote the summary into {args.readme}")
     return 0
+
+
+def markers(name):
+    return f"<!-- {name} summary begin -->", f"<!-- {name} summary end -->"
+
+
+def with_summary(text, name, summary):
+    """``text`` with the block between the two summary markers of ``name`` replaced by ``summary``; ValueError
+    naming the markers when they are missing or out of order."""
+    begin, end = markers(name)
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"expected the lines '{begin}' and '{end}' once each, in this order, around the table")
+    head, rest = text.split(begin)
+    return head + begin + "\n" + summary + end + rest.split(end)[1]
 
 
 def load_runs(runs_dir):
@@ -309,6 +340,43 @@ def counted(counts):
     return "; ".join(f"{key} ({n} runs)" for key, n in counts.items()) or "–"
 
 
+def summary_lines(table):
+    """The summary table: one figure per cell (n = 1: the run's; else mean ± std) beside the paper's value and Δ;
+    every row of the paper, and our other rows only where they have a run."""
+    lines = ["| Method | " + " | ".join(TITLES[s] for s in SETTINGS) + " |", "|" + "---|" * (len(SETTINGS) + 1)]
+    for method, row in table["rows"].items():
+        if method not in PAPER_METHODS and not any(cell["n"] for cell in row.values()):
+            continue
+        values = []
+        for cell in row.values():
+            paper = "" if cell["paper_acc"] is None else f"{cell['paper_acc']:.2f}"
+            if cell["n"] == 0:
+                values.append(f"– ({paper})" if paper else "–")
+                continue
+            ours = f"**{cell['acc_mean']:.2f}**" + ("" if cell["acc_std"] is None else f" ± {cell['acc_std']:.2f}")
+            values.append(f"{ours} ({paper}, {cell['diff']:+.2f})" if paper else f"{ours} (not in the paper)")
+        lines.append(f"| {method} | " + " | ".join(values) + " |")
+    return lines
+
+
+def summary_legend(table):
+    selection = SELECTED[table.get("selection", "best_val")]
+    seeds = ", ".join(map(str, table["seeds"])) or "none"
+    protocol = table["protocol"]
+    shown = "no runs" if protocol is None else f"{protocol['epochs']} epochs" + \
+        (" on the full data" if protocol["subset"] is None else f" on a subset of {protocol['subset']} images")
+    return (f"Ours in bold: test accuracy (%) {selection}, mean over tasks, {shown}, seed(s) {seeds} (one run per "
+            "cell unless ± std is shown); in brackets the paper's value (Table 2) and Δ = ours − paper; – not run yet.")
+
+
+def render_summary(table, source):
+    """The summary table with its legend, which links the full table at ``source``."""
+    return "\n".join(summary_lines(table)) + "\n\n" + summary_legend(table) + (
+        " Made from the committed runs by the table maker; the full table, the last-epoch and best-test-epoch "
+        "figures, the commits and one line of reason for every cell more than 2 points from the paper: "
+        f"[{source}]({source}).\n")
+
+
 def render_markdown(table, command):
     protocol = table["protocol"]
     cells = [cell for row in table["rows"].values() for cell in row.values()]
@@ -332,6 +400,14 @@ def render_markdown(table, command):
         f"- Git commit(s) of the runs: {counted({f'`{k}`': n for k, n in table['git_commits'].items()})}.",
         "- Sweep command(s): " + ("; ".join(f"`{c}`" for c in table["sweep_commands"]) or "–") + ".",
         f"- Generated by: `{command}`.",
+        "",
+        "## Summary",
+        "",
+        *summary_lines(table),
+        "",
+        summary_legend(table),
+        "",
+        "## Every figure",
         "",
         f"Acc: test accuracy (%) {SELECTED[table.get('selection', 'best_val')]}, mean over tasks, then mean ± "
         "sample std over seeds; "

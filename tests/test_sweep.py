@@ -122,7 +122,7 @@ def test_markdown_table_cells_and_header(runs, tmp_path):
     out_dir = tmp_path / "results"
     assert table2.main(["--runs_dir", str(runs), "--out_dir", str(out_dir)]) == 0
     markdown = (out_dir / "table2.md").read_text()
-    main_table = markdown.split("at the last epoch")[0]
+    main_table = markdown.split("## Every figure")[1].split("at the last epoch")[0]
     rows = {line.split(" | ")[0].strip("| "): line for line in main_table.splitlines() if line.startswith("| ")}
     assert list(rows)[1:10] == list(table2.PAPER_METHODS)  # the paper's row order, after the header row
     assert list(rows)[10:11] == [f"{m} (ours, not in the paper)" for m in table2.EXTRA_METHODS]
@@ -257,3 +257,44 @@ def test_full_protocol_table_shows_all_three_figures_and_the_reason_of_every_far
     assert "- 9 digits by ref, controlnet (-41.25): the curve is flat since epoch 25" in text
     assert "uniform_scaling (+0.10)" not in text  # within 2 points: no reason asked
     assert f"--name table2_full --reasons {reasons}" in text
+
+
+def test_summary_opens_the_table_and_readme_gets_it_between_its_markers(runs, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\n<!-- table2 summary begin -->\nold numbers\n<!-- table2 summary end -->\n\nrest\n")
+    out_dir = tmp_path / "results"
+    assert table2.main(["--runs_dir", str(runs), "--out_dir", str(out_dir), "--readme", str(readme)]) == 0
+    summary = (out_dir / "table2.md").read_text().split("## Summary")[1].split("## Every figure")[0]
+    rows = {line.split(" | ")[0].strip("| "): line for line in summary.splitlines() if line.startswith("| ")}
+    assert list(rows) == ["Method", *table2.PAPER_METHODS, "gumbel_matrix"]  # beyond-the-paper rows: no runs, no row
+    assert rows["ch_mod"] == "| ch_mod | **96.00** ± 1.00 (95.87, +0.13) | – (91.38) | – (76.56) | – (32.69) |"
+    assert rows["controlnet"].split(" | ")[2] == "**94.00** (94.64, -0.64)"
+    assert rows["gumbel_matrix"].split(" | ")[3] == "**80.00** (not in the paper)"
+    text = readme.read_text()
+    assert text.startswith("# Title\n\n<!-- table2 summary begin -->\n| Method | 2 digits |")
+    assert text.endswith("<!-- table2 summary end -->\n\nrest\n") and "old numbers" not in text
+    assert rows["ch_mod"] in text and "100 epochs on the full data, seed(s) 0, 1, 2" in text
+    assert "[results/table2.md](results/table2.md)" in text  # linked relative to the README
+    assert table2.main(["--runs_dir", str(runs), "--out_dir", str(out_dir), "--readme", str(readme)]) == 0
+    assert readme.read_text() == text  # the same runs: the same file
+
+
+@pytest.mark.parametrize("readme_text", ["no markers here\n", "<!-- table2 summary end -->\n<!-- table2 summary begin -->\n"])
+def test_readme_without_its_markers_is_one_line_and_nothing_is_written(runs, tmp_path, capsys, readme_text):
+    readme = tmp_path / "README.md"
+    readme.write_text(readme_text)
+    assert table2.main(["--runs_dir", str(runs), "--out_dir", str(tmp_path / "out"), "--readme", str(readme)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "<!-- table2 summary begin -->" in err and str(readme) in err
+    assert readme.read_text() == readme_text and not (tmp_path / "out").exists()
+
+
+def test_committed_full_protocol_table_and_readme_show_the_committed_runs():
+    """results/table2_full.md and the README's headline summary are what the table maker makes of the committed
+    runs: a run committed without regenerating them fails here."""
+    table = table2.aggregate(REPO / "results" / "table2_full")
+    committed = (REPO / "results" / "table2_full.md").read_text()
+    assert "\n".join(table2.summary_lines(table)) in committed
+    readme = (REPO / "README.md").read_text()
+    begin, end = table2.markers("table2_full")
+    assert table2.render_summary(table, "results/table2_full.md") == readme.split(begin + "\n")[1].split(end)[0]
