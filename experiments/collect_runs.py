@@ -1,0 +1,96 @@
+"""Copy the finished runs of a sweep (results.json and metrics.jsonl) into a results folder, ready to commit.
+
+    python -m experiments.collect_runs runs/table2_full results/table2_full
+
+A run is finished when the training script has written its results.json. Each run keeps its path below the
+source folder (``<setting>/<method>/seed<k>``); checkpoints and logs stay behind. A run already in the
+destination is never overwritten: an identical copy is skipped, a different one is reported and left alone
+(exit 1). A run whose results.json names a commit that is not clean (``-dirty``, ``unknown``) or not in this
+checkout's history (HEAD's ancestors: a rebase replaced it) is refused with one line, since a committed result must
+name the code that made it; ``--allow_unclean`` copies it anyway. Exit 0 when every finished run is in the
+destination, 1 when a run was refused or differs, 2 for a mistake in the arguments.
+"""
+import filecmp
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from runtime.files import REPO
+from training import cli
+
+FILES = ("results.json", "metrics.jsonl")
+
+
+def parse_args(argv):
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", help="a runs folder (searched recursively for results.json)")
+    parser.add_argument("destination", help="the results folder the runs are copied into")
+    parser.add_argument("--allow_unclean", action="store_true",
+                        help="also copy runs whose commit is dirty, unknown or not in this checkout's history")
+    parser.add_argument("--dry_run", action="store_true", help="say what would be copied, copy nothing")
+    return parser.parse_args(argv)
+
+
+def commit_problem(commit):
+    """Why ``commit`` (a results.json's git_commit) cannot name the code of a committed result, or None."""
+    if not commit or commit == "unknown" or commit.endswith("-dirty"):
+        return f"its commit is {commit or 'missing'!r}, not a clean one"
+    known = subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=REPO, capture_output=True)
+    if known.returncode != 0:
+        return f"its commit {commit[:12]} is not in this checkout's history (HEAD and its ancestors)"
+    return None
+
+
+def collect(source, destination, allow_unclean=False, dry_run=False):
+    """[(run path below source, what happened)] for every finished run under ``source``; what happened is one of
+    "copied", "already there", or a reason it was not copied (starting with "refused" or "differs")."""
+    report = []
+    for results in sorted(Path(source).rglob("results.json")):
+        run = results.parent
+        relative = run.relative_to(source)
+        missing = [name for name in FILES if not (run / name).is_file()]
+        if missing:
+            report.append((relative, f"refused: no {', '.join(missing)} beside results.json"))
+            continue
+        try:
+            commit = json.loads(results.read_text()).get("git_commit")
+        except (OSError, json.JSONDecodeError) as err:
+            report.append((relative, f"refused: results.json unreadable ({err})"))
+            continue
+        target = Path(destination) / relative
+        present = [name for name in FILES if (target / name).exists()]
+        if present:
+            same = all((target / name).is_file() and filecmp.cmp(run / name, target / name, shallow=False)
+                       for name in FILES)
+            report.append((relative, "already there" if same else
+                           f"differs: {target} holds another {', '.join(present)}; left as it is"))
+            continue
+        problem = None if allow_unclean else commit_problem(commit)
+        if problem:
+            report.append((relative, f"refused: {problem} (--allow_unclean copies it)"))
+            continue
+        if not dry_run:
+            target.mkdir(parents=True, exist_ok=True)
+            for name in FILES:
+                shutil.copyfile(run / name, target / name)
+        report.append((relative, "copied" + (" (dry run)" if dry_run else "")))
+    return report
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not Path(args.source).is_dir():
+        print(f"error: {args.source} is not a folder; give the --runs_dir of a sweep", file=sys.stderr)
+        return 2
+    report = collect(args.source, args.destination, args.allow_unclean, args.dry_run)
+    for relative, what in report:
+        print(f"{relative}: {what}")
+    if not report:
+        print(f"no finished run (results.json) under {args.source}")
+    return 1 if any(what.startswith(("refused", "differs")) for _, what in report) else 0
+
+
+if __name__ == "__main__":
+    cli.exit_with(main)
