@@ -126,6 +126,24 @@ def cell_state(out, epochs, subset):
     return ("resume" if (out / "checkpoint.pt").exists() else "start"), None
 
 
+def progress(out, epochs):
+    """How far a resumable cell got, from its metrics.jsonl: 'epoch k of N, s per epoch lately, time left', or None
+    when it has no readable record yet."""
+    try:
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not records:
+        return None
+    times = [record["epoch_time_s"] for record in records[-10:] if "epoch_time_s" in record]
+    epoch = records[-1]["epoch"]
+    text = f"epoch {epoch} of {epochs}"
+    if times:
+        per_epoch = sum(times) / len(times)
+        text += f"; {per_epoch:.1f} s per epoch lately: about {per_epoch * (epochs - epoch) / 3600:.1f} h left"
+    return text
+
+
 def run_job(job, args, env):
     """Trains the cells of one job in a subprocess (one seed, or with several a stacked group into their cell's
     folder); returns (job, return code, stderr)."""
@@ -177,7 +195,8 @@ def main(argv=None):
                f"{len(todo) - num_resume} to start" + (f", {len(conflicts)} in conflict" if conflicts else ""))
     if args.dry_run:
         for cell in cells:
-            print(f"{cell['state']:<8} {cell['name']}" + (f"  ({cell['why']})" if cell["why"] else ""))
+            why = cell["why"] or (progress(cell["out"], args.epochs) if cell["state"] == "resume" else None)
+            print(f"{cell['state']:<8} {cell['name']}" + (f"  ({why})" if why else ""))
         print(summary)
         return 0
     for cell in conflicts:

@@ -195,6 +195,20 @@ def test_dry_run_lists_cells_and_their_state(tmp_path):
     assert not (tmp_path / "sweep.json").exists()
 
 
+def test_dry_run_says_how_far_a_resumable_cell_got_and_the_time_left(tmp_path):
+    run = tmp_path / "9digits_byref" / "controlnet" / "seed0"
+    run.mkdir(parents=True)
+    (run / "checkpoint.pt").write_bytes(b"")
+    records = [{"epoch": epoch, "epoch_time_s": 40.0 if epoch <= 5 else 30.0} for epoch in range(1, 16)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    proc = sweep("--dry_run", "--methods", "controlnet", "--settings", "9digits_byref", "--seeds", "0,",
+                 "--epochs", 900, "--runs_dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    # the last 10 epochs took 30 s each; 885 epochs left: 885 * 30 s = 7.375 h
+    assert "resume   9digits_byref/controlnet/seed0  (epoch 15 of 900; 30.0 s per epoch lately: about 7.4 h left)" \
+        in proc.stdout
+
+
 def test_bad_methods_exit_2_with_the_valid_choices(tmp_path):
     proc = sweep("--methods", "ch_mod,controlnett", "--runs_dir", tmp_path)
     assert proc.returncode == 2
