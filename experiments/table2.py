@@ -5,10 +5,10 @@
 Writes <out_dir>/table2.json and <out_dir>/table2.md (default runs/tables: a committed table is only replaced when
 its folder is named), never an empty table. The .md opens with a summary (one figure per cell beside the paper's);
 ``--readme FILE`` also puts that summary between the markers ``<!-- <name> summary begin -->`` and
-``<!-- <name> summary end -->`` of FILE (the README's headline table), leaving the rest of FILE as it is. Accuracy is a run's test accuracy, averaged over tasks (percent), at
-the epoch that --select names: the best-validation epoch (best_val, the default), the best test epoch (best_test:
-the authors' selection, optimistic, since the test split picks the epoch) or the last epoch (last); a run whose
-results.json predates the best-test figure gets it from its metrics.jsonl. std is the sample std over seeds
+``<!-- <name> summary end -->`` of FILE (the README's headline table), leaving the rest of FILE as it is.
+Accuracy is a run's test accuracy, averaged over tasks (percent), at the epoch that --select names: the
+best-validation epoch (best_val, the default), the best test epoch (best_test: the authors' selection, optimistic,
+since the test split picks the epoch) or the last epoch (last); a run whose results.json predates the best-test figure gets it from its metrics.jsonl. std is the sample std over seeds
 (ddof=1, none for n=1). Runs are grouped by (method, setting) and by protocol: epochs, subset and every param
 that is not the method's own (lr, batch size, schedule, data, the param ``protocol`` held_out or authors, ...).
 The table shows one protocol, the same in every cell, and names it: the one --protocol K names, else the one with
@@ -364,7 +364,8 @@ def summary_legend(table):
     shown = "no runs" if protocol is None else f"{protocol['epochs']} epochs" + \
         (" on the full data" if protocol["subset"] is None else f" on a subset of {protocol['subset']} images")
     return (f"Ours in bold: test accuracy (%) {selection}, mean over tasks, {shown}, seed(s) {seeds} (one run per "
-            "cell unless ± std is shown); in brackets the paper's value (Table 2) and Δ = ours − paper; – not run yet.")
+            "cell unless ± std is shown); in brackets the paper's value (Table 2) and Δ = ours − paper; "
+            "– not run yet.")
 
 
 def render_summary(table, source):

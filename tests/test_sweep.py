@@ -293,7 +293,8 @@ def test_summary_opens_the_table_and_readme_gets_it_between_its_markers(runs, tm
     assert readme.read_text() == text  # the same runs: the same file
 
 
-@pytest.mark.parametrize("readme_text", ["no markers here\n", "<!-- table2 summary end -->\n<!-- table2 summary begin -->\n"])
+@pytest.mark.parametrize("readme_text", ["no markers here\n",
+                                         "<!-- table2 summary end -->\n<!-- table2 summary begin -->\n"])
 def test_readme_without_its_markers_is_one_line_and_nothing_is_written(runs, tmp_path, capsys, readme_text):
     readme = tmp_path / "README.md"
     readme.write_text(readme_text)
