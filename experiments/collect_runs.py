@@ -14,6 +14,7 @@ import filecmp
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from runtime.files import REPO
@@ -24,7 +25,7 @@ FILES = ("results.json", "metrics.jsonl")
 
 def parse_args(argv):
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", type=cli.folder, help="a runs folder (searched recursively for results.json)")
+    parser.add_argument("source", help="a runs folder (searched recursively for results.json)")
     parser.add_argument("destination", help="the results folder the runs are copied into")
     parser.add_argument("--allow_unclean", action="store_true",
                         help="also copy runs whose commit is dirty, unknown or not in this checkout's history")
@@ -80,6 +81,9 @@ def collect(source, destination, allow_unclean=False, dry_run=False):
 
 def main(argv=None):
     args = parse_args(argv)
+    if not Path(args.source).is_dir():
+        print(f"error: {args.source} is not a folder; give the --runs_dir of a sweep", file=sys.stderr)
+        return 2
     report = collect(args.source, args.destination, args.allow_unclean, args.dry_run)
     for relative, what in report:
         print(f"{relative}: {what}")

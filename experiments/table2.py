@@ -56,8 +56,7 @@ TRAINING_PROTOCOLS = {"held_out": "held_out (trained on MNIST train[:50k], valid
 
 def parse_args(argv):
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs_dir", type=cli.folder, default="runs/table2",
-                        help="searched recursively for results.json")
+    parser.add_argument("--runs_dir", default="runs/table2", help="searched recursively for results.json")
     parser.add_argument("--out_dir", default="runs/tables", help="where <name>.json and <name>.md go")
     parser.add_argument("--name", default="table2", help="file name of the table, without suffix (default table2)")
     parser.add_argument("--reasons", help="JSON file {\"<setting>/<method>\": \"why the cell differs\"}: one line of "
@@ -80,6 +79,9 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if not Path(args.runs_dir).is_dir():
+        print(f"error: --runs_dir {args.runs_dir} is not a directory", file=sys.stderr)
+        return 2
     protocol = None if args.epochs is None else (args.epochs, args.subset)
     try:
         table = aggregate(args.runs_dir, protocol, args.protocol, args.select)

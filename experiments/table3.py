@@ -36,7 +36,7 @@ DATA_KEYS = ("input_size", "clevr_like_train", "clevr_like_test", "val_fraction"
 
 def parse_args(argv):
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs_dir", type=cli.folder, default="runs", help="searched recursively for results.json")
+    parser.add_argument("--runs_dir", default="runs", help="searched recursively for results.json")
     parser.add_argument("--out", default="runs/tables/table3.md", help="the Markdown table to write (default "
                         "runs/tables/table3.md: a committed table is only replaced when it is named)")
     return parser.parse_args(argv)
@@ -122,6 +122,9 @@ def markdown(groups, command):
 
 def main(argv=None):
     args = parse_args(argv)
+    if not Path(args.runs_dir).is_dir():
+        print(f"error: --runs_dir {args.runs_dir} is not a directory", file=sys.stderr)
+        return 2
     runs, unreadable = load_runs(args.runs_dir)
     for path in unreadable:
         print(f"warning: skipped unreadable {path}", file=sys.stderr)

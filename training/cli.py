@@ -3,7 +3,6 @@ codes (a user mistake 2, a fault during the run 1, Ctrl-C 130), the device, and 
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 import torch
 
@@ -42,13 +41,6 @@ def _int_at_least(text, low):
     if value < low:
         raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
     return value
-
-
-def folder(text):
-    """An existing folder (argparse type): a runs folder to read, for example."""
-    if not Path(text).is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is not a folder")
-    return text
 
 
 def protocol_arguments(parser, runs_dir, out_dir):
