@@ -45,7 +45,10 @@ def commit_problem(commit):
 
 def collect(source, destination, allow_unclean=False, dry_run=False):
     """[(run path below source, what happened)] for every finished run under ``source``; what happened is one of
-    "copied", "already there", or a reason it was not copied (starting with "refused" or "differs")."""
+    "copied", "already there", or a reason it was not copied (starting with "refused" or "differs"). ValueError
+    when ``source`` is no folder."""
+    if not Path(source).is_dir():
+        raise ValueError(f"{source} is not a folder; give the --runs_dir of a sweep")
     report = []
     for results in sorted(Path(source).rglob("results.json")):
         run = results.parent
@@ -81,10 +84,11 @@ def collect(source, destination, allow_unclean=False, dry_run=False):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not Path(args.source).is_dir():
-        print(f"error: {args.source} is not a folder; give the --runs_dir of a sweep", file=sys.stderr)
+    try:
+        report = collect(args.source, args.destination, args.allow_unclean, args.dry_run)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    report = collect(args.source, args.destination, args.allow_unclean, args.dry_run)
     for relative, what in report:
         print(f"{relative}: {what}")
     if not report:
