@@ -109,3 +109,16 @@ def test_without_matplotlib_says_how_to_install(monkeypatch, capsys, runs):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert plot_curves.main([str(runs)]) == 2
     assert "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_a_long_list_of_sources_wraps_inside_the_figure_title(runs):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    sources = [runs / "controlnet" / f"a_long_folder_name_number_{k}" / "seed0" for k in range(8)]
+    loaded = [plot_curves.load_run(d) for d in plot_curves.find_runs([runs])]
+    fig = plot_curves.plot(plt, plot_curves.group_runs(loaded, False), False, sources)
+    title = fig._suptitle.get_text().splitlines()
+    assert len(title) > 2 and max(map(len, title)) <= plot_curves.TITLE_WIDTH
+    assert " ".join(title[1:]).replace(", ", ",").count(str(runs / "controlnet")) == 8  # every source, none cut
+    plt.close(fig)

@@ -13,6 +13,7 @@ Writes a PNG (default runs/curves.png). Mistakes: one line, exit code 2.
 """
 import json
 import sys
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,6 +23,9 @@ from training import cli
 
 SETTING_TITLES = {"2digits": "2 digits", "4digits": "4 digits", "9digits": "9 digits by location",
                   "9digits_byref": "9 digits by reference"}
+
+
+TITLE_WIDTH = 150  # characters per line of the figure's title (15 inches wide at 11 pt)
 
 
 class CurveError(ValueError):
@@ -172,8 +176,9 @@ def plot(plt, groups, with_tasks, sources):
     bands = any(len(members) > 1 for _, members in groups)
     fig.legend(loc="outside lower center", ncol=columns, fontsize=9, frameon=False,
                title="run" + (" (band: ± 1 sample std over seeds)" if bands else ""))
-    fig.suptitle(f"Training curves{': ' + shared if shared else ''}\n(from {', '.join(map(str, sources))})",
-                 fontsize=11)
+    origin = textwrap.fill(f"(from {', '.join(map(str, sources))})", TITLE_WIDTH, break_long_words=False,
+                           break_on_hyphens=False)
+    fig.suptitle(f"Training curves{': ' + shared if shared else ''}\n{origin}", fontsize=11)
     return fig
 
 
