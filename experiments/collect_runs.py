@@ -7,10 +7,12 @@ source folder (``<setting>/<method>/seed<k>``); checkpoints and logs stay behind
 destination is never overwritten: an identical copy is skipped, a different one is reported and left alone
 (exit 1). A run whose results.json names a commit that is not clean (``-dirty``, ``unknown``) or not in this
 checkout's history (HEAD's ancestors: a rebase replaced it) is refused with one line, since a committed result must
-name the code that made it; ``--allow_unclean`` copies it anyway. Exit 0 when every finished run is in the
+name the code that made it (so is every run where that cannot be checked: no git, a shallow clone);
+``--allow_unclean`` copies it anyway. Exit 0 when every finished run is in the
 destination, 1 when a run was refused or differs, 2 for a mistake in the arguments.
 """
 import filecmp
+import functools
 import json
 import shutil
 import subprocess
@@ -33,12 +35,35 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def git(*args):
+    """The completed ``git`` command in this checkout, or None when git cannot be run."""
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+    except OSError:
+        return None
+
+
+@functools.cache
+def checkout_problem():
+    """Why this checkout cannot tell which commits are in its history (no git, no repository, a shallow clone), or
+    None."""
+    shallow = git("rev-parse", "--is-shallow-repository")
+    if shallow is None:
+        return "git cannot be run here"
+    if shallow.returncode != 0:
+        return f"{REPO} is not a git checkout"
+    if shallow.stdout.strip() == "true":
+        return f"{REPO} is a shallow clone (git fetch --unshallow gives it its history)"
+    return None
+
+
 def commit_problem(commit):
     """Why ``commit`` (a results.json's git_commit) cannot name the code of a committed result, or None."""
     if not commit or commit == "unknown" or commit.endswith("-dirty"):
         return f"its commit is {commit or 'missing'!r}, not a clean one"
-    known = subprocess.run(["git", "merge-base", "--is-ancestor", commit, "HEAD"], cwd=REPO, capture_output=True)
-    if known.returncode != 0:
+    if checkout_problem():
+        return f"its commit {commit[:12]} cannot be checked: {checkout_problem()}"
+    if git("merge-base", "--is-ancestor", commit, "HEAD").returncode != 0:
         return f"its commit {commit[:12]} is not in this checkout's history (HEAD and its ancestors)"
     return None
 

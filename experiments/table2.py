@@ -8,9 +8,10 @@ its folder is named), never an empty table. The .md opens with a summary (one fi
 ``<!-- <name> summary end -->`` of FILE (the README's headline table), leaving the rest of FILE as it is.
 Accuracy is a run's test accuracy, averaged over tasks (percent), at the epoch that --select names: the
 best-validation epoch (best_val, the default), the best test epoch (best_test: the authors' selection, optimistic,
-since the test split picks the epoch) or the last epoch (last); a run whose results.json predates the best-test figure gets it from its metrics.jsonl. std is the sample std over seeds
-(ddof=1, none for n=1). Runs are grouped by (method, setting) and by protocol: epochs, subset and every param
-that is not the method's own (lr, batch size, schedule, data, the param ``protocol`` held_out or authors, ...).
+since the test split picks the epoch) or the last epoch (last); a run whose results.json predates the best-test
+figure gets it from its metrics.jsonl. std is the sample std over seeds (ddof=1, none for n=1). Runs are grouped
+by (method, setting) and by protocol: epochs, subset and every param that is not the method's own (lr, batch size,
+schedule, data, the param ``protocol`` held_out or authors, ...).
 The table shows one protocol, the same in every cell, and names it: the one --protocol K names, else the one with
 the most runs (among those of --epochs/--subset if given); runs under other protocols are never mixed in, each
 other protocol is listed in one line below the table. A seed is counted once per cell.

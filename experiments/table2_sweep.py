@@ -127,12 +127,21 @@ def cell_state(out, epochs, subset):
 
 
 def progress(out, epochs):
-    """How far a resumable cell got, from its metrics.jsonl: 'epoch k of N, s per epoch lately, time left', or None
-    when it has no readable record yet."""
+    """How far a resumable cell got, from its metrics.jsonl: 'epoch k of N' and, when the run records its epoch
+    times, the seconds per epoch lately and the time left; None when it has no readable epoch record yet (a line
+    being written, or unreadable, is skipped)."""
     try:
-        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError):
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except OSError:
         return None
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            records.append(record)
     if not records:
         return None
     times = [record["epoch_time_s"] for record in records[-10:] if "epoch_time_s" in record]

@@ -207,6 +207,10 @@ def test_dry_run_says_how_far_a_resumable_cell_got_and_the_time_left(tmp_path):
     # the last 10 epochs took 30 s each; 885 epochs left: 885 * 30 s = 7.375 h
     assert "resume   9digits_byref/controlnet/seed0  (epoch 15 of 900; 30.0 s per epoch lately: about 7.4 h left)" \
         in proc.stdout
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "lr": 0.001}\n{"epoch": 2, "lr": 0.001}\n{"epo')  # no times
+    proc = sweep("--dry_run", "--methods", "controlnet", "--settings", "9digits_byref", "--seeds", "0,",
+                 "--epochs", 900, "--runs_dir", tmp_path)
+    assert "resume   9digits_byref/controlnet/seed0  (epoch 2 of 900)\n" in proc.stdout  # a line being written: skipped
 
 
 def test_bad_methods_exit_2_with_the_valid_choices(tmp_path):
