@@ -14,6 +14,7 @@ import torch
 
 import models
 import train_multi_task_counter_stream as train_script
+from loaders.mnist import load_mnist
 from training import data, evaluate, loop, optim, run_lock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,6 +183,7 @@ def test_evaluation_loss_is_the_mean_over_tasks_of_each_tasks_cross_entropy(one_
 
 
 def test_ctrl_c_is_one_line_exit_130_and_its_command_continues_the_run(params, tmp_path):
+    load_mnist()  # fetched before the run, whose stderr must then hold only the interruption's line
     out = tmp_path / "run"
     args = [sys.executable, str(SCRIPT), "--param_file", str(params), "--epochs", "30", "--subset", "300",
             "--device", "cpu", "--out", str(out)]
@@ -206,6 +208,18 @@ def test_ctrl_c_is_one_line_exit_130_and_its_command_continues_the_run(params, t
                               env=env)
     assert finished.returncode == 0, finished.stderr
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 30
+
+
+def test_output_read_by_a_reader_that_stops_early_ends_quietly(tmp_path):
+    """``python -m experiments.table2_sweep --dry_run | head -1``: the pipe closes under the listing."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line: every write fails with EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "experiments.table2_sweep", "--dry_run", "--runs_dir",
+                               str(tmp_path)], cwd=REPO, stdout=write_end, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == ""
 
 
 def test_ctrl_c_in_any_entry_point_is_one_line_and_exit_130(capsys):

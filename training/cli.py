@@ -1,6 +1,7 @@
 """The command line that every entry point shares: one-line argument errors (exit 2), the argument types, the exit
 codes (a user mistake 2, a fault during the run 1, Ctrl-C 130), the device, and matplotlib for the figure makers."""
 import argparse
+import os
 import shlex
 import sys
 
@@ -146,14 +147,18 @@ def command_line(module, argv=None):
 
 
 def exit_with(main):
-    """Runs ``main()`` and exits with its code; Ctrl-C prints one line instead of a traceback and exits with 130.
-    Every file a script writes is written atomically (training/checkpoint.py), so none is left half-written."""
+    """Runs ``main()`` and exits with its code; Ctrl-C prints one line instead of a traceback and exits with 130; a
+    reader of the output that stops early (``| head``) ends the script quietly, with 141 as a shell's SIGPIPE. Every
+    file a script writes is written atomically (training/checkpoint.py), so none is left half-written."""
     try:
         code = main()
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C); every file written so far is complete: rerun the same command to start "
               "again (training runs continue with --resume)", file=sys.stderr)
         code = 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit: not an error
+        code = 141
     sys.exit(code)
 
 
