@@ -290,9 +290,11 @@ def aggregate(runs_dir, protocol=None, choice=None, select="best_val"):
 def make_cell(runs, paper_acc, paper_params_x, select="best_val"):
     cell = {"n": len(runs), "seeds": sorted(run["seed"] for run in runs), "acc_mean": None, "acc_std": None,
             "acc_last_mean": None, "acc_best_test_mean": None, "params_x": None, "weights_x": None,
-            "paper_acc": paper_acc, "paper_params_x": paper_params_x, "diff": None, "outside_2std": None, "note": None}
+            "paper_acc": paper_acc, "paper_params_x": paper_params_x, "diff": None, "outside_2std": None, "note": None,
+            "wall_time_h": None}
     if not runs:
         return cell
+    cell["wall_time_h"] = sum(run["wall_time_s"] for run in runs) / 3600
     cell["acc_mean"], cell["acc_std"] = mean_std([figure(run, select) for run in runs])
     cell["acc_last_mean"] = statistics.fmean(run["test_acc_mean_last"] for run in runs)
     best_test = [figure(run, "best_test") for run in runs if figure(run, "best_test") is not None]
@@ -434,6 +436,13 @@ def render_markdown(table, command):
         for method, row in table["rows"].items():
             values = [secondary(row[s], key) for s in SETTINGS]
             lines.append(f"| {method} | " + " | ".join(values) + " |")
+
+    lines += ["", f"Wall time (h) of the shown runs, sum over a cell's seeds (training + evaluation; device(s): "
+              f"{', '.join(table['devices']) or '–'}):", "",
+              "| Method | " + " | ".join(TITLES[s] for s in SETTINGS) + " |", "|" + "---|" * (len(SETTINGS) + 1)]
+    for method, row in table["rows"].items():
+        hours = ["–" if row[s]["wall_time_h"] is None else f"{row[s]['wall_time_h']:.2f}" for s in SETTINGS]
+        lines.append(f"| {method} | " + " | ".join(hours) + " |")
 
     far = [(setting, method, cell) for method, row in table["rows"].items() for setting, cell in row.items()
            if cell["diff"] is not None and abs(cell["diff"]) > 2]
