@@ -47,10 +47,42 @@ def train(*args):
                           text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def start(*args):
-    return subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+def start(*args, stall_writing=None):
+    """The training script in a subprocess. ``stall_writing=(pattern, n)``: its atomic writes whose file name
+    matches ``pattern`` (fnmatch) pass, but the one after the first ``n`` writes half its bytes to the temporary
+    file and then hangs there, so a kill lands mid-write every time, whatever the machine's speed."""
+    command = [sys.executable, str(SCRIPT)]
+    if stall_writing is not None:
+        command = [sys.executable, "-c", STALLING_WRITER, *map(str, stall_writing), str(SCRIPT)]
+    return subprocess.Popen([*command, *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+
+
+STALLING_WRITER = """
+import fnmatch, io, os, runpy, sys, time
+from runtime import files
+from training import checkpoint
+pattern, passing, script = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+real_writer, seen = files.atomic_write_bytes, []
+
+def stalling_writer(path, write):
+    def half_then_hang(handle):
+        buffer = io.BytesIO()
+        write(buffer)
+        handle.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+        handle.flush()
+        time.sleep(600)
+    if fnmatch.fnmatch(os.path.basename(path), pattern):
+        seen.append(path)
+        if len(seen) > passing:
+            return real_writer(path, half_then_hang)
+    return real_writer(path, write)
+
+files.atomic_write_bytes = checkpoint.atomic_write_bytes = stalling_writer
+sys.argv = sys.argv[3:]
+runpy.run_path(script, run_name="__main__")
+"""
 
 
 def error_line(stderr):
@@ -101,6 +133,17 @@ def temp_files(directory):
         return [name for name in os.listdir(directory) if name.endswith(".tmp")]
     except FileNotFoundError:
         return []
+
+
+def partly_written(directory, prefix=""):
+    """The temporary files in ``directory`` named ``prefix...`` that already hold some bytes."""
+    def size(path):
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:  # renamed into place since the listing
+            return 0
+    return [Path(directory) / name for name in temp_files(directory)
+            if name.startswith(prefix) and size(Path(directory) / name)]
 
 
 def assert_same_run(out, reference):
@@ -291,21 +334,24 @@ def test_kill_9_while_generating_a_cache_leaves_no_partial_entry(raw_mnist, tmp_
     for path in (data_root() / "mnist" / CACHE_NAME, cache.sidecar_path(data_root() / "mnist" / CACHE_NAME)):
         shutil.copy(path, root / "mnist")
     proc = start("--param_file", write_params(tmp_path / "params.json"), *RUN, "--out", tmp_path / "run",
-                 "--data_root", root)
-    assert kill_when(proc, lambda: temp_files(root / "multi_mnist")), "never saw a cache being written"
+                 "--data_root", root, stall_writing=("*.npz", 0))
+    assert kill_when(proc, lambda: partly_written(root / "multi_mnist")), "never saw a cache being written"
     for entry in (root / "multi_mnist").glob("*.npz"):  # a sidecar is written only for a complete entry
         assert not cache.sidecar_path(entry).exists() or cache.load_arrays(entry) is not None
 
 
 def test_kill_9_at_random_moments_incl_a_checkpoint_write(small_root, reference, tmp_path):
-    """Killed while writing a checkpoint, then twice at random moments; each resume continues, and the end
-    result is the uninterrupted run's, byte for byte."""
+    """Killed halfway through writing its second checkpoint, then twice at random moments; each resume continues,
+    and the end result is the uninterrupted run's, byte for byte."""
     out = tmp_path / "run"
     common = ["--param_file", write_params(tmp_path / "params.json"), *RUN, "--out", out, "--data_root", small_root]
 
     def writing_second_checkpoint():
-        return (out / "checkpoint.pt").exists() and any(name.startswith("checkpoint.pt.") for name in temp_files(out))
-    assert kill_when(start(*common), writing_second_checkpoint), "never saw a checkpoint being written"
+        return (out / "checkpoint.pt").exists() and partly_written(out, "checkpoint.pt.")
+    proc = start(*common, stall_writing=("checkpoint.pt", 1))
+    assert kill_when(proc, writing_second_checkpoint), "never saw a checkpoint being written"
+    partial = partly_written(out, "checkpoint.pt.")
+    assert len(partial) == 1 and partial[0].stat().st_size < (out / "checkpoint.pt").stat().st_size
     saved = checkpoint.load(out / "checkpoint.pt")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert saved["epoch"] >= 1 and saved["history"][:len(lines)] == lines
