@@ -122,3 +122,21 @@ def test_a_long_list_of_sources_wraps_inside_the_figure_title(runs):
     assert len(title) > 2 and max(map(len, title)) <= plot_curves.TITLE_WIDTH
     assert " ".join(title[1:]).replace(", ", ",").count(str(runs / "controlnet")) == 8  # every source, none cut
     plt.close(fig)
+
+
+def test_colors_by_method_give_a_method_one_hue_dark_then_light(runs, tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    fake_run(runs / "controlnet" / "seed2", 2, [2.3, 1.5, 0.9], [25.0, 45.0, 65.0])
+    loaded = [plot_curves.load_run(d) for d in plot_curves.find_runs([runs])]
+    groups = plot_curves.group_runs(loaded, by_seeds=False)
+    tab20 = plt.get_cmap("tab20")
+    assert plot_curves.line_styles(plt, groups, by_method=True) == [  # ch_mod; controlnet seeds 0, 1, 2
+        (tab20(0), "-"), (tab20(2), "-"), (tab20(3), "-"), (tab20(3), "-.")]
+    assert len({color for color, _ in plot_curves.line_styles(plt, groups, by_method=False)}) == 4
+    out = tmp_path / "by_method.png"
+    assert plot_curves.main([str(runs), "--colors", "method", "--out", str(out)]) == 0 and out.is_file()
+    fig = plot_curves.plot(plt, groups, False, [runs], by_method=True)
+    assert [line.get_color() for line in fig.axes[0].get_lines()] == [tab20(i) for i in (0, 2, 3, 3)]
+    plt.close(fig)

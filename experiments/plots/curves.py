@@ -8,6 +8,8 @@ recursively for them. Runs are overlaid, one line each; with ``--group seeds`` t
 seed (same method, setting, epochs, subset and param file) become one line, the mean over seeds with a band of
 ± 1 sample std (ddof=1) on the epochs every seed has. ``--per_task`` adds one panel per task (test accuracy,
 validation dashed). Runs that evaluate every k epochs (``eval_every``) have accuracy points only at those epochs.
+``--colors method`` gives the lines of one method one hue (dark for the first, light for the second, e.g. a method at
+100 and at 900 epochs); by default every line has its own color.
 Lines are named from results.json (method, setting, epochs); a run without one yet is named by its folder.
 Writes a PNG (default runs/curves.png). Mistakes: one line, exit code 2.
 """
@@ -38,6 +40,8 @@ def parse_args(argv):
     parser.add_argument("--group", choices=("none", "seeds"), default="none",
                         help="none: one line per run; seeds: mean ± std over the runs that differ only by seed")
     parser.add_argument("--per_task", action="store_true", help="add one accuracy panel per task")
+    parser.add_argument("--colors", choices=("run", "method"), default="run",
+                        help="run: a color per line; method: a hue per method, dark then light for its lines")
     parser.add_argument("--out", default="runs/curves.png", help="output PNG (default runs/curves.png)")
     return parser.parse_args(argv)
 
@@ -127,6 +131,24 @@ def series(members, value):
     return np.array(epochs), values.mean(axis=0), std
 
 
+def line_styles(plt, groups, by_method):
+    """(color, line style) of each group: tab10 in order, solid up to 10 lines then dash-dotted; or ``by_method``,
+    tab20's pair of one hue per method, the method's first line dark, its second light, later ones dash-dotted."""
+    if not by_method:
+        colors = plt.get_cmap("tab10")
+        return [(colors(index % 10), "-" if index < 10 else "-.") for index in range(len(groups))]
+    colors, methods, seen = plt.get_cmap("tab20"), [], defaultdict(int)
+    styles = []
+    for _, members in groups:
+        method = members[0]["info"]["method"] if members[0]["info"] else str(members[0]["dir"])
+        if method not in methods:
+            methods.append(method)
+        rank = seen[method]
+        seen[method] += 1
+        styles.append((colors((2 * methods.index(method)) % 20 + min(rank, 1)), "-" if rank < 2 else "-."))
+    return styles
+
+
 def draw(ax, members, value, color, linestyle, label=None):
     epochs, mean, std = series(members, value)
     if not len(epochs):
@@ -142,7 +164,7 @@ def per_task(split, task):
     return lambda record: record[key][task] if key in record and task < len(record[key]) else None
 
 
-def plot(plt, groups, with_tasks, sources):
+def plot(plt, groups, with_tasks, sources, by_method=False):
     """The figure: training loss, validation and test accuracy (mean over tasks), and one panel per task."""
     num_tasks = max((len(r.get("test_acc_per_task", [])) for _, members in groups for run in members
                      for r in run["records"]), default=0) if with_tasks else 0
@@ -151,9 +173,7 @@ def plot(plt, groups, with_tasks, sources):
     fig, axes = plt.subplots(1 + task_rows, 3, figsize=(15, 4 * (1 + task_rows) + 0.25 * len(groups) / columns + 0.8),
                              squeeze=False, layout="constrained")
     shared, labels = split_names(groups)
-    colors = plt.get_cmap("tab10")
-    for index, ((_, members), label) in enumerate(zip(groups, labels)):
-        color, style = colors(index % 10), "-" if index < 10 else "-."  # beyond 10 lines: dash-dotted
+    for (_, members), label, (color, style) in zip(groups, labels, line_styles(plt, groups, by_method)):
         draw(axes[0, 0], members, lambda r: r["train_loss"], color, style, label)
         draw(axes[0, 1], members, lambda r: r.get("val_acc_mean"), color, style)
         draw(axes[0, 2], members, lambda r: r.get("test_acc_mean"), color, style)
@@ -192,7 +212,7 @@ def main(argv=None):
     except (CurveError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    fig = plot(plt, group_runs(runs, args.group == "seeds"), args.per_task, args.runs)
+    fig = plot(plt, group_runs(runs, args.group == "seeds"), args.per_task, args.runs, args.colors == "method")
     out = Path(args.out)
     cli.save_figure(plt, fig, out, dpi=120)
     print(f"wrote {out} ({len(runs)} run(s))")
