@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from runtime.files import REPO
+from training import evaluate as evaluation, loop
 
 _state = {"data_root": None, "status": None}
 
@@ -60,3 +61,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def float64(monkeypatch):
+    """Models in float64 and the training loop's normalised images too (``normalize`` returns float32)."""
+    for module in (loop, evaluation):
+        normalize = module.normalize
+        monkeypatch.setattr(module, "normalize", lambda *args, normalize=normalize: normalize(*args).double())
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(default)

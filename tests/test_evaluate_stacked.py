@@ -9,7 +9,7 @@ import torch
 from loaders import LOADERS
 from models import build_model
 from models.gumbel_matrix import allocation_matrix, router_parameters
-from test_stacked import SEEDS, float64, separate_run, toy_data  # noqa: F401 (float64: a fixture)
+from test_stacked import SEEDS, separate_run, toy_data
 from training import config, evaluate as evaluation, loop, stacked as stacking
 from training.data import MEMORY_FORMATS, MNIST_STATS, normalize
 

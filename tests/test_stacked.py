@@ -32,18 +32,6 @@ CASES = [(method, setting, mode) for method in TABLE2 for setting in ("9digits",
          for mode in stacking.MODES]
 
 
-@pytest.fixture
-def float64(monkeypatch):
-    """Models in float64 and the training loop's normalised images too (``normalize`` returns float32)."""
-    for module in (loop, evaluation):
-        normalize = module.normalize
-        monkeypatch.setattr(module, "normalize", lambda *args, normalize=normalize: normalize(*args).double())
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(default)
-
-
 def toy_data(setting, n=20, num_tasks=9):
     """Random uint8 images and digit labels; by reference about half of the labels are -1 (undefined)."""
     generator = torch.Generator().manual_seed(7)

@@ -13,8 +13,7 @@ from models.gumbel_matrix import add_budget_gradient, set_temperature, temperatu
 from training import config, loop, stacked as stacking, step_graph
 from training.data import MEMORY_FORMATS, MNIST_STATS, normalize
 
-from test_stacked import RUN, assert_close_states, float64, gpu_allocation, run_script, separate_run, \
-    toy_data  # noqa: F401
+from test_stacked import RUN, assert_close_states, gpu_allocation, run_script, separate_run, toy_data
 
 
 def reference_epoch(model, weighting, optimizer, data, params, seed, epoch):
