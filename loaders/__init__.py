@@ -42,7 +42,7 @@ def load_multi_mnist(setting, params, root=None):
     sources = {"train": "train", "val": "val", "test": "test"} if params.get("protocol", "held_out") == "held_out" \
         else {"train": "train_all", "test": "test"}
     return {split: multi_mnist.make_multi_mnist(setting, source, params["data_seed"], root, params["resize"],
-                                                locations=True)
+                                                locations=True, layout=params.get("layout", "diagonal"))
             for split, source in sources.items()}
 
 

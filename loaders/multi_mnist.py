@@ -5,7 +5,10 @@
 Every composite has one *base* MNIST image (each image of the pool used once, in order) and K-1 partners
 drawn uniformly with replacement from the same pool; the canvas is the pixelwise max of all placements.
 
-- ``2digits``: 36x36, offsets (0,0) and (6,6) (Sener & Koltun); tasks: left, right.
+- ``2digits``: 36x36, offsets (0,0) and (6,6) (Sener & Koltun); tasks: left, right. With
+  ``layout="side_by_side"``, the 2x1 grid of the paper's §4.1 ("2x1, 2x2, 3x3 grids") drawn like the 4- and
+  9-digit grids: a 40x40 canvas (the 4-digit grid's, so a digit is scaled by 28/40 as there), the two digits at
+  columns 0 and 12 (stride 12) of the middle rows 6..33; tasks: left, right.
 - ``4digits``: 40x40, a 2x2 grid with stride 12; tasks in column-major order (TL, BL, TR, BR).
 - ``9digits``: 52x52, a 3x3 grid with stride 12; task k = digit at (row k % 3, column k // 3).
 - ``9digits_byref``: the 9-digit images; task d = "the digit right of digit d", valid only when d occurs
@@ -27,6 +30,7 @@ KINDS = ("2digits", "4digits", "9digits", "9digits_byref")
 SPLITS = ("train", "val", "test")  # the held-out protocol's splits
 ALL_SPLITS = SPLITS + ("train_all",)  # new splits go last: the index seeds the generator
 RESIZES = ("nearest", "bicubic_clipped", "bicubic_wrap")
+LAYOUT_CHOICES = ("diagonal", "side_by_side")  # of the 2-digit images
 NUM_TASKS = {"2digits": 2, "4digits": 4, "9digits": 9, "9digits_byref": 10}
 GENERATOR_VERSION = 1
 
@@ -35,26 +39,33 @@ LAYOUTS = {
     "2digits": (36, [(0, 0), (6, 6)]),
     "4digits": (40, [(12 * (k % 2), 12 * (k // 2)) for k in range(4)]),
     "9digits": (52, [(12 * (k % 3), 12 * (k // 3)) for k in range(9)]),
+    "2digits_side_by_side": (40, [(6, 0), (6, 12)]),
 }
+GENERATED = KINDS + ("2digits_side_by_side",)  # the index seeds the generator: new layouts go last
 
 
-def make_multi_mnist(kind, split, seed=0, root=None, resize="nearest", locations=False):
+def make_multi_mnist(kind, split, seed=0, root=None, resize="nearest", locations=False, layout="diagonal"):
     """Returns ``(images uint8 [N,28,28], labels int64 [N,T])`` as torch tensors (cached on disk), and with
-    ``locations`` also ``task_locations`` [N, T, 2]."""
+    ``locations`` also ``task_locations`` [N, T, 2]. ``layout`` (2 digits only): diagonal or side_by_side."""
     if kind not in KINDS:
         raise ValueError(f"unknown Multi-MNIST kind {kind!r}; valid: {', '.join(KINDS)}")
     if split not in ALL_SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(ALL_SPLITS)}")
     if resize not in RESIZES:
         raise ValueError(f"unknown resize {resize!r}; valid: {', '.join(RESIZES)}")
+    if layout not in LAYOUT_CHOICES or (layout != "diagonal" and kind != "2digits"):
+        raise ValueError(f"unknown layout {layout!r} for {kind}; valid: "
+                         f"{', '.join(LAYOUT_CHOICES) if kind == '2digits' else 'diagonal (the default)'}")
     grid_kind = "9digits" if kind == "9digits_byref" else kind
+    if layout == "side_by_side":
+        grid_kind = "2digits_side_by_side"
     meta = {"kind": grid_kind, "split": split, "seed": seed, "resize": resize, "version": GENERATOR_VERSION}
     path = data_root(root) / "multi_mnist" / f"{grid_kind}_{split}_seed{seed}_{resize}_v{GENERATOR_VERSION}.npz"
     arrays = cache.cached_arrays(path, lambda: _generate(grid_kind, split, seed, root, resize), meta=meta)
     images, grid_labels = arrays["images"], arrays["labels"]
     labels = by_ref_labels(grid_labels) if kind == "9digits_byref" else grid_labels
     data = torch.from_numpy(images), torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    return (*data, task_locations(kind, grid_labels)) if locations else data
+    return (*data, task_locations(kind if kind == "9digits_byref" else grid_kind, grid_labels)) if locations else data
 
 
 def _generate(kind, split, seed, root, resize):
@@ -65,7 +76,7 @@ def _generate(kind, split, seed, root, resize):
         part = {"train": slice(0, 50_000), "val": slice(50_000, 60_000), "train_all": slice(0, 60_000)}[split]
         pool_images, pool_labels = mnist["train_images"][part], mnist["train_labels"][part]
     size, offsets = LAYOUTS[kind]
-    rng = np.random.default_rng([seed, KINDS.index(kind), ALL_SPLITS.index(split)])
+    rng = np.random.default_rng([seed, GENERATED.index(kind), ALL_SPLITS.index(split)])
     n = len(pool_images)
     index = np.concatenate([np.arange(n)[:, None], rng.integers(0, n, size=(n, len(offsets) - 1))], axis=1)
     canvas = compose(pool_images, index, size, offsets)
@@ -149,7 +160,8 @@ def by_ref_answer_positions(grid_labels):
 def task_locations(kind, grid_labels):
     """[N, T, 2] float32 (x, y) in pixels of the 28 x 28 image: the centre of each task's answer digit (the target
     of the localisation loss at the bottom of TD, paper §4.2), -1 where a task does not apply. By location the
-    centre of the task's cell, by reference that of the digit right of digit d. ``grid_labels``: [N, K] by location."""
+    centre of the task's cell, by reference that of the digit right of digit d. ``kind``: a key of ``LAYOUTS`` or
+    ``9digits_byref``; ``grid_labels``: [N, K] by location."""
     size, offsets = LAYOUTS["9digits" if kind == "9digits_byref" else kind]
     centres = np.array([[(col + 14) * 28 / size, (row + 14) * 28 / size] for row, col in offsets], dtype=np.float32)
     if kind != "9digits_byref":

@@ -77,6 +77,11 @@ def make_dropout(dropout):
     return SenerKoltunDropout() if dropout == "sener_koltun" else None
 
 
+def apply_gate(x, gate):
+    """``x`` times a gate tensor, or a callable gate applied to ``x``."""
+    return gate(x) if callable(gate) else x * gate
+
+
 class LeNet(nn.Module):
     """One LeNet. `trunk` accepts multiplicative gates at four places, which is all that the
     modulation methods need:
@@ -84,7 +89,9 @@ class LeNet(nn.Module):
     - ``image``: the input (ControlNet's TD->BU2 lateral at the image level),
     - ``conv1`` / ``conv2``: the conv outputs before ReLU (ControlNet's TD->BU2 laterals, ch-mod, routing),
     - ``pool2``: the 4x4 map after the second pooling (ch-mod, routing).
-    A gate is any tensor broadcastable to the feature map, e.g. ``[B, C, 1, 1]`` for a channel vector.
+    A gate is any tensor broadcastable to the feature map, e.g. ``[B, C, 1, 1]`` for a channel vector, which
+    multiplies it, or a callable that maps the feature map to the gated one (task routing's straight-through
+    mask, ``models.modulation.StraightThroughMask``).
     """
 
     def __init__(self, in_channels=1, c1=10, c2=20, hidden=50, num_classes=NUM_CLASSES):
@@ -101,16 +108,16 @@ class LeNet(nn.Module):
         ``conv2`` [B,c2,8,8] and the pooled map ``pool2`` [B,c2,4,4] (the BU1->TD lateral sources)."""
         gates = gates or {}
         if "image" in gates:
-            x = x * gates["image"]
+            x = apply_gate(x, gates["image"])
         conv1 = self.conv1(x)
         if "conv1" in gates:
-            conv1 = conv1 * gates["conv1"]
+            conv1 = apply_gate(conv1, gates["conv1"])
         conv2 = self.conv2(F.max_pool2d(F.relu(conv1), 2))
         if "conv2" in gates:
-            conv2 = conv2 * gates["conv2"]
+            conv2 = apply_gate(conv2, gates["conv2"])
         pool2 = F.max_pool2d(F.relu(conv2), 2)
         if "pool2" in gates:
-            pool2 = pool2 * gates["pool2"]
+            pool2 = apply_gate(pool2, gates["pool2"])
         rep = F.relu(self.fc(pool2.flatten(1)))
         return rep, {"conv1": conv1, "conv2": conv2, "pool2": pool2}
 

@@ -66,7 +66,8 @@ class TaskRoutedBackbone(_ModulatedBackbone):
         if not 0.0 <= sigma < 1.0:
             raise ValueError(f"task routing sigma must be in [0, 1), got {sigma}")
         for k in self.gated:
-            self.register_buffer(f"mask_{k}", routing_mask(num_tasks, self.bu.channels[k], sigma))
+            self.register_buffer(f"mask_{k}", routing_mask(num_tasks, self.bu.channels[k],
+                                                                int(self.bu.channels[k] * sigma)))
 
     def num_fixed_params(self):
         """Mask entries, counted as parameters as in ``models.modulation.TaskRoutedLeNet``."""

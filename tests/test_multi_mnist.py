@@ -128,3 +128,47 @@ def test_bad_arguments_fail_with_valid_choices():
         make_multi_mnist("2digits", "training")
     with pytest.raises(ValueError, match="valid: nearest, bicubic_clipped, bicubic_wrap"):
         make_multi_mnist("2digits", "train", resize="bilinear")
+
+
+def test_side_by_side_2x1_grid_geometry():
+    """The 2x1 layout: a 40x40 canvas as the 4-digit grid's, the two digits side by side in its middle rows with
+    the grids' stride of 12; task 0 left, task 1 right; each task's centre where its digit is."""
+    size, offsets = LAYOUTS["2digits_side_by_side"]
+    assert (size, offsets) == (40, [(6, 0), (6, 12)]) and size == LAYOUTS["4digits"][0]
+    pool = marker_pool(10)
+    canvas = compose(pool, np.array([[3, 7]]), size, offsets)[0]
+    assert canvas[20, 14] == 4 and canvas[20, 26] == 8 and np.count_nonzero(canvas) == 2
+    centres = multi_mnist.task_locations("2digits_side_by_side", np.zeros((1, 2), dtype=np.int64))[0]
+    torch.testing.assert_close(centres, torch.tensor([[14 * 0.7, 20 * 0.7], [26 * 0.7, 20 * 0.7]]))
+
+
+def test_side_by_side_real_canvases(tmp_path, monkeypatch):
+    """Real 2x1 images: task 0's digit is every pool image in order, the images differ from the diagonal ones,
+    both halves carry ink and the rows above and below the pair none, and the cache file is the layout's own."""
+    from loaders import mnist
+    raw = mnist.load_mnist()
+    monkeypatch.setattr(multi_mnist, "load_mnist", lambda root=None: raw)
+    images, labels = make_multi_mnist("2digits", "test", root=tmp_path, layout="side_by_side")
+    diagonal, _ = make_multi_mnist("2digits", "test", root=tmp_path)
+    assert images.shape == (10_000, 28, 28) and labels.shape == (10_000, 2)
+    assert np.array_equal(labels[:, 0].numpy(), raw["test_labels"])
+    assert not torch.equal(images, diagonal)
+    ink = images.float().mean(dim=0)
+    assert ink[:, :9].sum() > 0 and ink[:, 19:].sum() > 0        # both digits, left and right
+    assert ink[:3].sum() == 0 and ink[-3:].sum() == 0            # the rows above and below the pair are empty
+    files = sorted(p.name for p in (tmp_path / "multi_mnist").glob("*.npz"))
+    assert files == ["2digits_side_by_side_test_seed0_nearest_v1.npz", "2digits_test_seed0_nearest_v1.npz"]
+
+
+def test_layout_is_refused_outside_2_digits():
+    with pytest.raises(ValueError, match="unknown layout 'grid' for 2digits; valid: diagonal, side_by_side"):
+        make_multi_mnist("2digits", "train", layout="grid")
+    with pytest.raises(ValueError, match="unknown layout 'side_by_side' for 4digits; valid: diagonal"):
+        make_multi_mnist("4digits", "train", layout="side_by_side")
+    from training import config
+    with pytest.raises(config.ParamError, match="key 'layout': 'side_by_side' is a layout of the 2-digit"):
+        config.load_params("params/mmnist_4digits_controlnet.json", ["layout=side_by_side"])
+    with pytest.raises(config.ParamError, match="allowed: diagonal, side_by_side"):
+        config.load_params("params/mmnist_2digits_controlnet.json", ["layout=grid"])
+    assert config.load_params("params/mmnist_2digits_controlnet.json", ["layout=side_by_side"])["layout"] == \
+        "side_by_side"

@@ -15,7 +15,7 @@ import torch
 
 from loaders import LOADERS, NUM_TASKS, SETTINGS
 from loaders.clevr import RULES
-from loaders.multi_mnist import RESIZES
+from loaders.multi_mnist import LAYOUT_CHOICES, RESIZES
 from models import BACKBONE_OPTIONS, LOCATION_HEAD_MODELS, MODELS, ON_BACKBONE, TD_MAP_MODELS
 from models.backbones import BACKBONES, build_backbone
 from models.gumbel_matrix import router_parameters
@@ -68,7 +68,9 @@ SCHEMA = {
                 "offline, loaders/clevr_like.py)"),
     "model": (str, None, tuple(MODELS), "override the method's model"),
     "weighting": (str, None, tuple(WEIGHTINGS), "override the method's loss weighting (multi-branch models only)"),
-    "model_options": (dict, {}, None, "keyword arguments of the model (e.g. sigma for task_routing, c1/c2 widths)"),
+    "model_options": (dict, {}, None, "keyword arguments of the model: c1/c2 widths; gated (ch_mod, "
+                      "ch_mod_extended, task_routing: comma list of conv1, conv2, pool2); sigma or units_off, tied_masks, "
+                      "mask_gradient (task_routing); docs/fidelity.md §6"),
     "weighting_options": (dict, {}, None, "keyword arguments of the weighting (e.g. alpha for gradnorm)"),
     "router_options": (dict, {}, None, "training of learned allocations (gumbel_matrix): " +
                        ", ".join(f"{k} (default {v[0]})" for k, v in ROUTER_OPTIONS.items())),
@@ -83,6 +85,9 @@ SCHEMA = {
     "resize": (str, "nearest", RESIZES, "Multi-MNIST resize 52 -> 28 (and 36, 40 -> 28): Pillow's NEAREST (Sener & "
                "Koltun's imresize), BICUBIC clipped to 0..255, or BICUBIC with the uint8 wrap-around of the authors' "
                "generator under Pillow >= 7 (loaders/multi_mnist.py)"),
+    "layout": (str, "diagonal", LAYOUT_CHOICES, "2-digit Multi-MNIST images: diagonal (Sener & Koltun's, 36x36, "
+               "offsets (0,0) and (6,6)) or side_by_side (a 2x1 grid like the 4- and 9-digit ones: 40x40, columns 0 and "
+               "12; loaders/multi_mnist.py, docs/fidelity.md)"),
     "protocol": (str, "held_out", PROTOCOLS, "held_out: train on MNIST train[:50k], keep the best-validation epoch "
                  "(validation on train[50k:]); authors: the authors' released script, train on all 60k, evaluate the "
                  "test split every epoch and keep the best-on-test model (optimistic; multi_mnist only). Every run "
@@ -234,6 +239,9 @@ def _complete_data(params, source):
     if params["protocol"] != "held_out" and params["dataset"] != "multi_mnist":
         raise ParamError(f"{source}: key 'protocol': '{params['protocol']}' is the authors' Multi-MNIST protocol, not "
                          f"defined for data set '{params['dataset']}'; allowed: held_out")
+    if params["layout"] != "diagonal" and (params["dataset"], params["setting"]) != ("multi_mnist", "2digits"):
+        raise ParamError(f"{source}: key 'layout': '{params['layout']}' is a layout of the 2-digit Multi-MNIST images, "
+                         f"not of setting '{params['setting']}'; allowed: diagonal")
     if params["setting"] not in loader.num_tasks:
         raise ParamError(f"{source}: key 'setting': '{params['setting']}' is not a task set of data set "
                          f"'{params['dataset']}'; allowed: {', '.join(loader.num_tasks)}")
