@@ -9,7 +9,10 @@ its folder is named), never an empty table. The .md opens with a summary (one fi
 Accuracy is a run's test accuracy, averaged over tasks (percent), at the epoch that --select names: the
 best-validation epoch (best_val, the default), the best test epoch (best_test: the authors' selection, optimistic,
 since the test split picks the epoch) or the last epoch (last); a run whose results.json predates the best-test
-figure gets it from its metrics.jsonl. std is the sample std over seeds (ddof=1, none for n=1). Runs are grouped
+figure gets it from its metrics.jsonl. std is the sample std over seeds (ddof=1, none for n=1). Every cell also
+gets Δm%, the standard multi-task summary against single-task learning (Maninis et al. 2019; Navon et al. 2022):
+the mean over tasks of the relative change of the task's test accuracy from the single_task row's in the same
+setting, protocol and selection (``delta_m``). Runs are grouped
 by (method, setting) and by protocol: epochs, subset and every param that is not the method's own (lr, batch size,
 schedule, data, the param ``protocol`` held_out or authors, ...).
 The table shows one protocol, the same in every cell, and names it: the one --protocol K names, else the one with
@@ -51,6 +54,8 @@ SELECTED = {"best_val": "at the best-validation epoch",
             "best_test": "at the best test epoch (the authors' selection; optimistic: the test split picks the epoch)",
             "last": "at the last epoch"}
 FIGURES = {"best_val": "test_acc_mean", "best_test": "test_acc_mean_best_test", "last": "test_acc_mean_last"}
+PER_TASK = {"best_val": "test_acc_per_task", "best_test": "test_acc_per_task_best_test", "last": "test_acc_per_task_last"}
+REFERENCE = "single_task"  # the row Δm% is measured against
 TRAINING_PROTOCOLS = {"held_out": "held_out (trained on MNIST train[:50k], validation split train[50k:])",
                       "authors": "authors (trained on all 60k MNIST training images, no validation split)"}
 
@@ -136,28 +141,63 @@ def with_summary(text, name, summary):
 
 
 def load_runs(runs_dir):
-    """Every results.json under runs_dir; one that lacks the best-test figure (made before it existed) gets it from
-    the metrics.jsonl beside it (``best_test_from``), when there is one."""
+    """Every results.json under runs_dir, with the median epoch time (training and evaluation, ``epoch_time_s``)
+    of the metrics.jsonl beside it; one that lacks the best-test figure (made before it existed) gets it from
+    that metrics.jsonl (``best_test_from``), when there is one."""
     runs, unreadable = [], []
     for path in sorted(Path(runs_dir).rglob("results.json")):
         try:
             run = {**json.loads(path.read_text()), "path": str(path.parent)}
-            if "test_acc_mean_best_test" not in run and (path.parent / "metrics.jsonl").exists():
-                history = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()
-                           if line.strip()]
-                best = select_record(history, "best_test")
-                if best is not None:
-                    run.update({"best_test_epoch": best["epoch"], "test_acc_mean_best_test": best["test_acc_mean"],
-                                "best_test_from": "metrics.jsonl"})
+            history = read_history(path.parent / "metrics.jsonl", needed="test_acc_mean_best_test" not in run)
+            times = [record["epoch_time_s"] for record in history if "epoch_time_s" in record]
+            run["median_epoch_time_s"] = statistics.median(times) if times else None
+            best = select_record(history, "best_test")
+            if "test_acc_mean_best_test" not in run and best is not None:
+                run.update({"best_test_epoch": best["epoch"], "test_acc_mean_best_test": best["test_acc_mean"],
+                            "best_test_from": "metrics.jsonl"})
+                if "test_acc_per_task" in best:
+                    run["test_acc_per_task_best_test"] = best["test_acc_per_task"]
             runs.append(run)
         except (OSError, json.JSONDecodeError):
             unreadable.append(str(path))
     return runs, unreadable
 
 
+def read_history(metrics, needed):
+    """The records of a metrics.jsonl ([] when there is none); one that cannot be read raises when ``needed``,
+    else gives []."""
+    if not metrics.exists():
+        return []
+    try:
+        return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        if needed:
+            raise
+        return []
+
+
 def figure(run, select):
     """The run's test accuracy under ``select`` (see SELECTIONS), or None when the run does not have it."""
     return run.get(FIGURES[select])
+
+
+def per_task_mean(runs, select):
+    """The per-task test accuracies under ``select``, each the mean over ``runs`` (seeds); None when a run lacks
+    them or the runs disagree on the number of tasks."""
+    accs = [run.get(PER_TASK[select]) for run in runs]
+    if not accs or any(acc is None for acc in accs) or len({len(acc) for acc in accs}) != 1:
+        return None
+    return [statistics.fmean(task) for task in zip(*accs)]
+
+
+def delta_m(method_accs, single_accs):
+    """Δm% (Maninis et al. 2019, Navon et al. 2022): (1/T) Σ_t (-1)^l_t (M_m,t - M_b,t) / M_b,t x 100, with
+    M_m,t the method's and M_b,t single-task learning's metric on task t and l_t = 0 when higher is better, as for
+    accuracy. None when either list is missing, they differ in length, or a single-task accuracy is 0."""
+    if method_accs is None or single_accs is None or len(method_accs) != len(single_accs) \
+            or not all(single_accs):
+        return None
+    return statistics.fmean((m - b) / b for m, b in zip(method_accs, single_accs)) * 100
 
 
 def protocol_of(run):
@@ -245,6 +285,10 @@ def aggregate(runs_dir, protocol=None, choice=None, select="best_val"):
                                        for key, accs in sorted(others[method, setting].items(),
                                                               key=lambda item: ordered.index(item[0]))]
             rows[method][setting] = cell
+    for setting in SETTINGS:
+        single = rows[REFERENCE][setting]["acc_per_task"]
+        for method in METHODS:
+            rows[method][setting]["delta_m"] = delta_m(rows[method][setting]["acc_per_task"], single)
     notes += duplicates
     notes += [f"unreadable, skipped: {path}" for path in unreadable]
     if len(found) > len(runs):
@@ -291,10 +335,13 @@ def make_cell(runs, paper_acc, paper_params_x, select="best_val"):
     cell = {"n": len(runs), "seeds": sorted(run["seed"] for run in runs), "acc_mean": None, "acc_std": None,
             "acc_last_mean": None, "acc_best_test_mean": None, "params_x": None, "weights_x": None,
             "paper_acc": paper_acc, "paper_params_x": paper_params_x, "diff": None, "outside_2std": None, "note": None,
-            "wall_time_h": None}
+            "wall_time_h": None, "epoch_time_s": None, "acc_per_task": None, "delta_m": None}
     if not runs:
         return cell
     cell["wall_time_h"] = sum(run["wall_time_s"] for run in runs) / 3600
+    cell["acc_per_task"] = per_task_mean(runs, select)
+    times = [run["median_epoch_time_s"] for run in runs]
+    cell["epoch_time_s"] = None if None in times else statistics.fmean(times)
     cell["acc_mean"], cell["acc_std"] = mean_std([figure(run, select) for run in runs])
     cell["acc_last_mean"] = statistics.fmean(run["test_acc_mean_last"] for run in runs)
     best_test = [figure(run, "best_test") for run in runs if figure(run, "best_test") is not None]
@@ -339,6 +386,13 @@ def format_params(cell):
     return f"{ours} ({paper})"
 
 
+def format_time(cell):
+    if cell["wall_time_h"] is None:
+        return "–"
+    epoch = "" if cell["epoch_time_s"] is None else f" ({cell['epoch_time_s']:.1f} s)"
+    return f"{cell['wall_time_h']:.2f}{epoch}"
+
+
 def counted(counts):
     return "; ".join(f"{key} ({n} runs)" for key, n in counts.items()) or "–"
 
@@ -373,12 +427,33 @@ def summary_legend(table):
             "– not run yet.")
 
 
+def delta_m_lines(table):
+    """The Δm% table (rows as the summary's) and its legend; one line instead when no setting has a single-task
+    run to compare with."""
+    if not any(table["rows"][REFERENCE][setting]["acc_per_task"] for setting in SETTINGS):
+        return [f"Δm% against single task: none, since no {REFERENCE} run of this protocol has per-task accuracies."]
+    lines = ["| Method | " + " | ".join(TITLES[s] for s in SETTINGS) + " |", "|" + "---|" * (len(SETTINGS) + 1)]
+    for method, row in table["rows"].items():
+        if method not in PAPER_METHODS and not any(cell["n"] for cell in row.values()):
+            continue
+        values = ["0 (reference)" if method == REFERENCE and cell["delta_m"] is not None else
+                  "–" if cell["delta_m"] is None else f"{cell['delta_m']:+.2f}" for cell in row.values()]
+        lines.append(f"| {method} | " + " | ".join(values) + " |")
+    selection = SELECTED[table.get("selection", "best_val")]
+    return lines + ["", f"Δm% against single task (ours): Δm = (1/T) Σ_t (acc_t − acc_single,t) / acc_single,t × 100, "
+                    f"the mean over the T tasks of the relative change of the test accuracy {selection} from the "
+                    f"{REFERENCE} row's in the same setting and protocol (per-task accuracies averaged over a cell's "
+                    "seeds first); higher is better, negative: below single-task learning on average (Maninis et al. "
+                    "2019; Navon et al. 2022). – : no run, or no single-task run to compare with. The paper reports "
+                    "mean accuracies only, so it has no Δm%."]
+
+
 def render_summary(table, source):
-    """The summary table with its legend, which links the full table at ``source``."""
+    """The summary table with its legend, which links the full table at ``source``, then the Δm% table."""
     return "\n".join(summary_lines(table)) + "\n\n" + summary_legend(table) + (
         " Made from the committed runs by the table maker; the full table, the last-epoch and best-test-epoch "
-        "figures, the commits and one line of reason for every cell more than 2 points from the paper: "
-        f"[{source}]({source}).\n")
+        "figures, the wall times, the commits and one line of reason for every cell more than 2 points from the "
+        f"paper: [{source}]({source}).\n\n**Δm% against single task** (ours):\n\n") + "\n".join(delta_m_lines(table)) + "\n"
 
 
 def render_markdown(table, command):
@@ -411,6 +486,10 @@ def render_markdown(table, command):
         "",
         summary_legend(table),
         "",
+        "## Δm% against single task",
+        "",
+        *delta_m_lines(table),
+        "",
         "## Every figure",
         "",
         f"Acc: test accuracy (%) {SELECTED[table.get('selection', 'best_val')]}, mean over tasks, then mean ± "
@@ -437,12 +516,12 @@ def render_markdown(table, command):
             values = [secondary(row[s], key) for s in SETTINGS]
             lines.append(f"| {method} | " + " | ".join(values) + " |")
 
-    lines += ["", f"Wall time (h) of the shown runs, sum over a cell's seeds (training + evaluation; device(s): "
-              f"{', '.join(table['devices']) or '–'}):", "",
+    lines += ["", f"Wall time (h) of the shown runs, sum over a cell's seeds (training + evaluation, from results.json), "
+              "and in brackets the median epoch time (s, training + evaluation, from metrics.jsonl; mean over seeds); "
+              f"device(s): {', '.join(table['devices']) or '–'}:", "",
               "| Method | " + " | ".join(TITLES[s] for s in SETTINGS) + " |", "|" + "---|" * (len(SETTINGS) + 1)]
     for method, row in table["rows"].items():
-        hours = ["–" if row[s]["wall_time_h"] is None else f"{row[s]['wall_time_h']:.2f}" for s in SETTINGS]
-        lines.append(f"| {method} | " + " | ".join(hours) + " |")
+        lines.append(f"| {method} | " + " | ".join(format_time(row[s]) for s in SETTINGS) + " |")
 
     far = [(setting, method, cell) for method, row in table["rows"].items() for setting, cell in row.items()
            if cell["diff"] is not None and abs(cell["diff"]) > 2]

@@ -140,3 +140,26 @@ def test_colors_by_method_give_a_method_one_hue_dark_then_light(runs, tmp_path):
     fig = plot_curves.plot(plt, groups, False, [runs], by_method=True)
     assert [line.get_color() for line in fig.axes[0].get_lines()] == [tab20(i) for i in (0, 2, 3, 3)]
     plt.close(fig)
+
+
+def test_labels_name_the_params_that_differ_between_the_runs_and_only_those(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    a = fake_run(tmp_path / "a", 0, [2.0, 1.0], [20.0, 40.0])
+    b = fake_run(tmp_path / "b", 0, [2.0, 1.5], [20.0, 30.0])
+    info = json.loads((b / "results.json").read_text())
+    info["params"].update({"lr": 0.003, "batch_size": 256, "protocol": "held_out"})  # protocol: the default
+    (b / "results.json").write_text(json.dumps(info))
+    loaded = [plot_curves.load_run(d) for d in (a, b)]
+    groups = plot_curves.group_runs(loaded, by_seeds=True)
+    shared, labels = plot_curves.split_names(groups)
+    assert shared == "controlnet, 2 digits, 2 epochs, seed 0"
+    assert labels == ["batch_size=512, lr=0.001", "batch_size=256, lr=0.003"]
+    fig = plot_curves.plot(plt, groups, False, [a, b])
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == labels
+    for ax in fig.axes:  # 2 epochs: ticks at whole epochs only
+        assert all(float(tick).is_integer() for tick in ax.get_xticks())
+    lines = fig.axes[2].get_lines()  # test accuracy: one marker shape per line
+    assert len({line.get_marker() for line in lines}) == 2
+    plt.close(fig)

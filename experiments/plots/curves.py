@@ -9,8 +9,12 @@ seed (same method, setting, epochs, subset and param file) become one line, the 
 ± 1 sample std (ddof=1) on the epochs every seed has. ``--per_task`` adds one panel per task (test accuracy,
 validation dashed). Runs that evaluate every k epochs (``eval_every``) have accuracy points only at those epochs.
 ``--colors method`` gives the lines of one method one hue (dark for the first, light for the second, e.g. a method at
-100 and at 900 epochs); by default every line has its own color.
-Lines are named from results.json (method, setting, epochs); a run without one yet is named by its folder.
+100 and at 900 epochs); by default every line has its own color. Every line also has its own marker shape, drawn on
+every k-th epoch (on every evaluated epoch for runs evaluated every few epochs) and staggered from line to line, so
+that a line lying under another still shows.
+Lines are named from results.json (method, setting, epochs, subset and every param, as set by the param file or
+``--set``, that differs between the plotted runs: lr, batch_size, protocol, ...); what every line shares goes into
+the title; a run without results.json yet is named by its folder. Epoch ticks are integers.
 Writes a PNG (default runs/curves.png). Mistakes: one line, exit code 2.
 """
 import json
@@ -21,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.table2 import METHOD_KEYS, NEUTRAL_KEYS, completed_defaults
 from training import cli
 
 SETTING_TITLES = {"2digits": "2 digits", "4digits": "4 digits", "9digits": "9 digits by location",
@@ -28,6 +33,8 @@ SETTING_TITLES = {"2digits": "2 digits", "4digits": "4 digits", "9digits": "9 di
 
 
 TITLE_WIDTH = 150  # characters per line of the figure's title (15 inches wide at 11 pt)
+MARKERS = "osD^vP*Xph<>"  # one shape per line, in order
+MARKS_PER_LINE = 10  # markers on a line evaluated every epoch
 
 
 class CurveError(ValueError):
@@ -93,19 +100,45 @@ def describe(info, directory):
     return parts + ([f"subset of {info['subset']} training images"] if info.get("subset") else [])
 
 
+def run_params(info):
+    """The run's params as the training script used them (a key its results.json lacks, from a run older than the
+    key, reads as the default filled in today), without the method's own keys and those that do not change the
+    numbers."""
+    params = info.get("params", {})
+    defaults = completed_defaults(params.get("dataset", "multi_mnist"), info.get("setting"))
+    return {key: params.get(key, defaults.get(key)) for key in {*params, *defaults}
+            if key not in METHOD_KEYS + NEUTRAL_KEYS + ("epochs",)}
+
+
+def differing_params(runs):
+    """The param keys whose values are not the same in every run (with a results.json), sorted."""
+    values = [run_params(run["info"]) for run in runs if run["info"]]
+    keys = {key for params in values for key in params}
+    return sorted(key for key in keys if len({json.dumps(params.get(key), sort_keys=True) for params in values}) > 1)
+
+
+def shown(value):
+    """A param value as ``--set`` takes it: a string bare, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
 def group_runs(runs, by_seeds):
     """[(parts of its name, [runs])]: one group per run, or with ``by_seeds`` one per (method, setting, epochs,
-    subset, param file); the seeds end the name."""
+    subset, param file); the params that differ between the runs (``key=value``), then the seeds end the name."""
     groups = defaultdict(list)
     for run in runs:
         info = run["info"]
         key = str(run["dir"]) if info is None or not by_seeds else json.dumps(
             [info["method"], info["setting"], info["epochs"], info.get("subset"), info.get("params")], sort_keys=True)
         groups[key].append(run)
+    differing = differing_params(runs)
     named = []
     for members in groups.values():
         seeds = [run["info"]["seed"] for run in members if run["info"]]
         parts = describe(members[0]["info"], members[0]["dir"])
+        if members[0]["info"]:
+            params = run_params(members[0]["info"])
+            parts += [f"{key}={shown(params.get(key))}" for key in differing]
         if len(members) > 1:
             parts.append(f"mean ± std over seeds {', '.join(map(str, sorted(seeds)))}")
         elif seeds:
@@ -149,12 +182,16 @@ def line_styles(plt, groups, by_method):
     return styles
 
 
-def draw(ax, members, value, color, linestyle, label=None):
+def draw(ax, members, value, color, linestyle, label=None, marker=None, stagger=(0, 1)):
+    """One line of ``value`` over epochs (a band of ± 1 std over seeds); ``marker`` on every k-th point, the
+    first at place ``stagger[0]`` of ``stagger[1]`` lines, or on every point of a run evaluated every few epochs."""
     epochs, mean, std = series(members, value)
     if not len(epochs):
         return
     every_epoch = len(epochs) == epochs[-1] - epochs[0] + 1
-    ax.plot(epochs, mean, linestyle, color=color, label=label, marker=None if every_epoch else "o", markersize=3)
+    step = max(1, len(epochs) // MARKS_PER_LINE) if every_epoch else 1
+    ax.plot(epochs, mean, linestyle, color=color, label=label, marker=marker or ("o" if not every_epoch else None),
+            markersize=6 if every_epoch else 3, markevery=(stagger[0] * step // stagger[1] % step, step))
     if std is not None:
         ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
 
@@ -173,13 +210,15 @@ def plot(plt, groups, with_tasks, sources, by_method=False):
     fig, axes = plt.subplots(1 + task_rows, 3, figsize=(15, 4 * (1 + task_rows) + 0.25 * len(groups) / columns + 0.8),
                              squeeze=False, layout="constrained")
     shared, labels = split_names(groups)
-    for (_, members), label, (color, style) in zip(groups, labels, line_styles(plt, groups, by_method)):
-        draw(axes[0, 0], members, lambda r: r["train_loss"], color, style, label)
-        draw(axes[0, 1], members, lambda r: r.get("val_acc_mean"), color, style)
-        draw(axes[0, 2], members, lambda r: r.get("test_acc_mean"), color, style)
+    styles = line_styles(plt, groups, by_method)
+    for index, ((_, members), label, (color, style)) in enumerate(zip(groups, labels, styles)):
+        mark = {"marker": MARKERS[index % len(MARKERS)], "stagger": (index, len(groups))}
+        draw(axes[0, 0], members, lambda r: r["train_loss"], color, style, label, **mark)
+        draw(axes[0, 1], members, lambda r: r.get("val_acc_mean"), color, style, **mark)
+        draw(axes[0, 2], members, lambda r: r.get("test_acc_mean"), color, style, **mark)
         for task in range(num_tasks):
             ax = axes[1 + task // 3, task % 3]
-            draw(ax, members, per_task("test", task), color, style)
+            draw(ax, members, per_task("test", task), color, style, **mark)
             draw(ax, members, per_task("val", task), color, "--")
     titles = ("training loss (mean over the epoch's batches)", "validation accuracy, mean over tasks",
               "test accuracy, mean over tasks")
@@ -193,6 +232,7 @@ def plot(plt, groups, with_tasks, sources, by_method=False):
         ax.set(title=f"task {task}: test accuracy (validation dashed)", xlabel="epoch", ylabel="accuracy (%)")
     for ax in axes.flat:
         ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     bands = any(len(members) > 1 for _, members in groups)
     fig.legend(loc="outside lower center", ncol=columns, fontsize=9, frameon=False,
                title="run" + (" (band: ± 1 sample std over seeds)" if bands else ""))
