@@ -132,21 +132,27 @@ class Progress:
         with open(self.log_path, "a", encoding="utf-8") as handle:
             handle.write(f"{now()} {self.tag}{text}\n")
 
-    def tick(self, force=False):
-        """Refreshes the bars; every ``status_every`` seconds (or with ``force``) one status line into the log and,
-        where the output is not a terminal, on stdout."""
+    def announce(self, only=None):
+        """A line for every cell (of the cells ``only``) that started since the last call; returns the running
+        cells."""
         with self.lock:
             running = list(self.running.values())
         for cell in running:
-            if cell["name"] not in self.announced:
+            if cell["name"] not in self.announced and (only is None or cell in only):
                 self.announced.add(cell["name"])
                 epoch = self.queued[cell["name"]][0]
                 self.say(f"started {cell['name']}" + (f" (resumed after epoch {epoch})" if epoch else ""))
+        return running
+
+    def tick(self):
+        """Refreshes the bars; every ``status_every`` seconds one status line into the log and, where the output is
+        not a terminal, on stdout."""
+        running = self.announce()
         states = {cell["name"]: (cell, *cell_progress(cell["out"])) for cell in running}
         left, untimed = self.time_left(states)
         if self.bars:
             self.draw(states, left, untimed)
-        if force or time.monotonic() - self.last_status >= self.status_every:
+        if time.monotonic() - self.last_status >= self.status_every:
             self.last_status = time.monotonic()
             line = self.status_line(states, left, untimed)
             if self.plain:

@@ -306,15 +306,15 @@ def launch(job, args, env, progress):
 
 
 def outcome(cell, args, returncode, stderr):
-    """How a cell of a job that ended came out: ('trained' | 'done' | 'busy' | 'failed', the line to report). A
-    run that stopped because another sweep holds or finished its cell is no failure."""
+    """How a cell of a job that ended came out: ('trained' | 'finished_meanwhile' | 'busy' | 'failed', the line to
+    report). A run that stopped because another sweep holds or finished its cell is no failure."""
     if returncode == 0:
         (cell["out"] / "stderr.txt").unlink(missing_ok=True)
         return "trained", f"finished {cell['name']}" + result_note(cell["out"])
     state, why = cell_state(cell["out"], args.epochs, args.subset, cell["params"])
     if state == "done":
         (cell["out"] / "stderr.txt").unlink(missing_ok=True)
-        return "done", f"skipped {cell['name']}: finished by another run meanwhile"
+        return "finished_meanwhile", f"skipped {cell['name']}: finished by another run meanwhile"
     if state == "busy":
         return "busy", f"skipped {cell['name']}: {why}"
     return "failed", report_failure(cell, returncode, stderr)
@@ -341,15 +341,7 @@ def main(argv=None):
         print(f"nothing was run: {len(bad)} cell(s) above cannot run; fix them or leave them out (--methods, "
               f"--settings)", file=sys.stderr)
         return 2
-    todo = [cell for cell in cells if cell["state"] in ("start", "resume")]
-    conflicts = [cell for cell in cells if cell["state"] == "conflict"]
-    busy = [cell for cell in cells if cell["state"] == "busy"]
-    done = [cell for cell in cells if cell["state"] == "done"]
-    protocol = f"{args.epochs} epochs" + (f", subset {args.subset}" if args.subset else "")
-    num_resume = sum(cell["state"] == "resume" for cell in todo)
-    summary = (f"{len(cells)} cell(s) ({protocol}): {len(done)} done, {num_resume} to resume, "
-               f"{len(todo) - num_resume} to start" + (f", {len(busy)} in use by another run" if busy else "") +
-               (f", {len(conflicts)} in conflict" if conflicts else ""))
+    summary = describe(cells, args)
     if args.dry_run:
         for cell in cells:
             why = cell["why"] or (progress(cell["out"], args.epochs) if cell["state"] == "resume" else None)
@@ -360,6 +352,25 @@ def main(argv=None):
     if device is None:
         print(f"error: --device {args.device}: CUDA is not available here; use auto or cpu", file=sys.stderr)
         return 2
+    return train_cells(args, cells, summary, device, runs_dir, command)
+
+
+def describe(cells, args):
+    """'36 cell(s) (100 epochs): 20 done, 1 to resume, 15 to start[, k in use by another run][, k in conflict]'."""
+    count = {state: sum(cell["state"] == state for cell in cells) for state in ("done", "resume", "start", "busy",
+                                                                               "conflict")}
+    protocol = f"{args.epochs} epochs" + (f", subset {args.subset}" if args.subset else "")
+    return (f"{len(cells)} cell(s) ({protocol}): {count['done']} done, {count['resume']} to resume, "
+            f"{count['start']} to start" + (f", {count['busy']} in use by another run" if count["busy"] else "") +
+            (f", {count['conflict']} in conflict" if count["conflict"] else ""))
+
+
+def train_cells(args, cells, summary, device, runs_dir, command):
+    """Trains the cells to start or resume, ``workers`` processes at a time, showing and logging their progress;
+    then the summary and the table. The exit code: 1 if a cell failed or is in conflict, 130 on Ctrl-C, else 0."""
+    todo = [cell for cell in cells if cell["state"] in ("start", "resume")]
+    results = {state: [cell for cell in cells if cell["state"] == state] for state in ("done", "busy", "conflict")}
+    results.update(trained=[], failed=[], finished_meanwhile=[])
     workers = args.workers or (GPU_WORKERS if device == "cuda" else 1)
     env = dict(os.environ)
     if device == "cpu" and workers > 1:  # share the cores; torch sizes its thread pool from OMP_NUM_THREADS
@@ -368,23 +379,21 @@ def main(argv=None):
     jobs = jobs_of(todo, args.stacked)
     runs_dir.mkdir(parents=True, exist_ok=True)
     shard_note = f" (shard {args.shard[0]}/{args.shard[1]})" if args.shard[1] > 1 else ""
-    shown = Progress(jobs, done, args.epochs, workers, runs_dir / "sweep.log", args.status_every,
+    shown = Progress(jobs, results["done"], args.epochs, workers, runs_dir / "sweep.log", args.status_every,
                      tag=f"[shard {args.shard[0]}/{args.shard[1]}] " if shard_note else "")
     shown.write_log(f"start: {command}")
-    for cell in conflicts + busy:
-        shown.say(f"skipped {cell['name']}: {cell['why']}", error=cell in conflicts)
+    for cell in results["conflict"] + results["busy"]:
+        shown.say(f"skipped {cell['name']}: {cell['why']}", error=cell["state"] == "conflict")
     shown.say(f"{summary}; running {len(todo)} in {len(jobs)} process(es){shard_note} on {device} with {workers} "
               f"worker(s)")
     start, wall_start = datetime.now(timezone.utc), time.perf_counter()
-    results = {"trained": [], "done": [], "busy": list(busy), "failed": [], "conflict": []}
-    failures = []
     pool = ThreadPoolExecutor(max_workers=workers)
     try:
         pending = {pool.submit(launch, job, args, env, shown) for job in jobs}
         while pending:
             finished, pending = wait(pending, timeout=REFRESH_S, return_when=FIRST_COMPLETED)
             for future in finished:
-                failures += collect(future.result(), args, shown, results)
+                collect(future.result(), args, shown, results)
             shown.tick()
     except KeyboardInterrupt:
         shown.close()
@@ -397,43 +406,43 @@ def main(argv=None):
                                   "end": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                   "wall_s": round(time.perf_counter() - wall_start, 2),
                                   "cells_run": len(results["trained"]) + len(results["failed"]),
-                                  "cells_failed": len(results["failed"]), "cells_left_to_other_runs":
-                                      len(results["busy"]) + len(results["done"]),
+                                  "cells_failed": len(results["failed"]),
+                                  "cells_left_to_other_runs": len(results["busy"] + results["finished_meanwhile"]),
                                   "workers": workers, "device": device, "command": command})
     shown.close()
-    finish(args, shown, results, failures, conflicts + results["conflict"], len(done))
-    return 1 if results["failed"] or results["conflict"] or conflicts else 0
+    finish(args, shown, results)
+    return 1 if results["failed"] or results["conflict"] else 0
 
 
 def collect(result, args, shown, results):
-    """Reports the cells of one ended job; returns the FAILED lines."""
+    """Reports the cells of one ended job, each into its list of ``results``."""
     ran, left_out = result
+    shown.announce([cell for job, _, _ in ran for cell in job])  # started since the last tick: its start first
     for cell, state, why in left_out:
         shown.say(f"skipped {cell['name']}: {why}", error=state == "conflict")
         shown.left_out(cell, done=state == "done")
-        results[state].append(cell)
-    failures = []
+        results["finished_meanwhile" if state == "done" else state].append({**cell, "why": why})
     for job, returncode, stderr in ran:
+        failed = 0
         for cell in job:
             kind, line = outcome(cell, args, returncode, stderr)
-            results[kind].append(cell)
+            results[kind].append({**cell, "why": line})
             shown.say(line, error=kind == "failed")
-            failures += [line] if kind == "failed" else []
-        shown.finished(job, sum(cell in results["failed"] for cell in job))
-    return failures
+            failed += kind == "failed"
+        shown.finished(job, failed)
 
 
-def finish(args, shown, results, failures, conflicts, num_done):
-    """The summary (every failed cell named again), then the table."""
-    counts = {"trained": len(results["trained"]), "failed": len(results["failed"]),
-              "in conflict (their folder holds a run of other settings)": len(conflicts),
-              "left to another run that holds them": len(results["busy"]),
-              "finished by another run meanwhile": len(results["done"]), "done before": num_done}
-    shown.say("sweep: " + ", ".join(f"{count} {what}" for what, count in counts.items()
-                                     if count or what in ("trained", "failed")))
-    for line in failures:
-        shown.say(line, error=True)
-    for cell in conflicts:
+def finish(args, shown, results):
+    """The summary (every failed cell named again with its error), then the table."""
+    counts = {"trained": "trained", "failed": "failed",
+              "conflict": "in conflict (their folder holds a run of other settings)",
+              "busy": "left to another run that holds them",
+              "finished_meanwhile": "finished by another run meanwhile", "done": "done before"}
+    shown.say("sweep: " + ", ".join(f"{len(results[key])} {what}" for key, what in counts.items()
+                                     if results[key] or key in ("trained", "failed")))
+    for cell in results["failed"]:
+        shown.say(cell["why"], error=True)
+    for cell in results["conflict"]:
         shown.say(f"CONFLICT {cell['name']}: {cell['why']}", error=True)
     if args.no_table:
         return

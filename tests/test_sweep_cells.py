@@ -160,7 +160,7 @@ def test_a_cell_taken_or_finished_by_another_run_after_the_plan_is_left_to_it(tm
         stopped = "error: --out: ... is in use by another run (pid 1 ...)\n"
         assert table2_sweep.outcome(taken, args, 2, stopped)[0] == "busy"
         assert table2_sweep.outcome(finished, args, 2, stopped) == \
-            ("done", "skipped 2digits/uniform_scaling/seed1: finished by another run meanwhile")
+            ("finished_meanwhile", "skipped 2digits/uniform_scaling/seed1: finished by another run meanwhile")
     finally:
         run_lock.release(taken["out"])
     kind, line = table2_sweep.outcome(taken, args, 2, stopped)  # nobody holds it, nothing finished: a failure
