@@ -324,7 +324,7 @@ def test_sweep_stacks_the_seeds_of_a_cell_and_shards_the_grid(tmp_path, capsys):
     """``python -m experiments.table2_sweep --stacked``: the seeds of uniform scaling train as one group, PCGrad (no
     stacked form) one seed per process; ``--shard 2/2`` takes the second cell of the grid (PCGrad), ``--shard 1/2``
     the first."""
-    args = ["--methods", "uniform_scaling,pcgrad", "--settings", "2digits", "--seeds", "2", "--epochs", "1",
+    args = ["--methods", "uniform_scaling,pcgrad", "--settings", "2digits", "--n_seeds", "2", "--epochs", "1",
             "--subset", "128", "--runs_dir", str(tmp_path), "--no_table", "--device", "cpu", "--stacked"]
     assert table2_sweep.main(args + ["--shard", "2/2"]) == 0
     assert "2 cell(s) (1 epochs, subset 128): 0 done, 0 to resume, 2 to start; running 2 in 2 process(es) " \

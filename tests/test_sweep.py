@@ -234,7 +234,7 @@ def test_failing_cell_is_reported_and_the_exit_code_is_1(tmp_path):
     out = tmp_path / "2digits/ch_mod/seed0"
     out.mkdir(parents=True)
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    proc = sweep("--methods", "ch_mod", "--settings", "2digits", "--seeds", 1, "--epochs", 1, "--subset", 100,
+    proc = sweep("--methods", "ch_mod", "--settings", "2digits", "--seeds", 0, "--epochs", 1, "--subset", 100,
                  "--runs_dir", tmp_path, "--no_table", "--device", "cpu")
     assert proc.returncode == 1
     failure = next(line for line in proc.stderr.splitlines() if line.startswith("FAILED"))
@@ -246,7 +246,7 @@ def test_failing_cell_is_reported_and_the_exit_code_is_1(tmp_path):
 
 def test_tiny_real_sweep_end_to_end(tmp_path):
     runs_dir, out_dir = tmp_path / "runs", tmp_path / "results"
-    args = ["--methods", "uniform_scaling,ch_mod", "--settings", "2digits", "--seeds", 1, "--epochs", 1,
+    args = ["--methods", "uniform_scaling,ch_mod", "--settings", "2digits", "--seeds", 0, "--epochs", 1,
             "--subset", 300, "--runs_dir", runs_dir, "--out_dir", out_dir, "--device", "cpu", "--set", "lr=0.002"]
     proc = sweep(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]

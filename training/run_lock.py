@@ -51,6 +51,22 @@ def release(out):
         handle.close()
 
 
+def holder(out):
+    """The holder record of ``out``'s lock while a live process holds it (``{}`` if it wrote none), else None. Only
+    looks: the lock is taken for an instant and given back with its record left as it was."""
+    try:
+        handle = open(Path(out) / LOCK_NAME, "r")
+    except OSError:  # no lock file (or no folder): nobody holds it
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read(handle) or {}
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
 def describe(holder):
     if not holder:
         return "holder unknown"
