@@ -8,13 +8,17 @@ training and evaluation, each run its own process, the revisions taking turns.
 An *arm* is a revision and an environment (``ARMS``): ``base`` is ``git archive <base>`` in a temporary folder run
 with glibc's default malloc (no ``GLIBC_TUNABLES``), ``head`` this checkout as it is (its own start-up settings),
 ``base_tunables`` the base with the allocator setting as an environment variable, ``head_default_malloc`` this
-checkout with glibc's default malloc. Every process is ``train_multi_task_counter_stream.py --param_file <run's
+checkout with glibc's default malloc, ``head_tunables`` this checkout with the environment variable instead of its
+``mallopt``. Every process is ``train_multi_task_counter_stream.py --param_file <run's
 file> --epochs E --subset N --seed 0 --device cpu`` of its arm's revision, with ``OMP_NUM_THREADS`` threads. Within a
 repetition every run is timed once per arm, the arms in turn, their order reversed in every other repetition (ABBA),
 so that a change of the machine's load falls on both sides of a pair.
 
-Figures per run and arm: ``epochs_s``, the training script's own epoch times summed (training and evaluation of
-every epoch, from metrics.jsonl: start-up and data loading left out), and ``process_s``, the process's wall time.
+Figures per run and arm: ``epoch_cpu_s``, the process's CPU time (user + system, page faults included) from the end
+of its first epoch to the end of its last (read from /proc as each epoch's metrics.jsonl line appears: the
+steadiest figure on a shared machine, which slows a process's wall time but hardly its CPU time), ``epochs_s``, the
+training script's own wall-clock epoch times summed (training and evaluation of every epoch), ``cpu_s`` and
+``process_s``, the whole process's CPU and wall time (start-up and data loading included), and ``minor_faults``.
 Ratios arm / first arm (below 1: faster) of every repetition (paired), their median, min and max, and the ratio of
 the medians. ``identical``: whether the arm's metrics (losses and accuracies of every epoch) equal the first arm's
 exactly, in every repetition. The figures go to runs/benchmarks/e2e-<base>-cpu.json (or ``--out``), only from a
@@ -47,8 +51,10 @@ ARMS = {  # name -> (revision: "base" or "head", GLIBC_TUNABLES or None for none
     "base_tunables": ("base", TUNABLES),
     "head": ("head", None),
     "head_default_malloc": ("head", "glibc.malloc.perturb=0"),  # any malloc tunable: runtime/allocator.py stands back
+    "head_tunables": ("head", TUNABLES),  # the environment variable instead of runtime/allocator.py's mallopt
 }
 TIMING_KEYS = {"epoch_time_s", "time"}
+FIGURES = ("epoch_cpu_s", "epochs_s", "cpu_s", "process_s", "minor_faults")
 
 
 def parse_args(argv):
@@ -96,28 +102,57 @@ def environment(arm, threads):
     return env
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds of a running process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def time_one(root, run, arm, args, out):
-    """(epochs_s, process_s, metrics without timing) of one training process."""
+    """Figures of one training process: ``epochs_s`` (its epoch times summed), ``process_s`` (wall), ``cpu_s`` (its
+    user + system CPU time), ``epoch_cpu_s`` (CPU time from the end of epoch 1 to the end of the last epoch: the
+    epochs after the first, read from /proc when each epoch's metrics.jsonl line appears), ``minor_faults``; and
+    its metrics without timing."""
+    out.mkdir()
+    log = out.parent / f"{out.name}.log"
+    marks = []  # CPU seconds of the process when metrics.jsonl gained a line
     start = time.perf_counter()
-    proc = subprocess.run(command(root, run, args, out), cwd=root, env=environment(arm, args.threads),
-                          capture_output=True, text=True)
+    with open(log, "w") as stream:
+        proc = subprocess.Popen(command(root, run, args, out), cwd=root, env=environment(arm, args.threads),
+                                stdout=stream, stderr=subprocess.STDOUT)
+        while True:  # os.wait4 rather than Popen.poll: it returns the child's resource usage
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            lines = (out / "metrics.jsonl").read_text().count("\n") if (out / "metrics.jsonl").exists() else 0
+            if lines > len(marks):
+                try:
+                    marks += [cpu_seconds(proc.pid)] * (lines - len(marks))
+                except (OSError, IndexError, ValueError):  # it ended just now
+                    pass
+            time.sleep(0.01)
     process_s = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise cli.RunError(f"{arm} {run} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+        raise cli.RunError(f"{arm} {run} failed (exit {proc.returncode}): {log.read_text().strip()[-500:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     metrics = [{k: v for k, v in record.items() if k not in TIMING_KEYS} for record in records]
-    return sum(record["epoch_time_s"] for record in records), process_s, metrics
+    cpu_s = usage.ru_utime + usage.ru_stime
+    figures = {"epochs_s": sum(record["epoch_time_s"] for record in records), "process_s": process_s, "cpu_s": cpu_s,
+               "epoch_cpu_s": marks[-1] - marks[0] if len(marks) == len(records) > 1 else float("nan"),
+               "minor_faults": usage.ru_minflt}
+    return figures, metrics
 
 
 def summary(times, arms):
-    """Per arm: the times, their median, and the paired ratios to the first arm."""
+    """Per arm: the figures, their median, and the paired ratios to the first arm."""
     first = arms[0]
     out = {}
     for arm in arms:
-        row = {key: [round(t, 3) for t in times[arm][key]] for key in ("epochs_s", "process_s")}
-        row.update({f"median_{key}": round(statistics.median(times[arm][key]), 3) for key in ("epochs_s", "process_s")})
+        row = {key: [round(t, 3) for t in times[arm][key]] for key in FIGURES}
+        row.update({f"median_{key}": round(statistics.median(times[arm][key]), 3) for key in FIGURES})
         if arm != first:
-            for key in ("epochs_s", "process_s"):
+            for key in FIGURES:
                 paired = [a / b for a, b in zip(times[arm][key], times[first][key])]
                 row[f"ratio_{key}"] = {"paired": [round(r, 3) for r in paired],
                                        "median": round(statistics.median(paired), 3),
@@ -147,24 +182,27 @@ def main(argv=None):
                                                                      "GLIBC_TUNABLES": ARMS[arm][1]}
                                                               for arm in args.arms}},
                "load_average_start": os.getloadavg(), "runs": {}}
-    times = {run: {arm: {"epochs_s": [], "process_s": [], "metrics": []} for arm in args.arms} for run in args.runs}
+    times = {run: {arm: {key: [] for key in FIGURES + ("metrics",)} for arm in args.arms} for run in args.runs}
     with tempfile.TemporaryDirectory() as folder:
         roots = {"head": REPO, "base": Path(folder) / "base"}
         roots["base"].mkdir()
         archive = subprocess.run(["git", "-C", str(REPO), "archive", args.base], capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", str(roots["base"])], input=archive.stdout, check=True)
         for i, (rep, run, arm) in enumerate(plan):
-            epochs_s, process_s, metrics = time_one(roots[ARMS[arm][0]], run, arm, args, Path(folder) / f"out{i}")
-            for key, value in (("epochs_s", epochs_s), ("process_s", process_s), ("metrics", metrics)):
+            figures, metrics = time_one(roots[ARMS[arm][0]], run, arm, args, Path(folder) / f"out{i}")
+            for key, value in (*figures.items(), ("metrics", metrics)):
                 times[run][arm][key].append(value)
-            print(f"rep {rep + 1}  {run:16s} {arm:20s} epochs {epochs_s:7.2f} s  process {process_s:7.2f} s  "
-                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+            print(f"rep {rep + 1}  {run:16s} {arm:20s} " + "  ".join(f"{key} {figures[key]:.2f}" for key in FIGURES)
+                  + f"  load {os.getloadavg()[0]:.2f}", flush=True)
     for run in args.runs:
         results["runs"][run] = {"param_file": RUNS[run], **summary(times[run], args.arms)}
         for arm in args.arms[1:]:
-            ratio = results["runs"][run][arm]["ratio_epochs_s"]
-            print(f"{run:16s} {arm}/{args.arms[0]}: {ratio['median']:.3f} (median of pairs; {ratio['min']:.3f}-"
-                  f"{ratio['max']:.3f}), identical: {results['runs'][run][arm]['identical']}")
+            ratio = results["runs"][run][arm]["ratio_epoch_cpu_s"]
+            wall = results["runs"][run][arm]["ratio_epochs_s"]
+            print(f"{run:16s} {arm}/{args.arms[0]}: CPU time of the epochs after the first {ratio['median']:.3f} "
+                  f"(median of pairs; {ratio['min']:.3f}-{ratio['max']:.3f}), wall time of every epoch "
+                  f"{wall['median']:.3f} ({wall['min']:.3f}-{wall['max']:.3f}); identical: "
+                  f"{results['runs'][run][arm]['identical']}")
     results["load_average_end"] = os.getloadavg()
     write_if_clean(results, out_path(args.out, f"e2e-{args.base}-cpu.json"))
     return 0

@@ -39,14 +39,17 @@ def test_every_process_gets_its_arms_allocator_environment(monkeypatch):
 
 def test_the_summary_pairs_each_repetition_with_the_first_arms():
     metrics = [{"epoch": 1, "train_loss": 2.0}]
-    times = {"base": {"epochs_s": [10.0, 12.0, 11.0], "process_s": [12.0, 14.0, 13.0], "metrics": [metrics] * 3},
-             "head": {"epochs_s": [8.0, 6.0, 9.9], "process_s": [10.0, 8.0, 12.0],
+    times = {"base": {"epoch_cpu_s": [5.0, 6.0, 5.5], "epochs_s": [10.0, 12.0, 11.0], "cpu_s": [11.0, 13.0, 12.0],
+                      "process_s": [12.0, 14.0, 13.0], "minor_faults": [9e5, 8e5, 1e6], "metrics": [metrics] * 3},
+             "head": {"epoch_cpu_s": [4.0, 4.2, 4.4], "epochs_s": [8.0, 6.0, 9.9], "cpu_s": [9.0, 9.0, 9.0],
+                      "process_s": [10.0, 8.0, 12.0], "minor_faults": [1e5, 1e5, 1e5],
                       "metrics": [metrics, metrics, [{"epoch": 1, "train_loss": 2.5}]]}}
     out = bench_e2e.summary(times, ["base", "head"])
     assert out["base"]["median_epochs_s"] == 11.0 and out["head"]["median_epochs_s"] == 8.0
     assert out["head"]["ratio_epochs_s"]["paired"] == [0.8, 0.5, 0.9]
     assert out["head"]["ratio_epochs_s"]["median"] == 0.8 and out["head"]["ratio_epochs_s"]["of_medians"] == 0.727
     assert out["head"]["ratio_epochs_s"]["min"] == 0.5 and out["head"]["ratio_epochs_s"]["max"] == 0.9
+    assert out["head"]["ratio_epoch_cpu_s"]["paired"] == [0.8, 0.7, 0.8]
     assert out["head"]["identical"] is False and out["base"]["repeatable"] is True
     assert out["final_train_loss"] == 2.0
 
