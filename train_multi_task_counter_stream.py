@@ -30,7 +30,7 @@ task draws and gradients as one process (see runtime/distributed.py); rank 0 wri
 import sys
 from pathlib import Path
 
-from runtime import distributed
+from runtime import allocator, distributed
 from training import round_robin, step_graph
 from training.cli import ArgumentParser, command_line, exit_code, non_negative_int, positive_int, seed_list
 from training.evaluate import evaluate_only
@@ -89,6 +89,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    allocator.tune_malloc()  # large buffers stay in the heap between steps (runtime/allocator.py)
     if round_robin.handles(sys.argv[1:] if argv is None else argv):  # Maziarz et al.'s MNIST protocol
         return round_robin.main(argv, prog=Path(__file__).name)
     args = parse_args(argv)

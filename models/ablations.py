@@ -91,6 +91,6 @@ class BUOnlyLeNet(nn.Module):
         image_term = F.conv2d(images, conv1.weight[:, :1], conv1.bias)
         task_term = conv1.weight[:, 1:].sum(dim=(2, 3)).t()  # [T, c1]
         x = (image_term.unsqueeze(0) + task_term[:, None, :, None, None]).flatten(0, 1)
-        x = F.max_pool2d(F.relu(self.bu.conv2(F.max_pool2d(F.relu(x), 2))), 2)
+        x = F.relu(F.max_pool2d(self.bu.conv2(F.relu(F.max_pool2d(x, 2))), 2))
         logits = self.bu.head(F.relu(self.bu.fc(x.flatten(1))))
         return logits.view(tasks, batch, -1)

@@ -143,8 +143,8 @@ class ClsSegMultiBranch(MultiBranchLeNet):
 
     def forward(self, images):
         conv1 = self.conv1(images)
-        conv2 = self.conv2(F.max_pool2d(F.relu(conv1), 2))
-        rep = F.relu(self.fc(F.max_pool2d(F.relu(conv2), 2).flatten(1)))
+        conv2 = self.conv2(F.relu(F.max_pool2d(conv1, 2)))
+        rep = F.relu(self.fc(F.relu(F.max_pool2d(conv2, 2)).flatten(1)))
         return ClsSegOutput(self.heads(rep), self.seg(rep, conv1, conv2))
 
 

@@ -53,10 +53,11 @@ class ControlNet(nn.Module):
         return self.emb(one_hot).view(-1, self.t2, 4, 4)
 
     def td(self, embedding, bu1_taps):
-        """Returns the TD tensors that feed BU2: the bottom map [B,1,28,28], td24 and td8."""
-        td4 = embedding + self.lateral_add[2](bu1_taps["pool2"])
-        td8 = F.interpolate(td4, scale_factor=2, mode="nearest") + self.lateral_add[1](bu1_taps["conv2"])
-        td24 = F.interpolate(self.td_conv2(td8), scale_factor=2, mode="nearest") + self.lateral_add[0](bu1_taps["conv1"])
+        """Returns the TD tensors that feed BU2: the bottom map [B,1,28,28], td24 and td8. Each sum starts with
+        the BU1 lateral, whose channels_last format the sum takes (the same numbers, no layout copies in TD)."""
+        td4 = self.lateral_add[2](bu1_taps["pool2"]) + embedding
+        td8 = self.lateral_add[1](bu1_taps["conv2"]) + F.interpolate(td4, scale_factor=2, mode="nearest")
+        td24 = self.lateral_add[0](bu1_taps["conv1"]) + F.interpolate(self.td_conv2(td8), scale_factor=2, mode="nearest")
         return self.td_conv1(td24), td24, td8
 
     def bu2(self, images, td_map, td24, td8):

@@ -112,10 +112,10 @@ class LeNet(nn.Module):
         conv1 = self.conv1(x)
         if "conv1" in gates:
             conv1 = apply_gate(conv1, gates["conv1"])
-        conv2 = self.conv2(F.max_pool2d(F.relu(conv1), 2))
+        conv2 = self.conv2(F.relu(F.max_pool2d(conv1, 2)))  # = pool(ReLU(x)) exactly, on a quarter of the elements
         if "conv2" in gates:
             conv2 = apply_gate(conv2, gates["conv2"])
-        pool2 = F.max_pool2d(F.relu(conv2), 2)
+        pool2 = F.relu(F.max_pool2d(conv2, 2))
         if "pool2" in gates:
             pool2 = apply_gate(pool2, gates["pool2"])
         rep = F.relu(self.fc(pool2.flatten(1)))
@@ -168,10 +168,10 @@ class MultiBranchLeNet(nn.Module):
         return self.fc
 
     def trunk(self, x):
-        x = self.conv2(F.max_pool2d(F.relu(self.conv1(x)), 2))
+        x = self.conv2(F.relu(F.max_pool2d(self.conv1(x), 2)))
         if self.dropout is not None:
             x = self.dropout.channel(x)
-        x = F.max_pool2d(F.relu(x), 2)
+        x = F.relu(F.max_pool2d(x, 2))
         return F.relu(self.fc(x.flatten(1)))
 
     def heads(self, rep):
@@ -205,10 +205,10 @@ class SingleTaskLeNets(nn.Module):
         self.fc2 = BatchedLinear(num_tasks, hidden, NUM_CLASSES)
 
     def forward(self, x):
-        x = self.conv2(F.max_pool2d(F.relu(self.conv1(x)), 2))
+        x = self.conv2(F.relu(F.max_pool2d(self.conv1(x), 2)))
         if self.dropout is not None:
             x = self.dropout.channel(x)
-        x = F.max_pool2d(F.relu(x), 2)
+        x = F.relu(F.max_pool2d(x, 2))
         x = x.reshape(x.shape[0], self.num_tasks, self.c2 * 16)
         x = F.relu(self.fc1(F.relu(self.fc(x))))
         if self.dropout is not None:
