@@ -21,7 +21,7 @@ from training import cli
 
 DEFAULT = "default"
 COLUMNS = ("variant", "setting", "method", "seeds", "test acc (best val)", "last epoch", "best test epoch",
-           "paper", "Δ paper", "committed seed 0", "Δ committed", "overrides")
+           "paper", "Δ paper", "committed seed 0", "Δ committed", "hours per run", "overrides")
 
 
 def parse_args(argv):
@@ -84,6 +84,7 @@ def row(variant, setting, method, runs, committed):
             "acc": acc, "last": mean_std([figure(run, "last") for run in runs])[0],
             "best_test": mean_std([figure(run, "best_test") for run in runs])[0],
             "paper": paper_acc, "committed": None if committed is None else figure(committed, "best_val"),
+            "hours": mean_std([run.get("wall_time_s", 0.0) / 3600 for run in runs])[0],
             "overrides": sorted(runs[-1].get("overrides") or ())}
 
 
@@ -110,6 +111,7 @@ def render_row(row):
              f"{row['last']:.2f}", f"{row['best_test']:.2f}",
              number(row["paper"]), number(row["paper"] and mean - row["paper"], sign=True),
              number(row["committed"]), number(row["committed"] and mean - row["committed"], sign=True),
+             number(row["hours"]),
              ", ".join(f"`{item}`" for item in row["overrides"]) or "none"]
     return "| " + " | ".join(cells) + " |"
 
