@@ -80,19 +80,19 @@ def shard(text):
 
 def jobs_of(todo, stacked, overrides):
     """The training processes of the sweep, each a list of cells: one cell each, or with ``stacked`` the seeds of a
-    stackable method's cell (``training.loop.check_stackable``) that start together or resume from the same epoch
+    stackable method's cell (``training.engine.check_stackable``) that start together or resume from the same epoch
     (torch is imported only here)."""
     if not stacked:
         return [[cell] for cell in todo]
     from loaders import NUM_TASKS
-    from training import checkpoint, config, loop
+    from training import checkpoint, config, engine
 
     def group(cell):
         """The cell's group key; its name (alone) for a method that does not stack or a checkpoint that the run
         will report."""
         try:
             params = config.load_params(REPO / "params" / f"mmnist_{cell['setting']}_{cell['method']}.json", overrides)
-            loop.check_stackable(params, NUM_TASKS[params["setting"]], "auto")
+            engine.check_stackable(params, NUM_TASKS[params["setting"]], "auto")
             epoch = checkpoint.load(cell["out"] / "checkpoint.pt")["epoch"] if cell["state"] == "resume" else 0
         except (config.ParamError, checkpoint.CheckpointError, OSError, KeyError, TypeError):
             return cell["name"]

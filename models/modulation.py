@@ -15,12 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .hooks import TrainingHooks
 from .lenet import LeNet
 
 GATED = ("conv1", "conv2", "pool2")
 
 
-class ChannelModulatedLeNet(nn.Module):
+class ChannelModulatedLeNet(TrainingHooks, nn.Module):
     paradigm = "single_branch"
 
     def __init__(self, num_tasks, c1=10, c2=20, hidden=50):
@@ -43,7 +44,7 @@ class ExtendedChannelModulatedLeNet(ChannelModulatedLeNet):
         super().__init__(num_tasks, c1, c2, hidden)
 
 
-class TaskRoutedLeNet(nn.Module):
+class TaskRoutedLeNet(TrainingHooks, nn.Module):
     paradigm = "single_branch"
 
     def __init__(self, num_tasks, c1=10, c2=20, hidden=50, sigma=0.5):

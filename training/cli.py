@@ -11,6 +11,9 @@ from runtime import distributed
 from training import config, run_lock
 
 
+CUDA_GRAPHS = ("auto", "on", "off")  # --cuda_graphs: training/step_graph.py
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}; see --help\n")

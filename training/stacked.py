@@ -1,4 +1,4 @@
-"""Stacked runs (issue 19): R runs of one method and one setting that differ only in their seed (the 5 seeds of a
+"""Stacked runs: R runs of one method and one setting that differ only in their seed (the 5 seeds of a
 Table 2 cell) trained in one process as one model.
 
 Replica r is the run of the training script with ``--seed seeds[r]``, exactly: its initial weights are the model
@@ -16,9 +16,8 @@ sync (one shared step count), see ``torch.optim.Adam``. Every replica's model, o
 read and written in the format of a separate run (``replica_state_dict``, ``replica_optimizer_state``), so a
 replica writes the files that its separate run would and can resume from them.
 
-The training step is ``training.loop.train_stacked_epoch``, the same for a stacked group and for one run (``OneRun``:
-a stack of one), and so is evaluation (``training.evaluate.evaluate_stack``: every replica in each pass, in eval mode,
-which draws no noise); ``--seeds`` of the training script trains a group of seeds.
+The stacked group's epoch and step are training/engine.py's (``--seeds`` of the training script); a group evaluates
+every replica in a separate run's model.
 """
 import contextlib
 import copy
@@ -28,12 +27,12 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, vmap
 
-from models.gumbel_matrix import GumbelMatrixRouter, add_budget_gradient, allocation_matrix, budget_penalty, \
-    router_parameters, set_temperature
+from models.gumbel_matrix import GumbelMatrixRouter, allocation_matrix, budget_penalty, router_parameters, \
+    set_temperature
 from models.lenet import SenerKoltunDropout
 from training.data import MEMORY_FORMATS
-from training.optim import base_learning_rates, make_optimizer
-from weighting import base as weighting_base
+from training import optim
+from training.optim import make_optimizer
 from weighting.batched import StackedWeighting
 
 MODES = ("loop", "vmap")
@@ -251,14 +250,14 @@ def _stack(tensors, memory_format):
 
 
 def parameter_groups(params, stacked, weighting):
-    """The separate run's groups (``parameter_groups`` of the training script), stacked: the weights and the
-    weighting's parameters at ``lr``, the learned allocation logits at ``router_options.lr``, in the same order, so
-    that optimiser state indices agree with a separate run's."""
-    logits = {stacked._name_of(p) for p in router_parameters(stacked.template)}
-    weights = [p for name, p in zip(stacked.param_names, stacked.stacked) if name not in logits]
-    groups = [weights + (list(weighting.parameters()) if weighting else []),
-              [stacked.parameter(name) for name in stacked.param_names if name in logits]]
-    return [{"params": group, "lr": lr} for group, lr in zip(groups, base_learning_rates(params))]
+    """The separate run's groups (``training.optim.parameter_groups`` of the template), every parameter replaced by
+    its stacked one, in the same order, so that optimiser state indices agree with a separate run's."""
+    groups = optim.parameter_groups(params, stacked.template, None)
+    for group in groups:
+        group["params"] = [stacked.parameter(stacked._name_of(p)) for p in group["params"]]
+    if weighting is not None:
+        groups[0]["params"] += list(weighting.parameters())
+    return groups
 
 
 def stack_runs(runs, params, mode="loop"):
@@ -306,59 +305,3 @@ def load_replica_optimizer_state(optimizer, r, saved):
                 mine[key] = value.clone() if torch.is_tensor(value) else value
 
 
-class OneRun(weighting_base.OneRun):
-    """One run seen as a stack of one (R = 1), so that a single run takes the very training step of a stacked group
-    (``training.loop.train_stacked_epoch``): the run's own model (``trained``: its DDP wrapper under torchrun), torch's
-    global generator for the model's noise (seeded per epoch, as a run always did), inputs and outputs with a leading
-    replica dimension of 1 (``weighting.base.OneRun``, what the weightings see of a run). ``call`` (evaluation) runs
-    the model itself, not its DDP wrapper."""
-
-    num_replicas, mode = 1, None
-
-    def __init__(self, trained):
-        super().__init__(trained)
-        self.dtype = next(self.model.parameters()).dtype
-
-    @property
-    def paradigm(self):
-        return self.model.paradigm
-
-    def call(self, fn, *args):
-        """``fn(model, *args[0])`` with a leading replica dimension of 1 (``StackedModel.call``)."""
-        return fn(self.model, *(arg[0] for arg in args))[None]
-
-    def train(self):
-        self.trained.train()
-
-    def eval(self):
-        self.trained.eval()
-
-    def seed_noise(self, seeds):
-        torch.manual_seed(seeds[0])
-
-    def noise_generators(self):
-        """None beyond torch's default generator, which a CUDA graph registers by itself."""
-        return []
-
-    def set_temperature(self, temperature):
-        set_temperature(self.model, temperature)
-
-    def add_budget_gradient(self, budget, penalty):
-        add_budget_gradient(self.model, budget, penalty)
-
-
-class OneWeighting:
-    """A run's own weighting seen as the batched weighting of a stack of one (``OneRun``)."""
-
-    def __init__(self, weighting):
-        self.weighting = weighting
-
-    def backward(self, stack, images, labels, num_valid, locations=None):
-        located = {} if locations is None else {"locations": locations[0]}
-        return self.weighting.backward(stack.trained, images[0], labels[0], num_valid[0], **located)[None]
-
-    def after_step(self):
-        self.weighting.after_step()
-
-    def parameters(self):
-        return self.weighting.parameters()

@@ -1,4 +1,4 @@
-"""The stacked form of a weighting (issue 19; training/stacked.py): the weightings of R stacked runs as one module,
+"""The stacked form of a weighting (training/stacked.py, training/engine.py): the weightings of R stacked runs as one module,
 on the device and without host synchronisation. A rule with ``Weighting.stackable`` (the paper's Table 2: sum,
 uniform, kendall, gradnorm, mgda) is written once over a leading run dimension (``Weighting.combine`` of losses
 [R, T], ``Weighting.backward_runs``); its stacked form is a copy of the rule's module whose every parameter and buffer
