@@ -21,7 +21,6 @@ from models.backbones import BACKBONES, build_backbone
 from models.gumbel_matrix import router_parameters
 from models.lenet import DROPOUTS
 from weighting import WEIGHTINGS, build_weighting
-from weighting.base import Weighting
 
 # method -> (model, weighting); weighting None = single-branch training, one task drawn per sample.
 METHODS = {
@@ -42,7 +41,6 @@ METHODS = {
                                                   "famo")},
 }
 
-NEEDS_TRUNK = ("gradnorm", "mgda", "pcgrad", "cagrad", "imtl", "nash_mtl", "aligned_mtl")  # use trunk() and heads()
 OPTIMIZERS = ("Adam", "SGD", "RMSprop")
 PROTOCOLS = ("held_out", "authors")
 LR_SCHEDULES = ("halve_30_60_90", "none")
@@ -276,8 +274,8 @@ def _check_spatial_loss(params, source):
         raise ParamError(f"{source}: key 'spatial_loss_weight': model '{params['model']}' has neither a TD map nor a "
                          f"location head to train (models: {', '.join(located)}); allowed: 0")
     weighting = params["weighting"]
-    if weighting is not None and WEIGHTINGS[weighting].backward is not Weighting.backward:
-        allowed = [name for name, cls in WEIGHTINGS.items() if cls.backward is Weighting.backward]
+    if weighting is not None and not WEIGHTINGS[weighting].combines_losses:
+        allowed = [name for name, cls in WEIGHTINGS.items() if cls.combines_losses]
         raise ParamError(f"{source}: key 'spatial_loss_weight': weighting '{weighting}' combines the classification "
                          f"losses only; with a localisation loss use one of: {', '.join(allowed)} (or set 0)")
 
@@ -347,7 +345,8 @@ def _check_options(params, source):
             model = MODELS[params["model"]](num_tasks, **model_kwargs(params))
     except (TypeError, ValueError, RuntimeError) as err:
         raise ParamError(f"{source}: key 'model_options': {err}") from None
-    if params["weighting"] in NEEDS_TRUNK and not hasattr(model, "trunk"):
+    weighting = WEIGHTINGS.get(params["weighting"])
+    if weighting is not None and weighting.needs_trunk and not hasattr(model, "trunk"):
         raise ParamError(f"{source}: key 'weighting': '{params['weighting']}' needs a shared trunk, which model "
                          f"'{params['model']}' does not have; allowed models: multi_branch")
     if params["weighting"] is not None:

@@ -19,7 +19,6 @@ replica writes the files that its separate run would and can resume from them.
 The stacked group's epoch and step are training/engine.py's (``--seeds`` of the training script); a group evaluates
 every replica in a separate run's model.
 """
-import contextlib
 import copy
 import types
 
@@ -85,7 +84,6 @@ class StackedModel(nn.Module):
         if mode == "vmap" and self.dropouts:
             raise ValueError("stacking mode 'vmap' cannot draw Sener-Koltun dropout masks per replica; use 'loop'")
         self.generators = None
-        self._held = None
         self.template.train(self.training)
 
     def train(self, mode=True):
@@ -102,12 +100,6 @@ class StackedModel(nn.Module):
         """The stacked parameter [R, ...] of the template's parameter ``name``."""
         return self.stacked[self.param_names.index(name)]
 
-    @property
-    def last_shared_layer(self):
-        """GradNorm's W, stacked: ``.weight`` [R, out, in] of the template's ``last_shared_layer``."""
-        name = next(name for name, m in self.template.named_modules() if m is self.template.last_shared_layer)
-        return types.SimpleNamespace(weight=self.parameter(f"{name}.weight"))
-
     def seed_noise(self, seeds):
         """One generator per replica for the model's own draws, seeded as its separate run seeds torch's generator
         (``torch.manual_seed(seed)`` seeds the CPU and CUDA generators alike)."""
@@ -120,16 +112,6 @@ class StackedModel(nn.Module):
     def noise_generators(self):
         """The generators of the model's own draws that a CUDA graph of the step must register."""
         return list(self.generators or []) if self.routers or self.dropouts else []
-
-    @contextlib.contextmanager
-    def held_dropout_masks(self):
-        """Every replica's Sener-Koltun masks drawn first inside this context are reused by its later passes, as
-        ``models.lenet.held_dropout_masks`` for a separate model (MGDA-UB's final pass)."""
-        self._held = [{} for _ in range(self.num_replicas)]
-        try:
-            yield
-        finally:
-            self._held = None
 
     def call(self, fn, *args, draws=True):
         """``fn(model, *args)`` for every replica, replica r with its own tensors and ``arg[r]`` of each [R, ...]
@@ -149,7 +131,6 @@ class StackedModel(nn.Module):
             for r in range(self.num_replicas):
                 for dropout in self.dropouts:
                     dropout.generator = self.generators[r] if noisy else None
-                    dropout.held = None if self._held is None else self._held[r]
                 outputs.append(self._replica_call({name: t[r] for name, t in tensors.items()},
                                                   [n[r] for n in noise],
                                                   *(arg[r] for arg in args)))
@@ -160,7 +141,7 @@ class StackedModel(nn.Module):
             for router in self.routers:
                 router.noise = None
             for dropout in self.dropouts:
-                dropout.generator, dropout.held = None, None
+                dropout.generator = None
 
     def _replica_call(self, tensors, noise, *args):
         for router, uniform in zip(self.routers, noise):
@@ -170,11 +151,18 @@ class StackedModel(nn.Module):
     def _router_noise(self):
         """Per router (in module order, the order of a forward pass), the U(0, 1) draws [R, T, K, 2] of every
         replica from its own generator: what ``torch.rand_like(logits)`` draws in its separate run."""
+        per_replica = [self._replica_noise(r) for r in range(self.num_replicas)]
+        return [torch.stack(draws) for draws in zip(*per_replica)]
+
+    def _replica_noise(self, r):
+        """Replica r's U(0, 1) draws of every router, from its generator."""
         shapes = [self.parameter(self._name_of(router.logits)).shape[1:] for router in self.routers]
         dtype, device = self.stacked[0].dtype, self.stacked[0].device
-        per_replica = [[torch.rand(shape, generator=g, dtype=dtype, device=device) for shape in shapes]
-                       for g in self.generators]
-        return [torch.stack(draws) for draws in zip(*per_replica)]
+        return [torch.rand(shape, generator=self.generators[r], dtype=dtype, device=device) for shape in shapes]
+
+    def replica(self, r):
+        """Replica r as the model of one run (``Replica``), for a weighting's ``backward``."""
+        return Replica(self, r)
 
     def _name_of(self, template_parameter):
         return next(name for name, p in self.template.named_parameters() if p is template_parameter)
@@ -183,12 +171,6 @@ class StackedModel(nn.Module):
         if self.paradigm == "single_branch":
             return self.call(lambda model, x, t: model(x, t), images, tasks)
         return self.call(lambda model, x: model(x), images)
-
-    def trunk(self, images):
-        return self.call(lambda model, x: model.trunk(x), images)
-
-    def heads(self, rep):
-        return self.call(lambda model, z: model.heads(z), rep)
 
     def budget_penalty(self, budget, penalty):
         """[R]: every replica's task-averaged budget penalty (``models.gumbel_matrix.budget_penalty``)."""
@@ -240,6 +222,49 @@ class StackedModel(nn.Module):
         with torch.no_grad():
             for key in expected:
                 tensors[key][r].copy_(state[key])
+
+
+class Replica:
+    """Replica r of a ``StackedModel`` seen as its separate run's model, for the rule of a weighting written for one
+    run (weighting/batched.py): ``forward``, ``trunk``, ``heads``, ``last_shared_layer`` and ``dropout`` on views of
+    its slices of the stacked tensors (taken once, so that ``autograd.grad`` with respect to ``last_shared_layer``
+    reaches the forward pass), its noise from its own generator. A Sener-Koltun dropout held by the rule
+    (``models.lenet.held_dropout_masks``) keeps its masks across the calls."""
+
+    def __init__(self, stack, r):
+        self.stack, self.r, self.paradigm = stack, r, stack.paradigm
+        self.tensors = {f"model.{name}": tensor[r] for name, tensor in stack.tensors().items()}
+        self.dropout = getattr(stack.template, "dropout", None)
+
+    def call(self, fn, *args):
+        stack = self.stack
+        stack._apply_fn.fn = fn
+        noisy = stack.training and bool(stack.routers or stack.dropouts)
+        try:
+            for dropout in stack.dropouts:
+                dropout.generator = stack.generators[self.r] if noisy else None
+            return stack._replica_call(self.tensors, stack._replica_noise(self.r) if noisy else [], *args)
+        finally:
+            for router in stack.routers:
+                router.noise = None
+            for dropout in stack.dropouts:
+                dropout.generator = None
+
+    def __call__(self, images):
+        return self.call(lambda model, x: model(x), images)
+
+    def trunk(self, images):
+        return self.call(lambda model, x: model.trunk(x), images)
+
+    def heads(self, rep):
+        return self.call(lambda model, z: model.heads(z), rep)
+
+    @property
+    def last_shared_layer(self):
+        """GradNorm's W: ``.weight`` of the template's ``last_shared_layer``, replica r's view."""
+        template = self.stack.template
+        name = next(name for name, m in template.named_modules() if m is template.last_shared_layer)
+        return types.SimpleNamespace(weight=self.tensors[f"model.{name}.weight"])
 
 
 def _stack(tensors, memory_format):

@@ -9,13 +9,13 @@ from runtime import distributed
 from .min_norm_solvers import MAX_BATCHED_TASKS, NORMALIZATIONS, batched_min_norm_element, find_min_norm_element, \
     gradient_normalizers
 
-from .base import Weighting, task_losses
+from .base import Weighting
 
 
 class MGDA(Weighting):
     """MGDA-UB: min-norm alpha of the task grads w.r.t. the flattened B x 50 rep z; normalization 'none' by default."""
 
-    stackable = True
+    combines_losses, needs_trunk, stackable = False, True, True
 
     def __init__(self, num_tasks, normalization="none", max_iter=250):
         super().__init__(num_tasks)
@@ -39,33 +39,20 @@ class MGDA(Weighting):
             # a rank's losses are world_size x its share of the global batch's losses, and so are their gradients
             grads, losses = distributed.cat(grads) / distributed.world_size(), distributed.mean(losses)
             grads = grads / gradient_normalizers(grads, losses, self.normalization)[..., None]
-            alpha = find_min_norm_element(grads, self.max_iter)[0]
+            alpha = self.min_norm_element(grads)
             self.alpha.copy_(alpha)
 
             losses = per_task_cross_entropy(model(images), labels, num_valid)  # raw L_t: the normaliser moves alpha
             (alpha * losses).sum().backward()
             return losses.detach()
 
-    def backward_runs(self, runs, images, labels, num_valid):
-        """``backward`` of R stacked runs at once (z [R, B, H], alpha [R, T]; one process), alpha from the batched
-        solver (``batched_min_norm_element``: exact, without host synchronisation)."""
-        with runs.held_dropout_masks():  # Sener & Koltun's dropout: the final pass reuses the masks of the others
-            with torch.no_grad():
-                z = runs.trunk(images)
-            z = z.detach().requires_grad_()  # detached leaf: the task gradients stop at the shared representation
-            losses = task_losses(runs.heads(z), labels, num_valid)  # [R, T]
-            # a run's z gets only its own L_t's gradient: one autograd.grad per task of the runs' summed L_t
-            grads = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].flatten(1)
-                                 for loss in losses.sum(dim=0)], dim=1)  # [R, T, B*H]
-            # a rank's losses are world_size x its share of the global batch's losses, and so are their gradients
-            grads, losses = distributed.cat(grads) / distributed.world_size(), distributed.mean(losses)
-            grads = grads / gradient_normalizers(grads, losses, self.normalization)[..., None]
-            alpha = batched_min_norm_element(grads)
-            self.alpha.copy_(alpha)
-
-            losses = task_losses(runs(images), labels, num_valid)  # raw L_t: the normaliser moves alpha
-            (alpha * losses).sum().backward()
-            return losses.detach()
+    def min_norm_element(self, grads):
+        """alpha [T] of the task gradients [T, D]: Sener & Koltun's algorithm (``find_min_norm_element``, at most
+        ``max_iter`` iterations), or with ``sync_free`` the exact solver that never waits for the host
+        (``batched_min_norm_element``, up to ``MAX_BATCHED_TASKS`` tasks)."""
+        if self.sync_free:
+            return batched_min_norm_element(grads[None])[0]
+        return find_min_norm_element(grads, self.max_iter)[0]
 
     def check_stackable(self):
         if self.num_tasks > MAX_BATCHED_TASKS:
