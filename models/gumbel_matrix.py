@@ -28,6 +28,17 @@ from .lenet import NUM_CLASSES, BatchedLinear
 ALLOCATIONS = ("gumbel_matrix", "no_sharing", "shared_bottom")
 GUMBEL_EPS = 1e-20  # inside both logs of the Gumbel noise, as the original
 
+# The param file's router_options, which the training hooks of a model with learned allocation read: option ->
+# (default, (min, max)); defaults of Maziarz et al.'s google-research/google-research@0c1bbe5f
+# learning_parameter_allocation/pathnet/pathnet_lib.py.
+ROUTER_OPTIONS = {
+    "lr": (1e-3, (1e-8, 10.0)),               # their own Adam's lr, halved with the model's (MNIST recipe: = model lr)
+    "temperature_init": (50.0, (1e-3, 1e6)),  # tau = max(min, init / sqrt(task-updates + 1))
+    "temperature_min": (0.5, (1e-3, 1e6)),
+    "budget": (1.0, (0.0, 1.0)),              # fraction of the routed components a task may use before the penalty
+    "budget_penalty": (0.0, (0.0, 1e3)),      # penalty * max(0, mean P - budget); 0 = off
+}
+
 
 def temperature_schedule(update, initial=50.0, minimum=0.5):
     """Gumbel-softmax temperature after ``update`` task-updates: max(minimum, initial / sqrt(update + 1))

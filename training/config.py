@@ -18,7 +18,7 @@ from loaders.clevr import RULES
 from loaders.multi_mnist import RESIZES
 from models import BACKBONE_OPTIONS, LOCATION_HEAD_MODELS, MODELS, ON_BACKBONE, TD_MAP_MODELS
 from models.backbones import BACKBONES, build_backbone
-from models.gumbel_matrix import router_parameters
+from models.gumbel_matrix import ROUTER_OPTIONS, router_parameters
 from models.lenet import DROPOUTS
 from weighting import WEIGHTINGS, build_weighting
 
@@ -44,16 +44,6 @@ METHODS = {
 OPTIMIZERS = ("Adam", "SGD", "RMSprop")
 PROTOCOLS = ("held_out", "authors")
 LR_SCHEDULES = ("halve_30_60_90", "none")
-
-# Gumbel-matrix allocation logits (models with routers): option -> (default, (min, max)); defaults
-# of Maziarz et al.'s google-research/google-research@0c1bbe5f learning_parameter_allocation/pathnet/pathnet_lib.py.
-ROUTER_OPTIONS = {
-    "lr": (1e-3, (1e-8, 10.0)),               # their own Adam's lr, halved with the model's (MNIST recipe: = model lr)
-    "temperature_init": (50.0, (1e-3, 1e6)),  # tau = max(min, init / sqrt(task-updates + 1))
-    "temperature_min": (0.5, (1e-3, 1e6)),
-    "budget": (1.0, (0.0, 1.0)),              # fraction of the routed components a task may use before the penalty
-    "budget_penalty": (0.0, (0.0, 1e3)),      # penalty * max(0, mean P - budget); 0 = off
-}
 
 # key: (type, default (REQUIRED = must be given), allowed values or (min, max) range or None, meaning)
 REQUIRED = object()
