@@ -251,10 +251,9 @@ class GumbelMatrixLeNet(TrainingHooks, nn.Module):
         """The Gumbel-softmax temperature of the ``update``-th step, counted in task-updates (every task trains on
         every image) as Maziarz et al.'s mnist_train.py counts them."""
         if options:
-            logits = router_parameters(self)[0]
             value = temperature_schedule(update * self.num_tasks, options["temperature_init"],
                                          options["temperature_min"])
-            set_temperature(self, torch.tensor(value, dtype=logits.dtype, device=logits.device))
+            set_temperature(self, torch.tensor(value, dtype=self.fc2.weight.dtype, device=self.fc2.weight.device))
 
     def after_backward(self, options):
         """The budget penalty's gradient (``add_budget_gradient``), when the penalty is on."""

@@ -75,8 +75,8 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, stats=M
             weighting.after_step()
         task_losses = distributed.mean(task_losses)
         loss_sum += task_losses.mean()
-        newly_bad = (first_bad < 0) & ~torch.isfinite(task_losses).all()  # on the device: no wait for the step
-        first_bad, bad_losses = first_bad.where(~newly_bad, step), bad_losses.where(~newly_bad, task_losses)
+        keep = (first_bad >= 0) | torch.isfinite(task_losses).all()  # on the device: no wait for the step
+        first_bad, bad_losses = first_bad.where(keep, step), bad_losses.where(keep, task_losses)
     return Epoch(float(loss_sum) / steps, first_bad_step(int(first_bad), bad_losses, order, tasks, batch_size))
 
 
@@ -98,8 +98,8 @@ def inputs(model, images, index, params, stats):
 def single_branch_backward(model, images, labels, tasks, batch, params, stats, locations):
     """Forward and backward of a single-branch model on ``batch``, each image with its drawn task; its loss [1]."""
     index = distributed.shard(batch)
-    x, t, y = inputs(model, images, index, params, stats), tasks[index], labels[index, tasks[index]].long()
-    divisor = loss_divisor(labels[batch, tasks[batch]])
+    x, t = inputs(model, images, index, params, stats), tasks[index]
+    y, divisor = labels[index, t].long(), loss_divisor(labels[batch, tasks[batch]])
     if locations is None:
         loss = losses.masked_cross_entropy(model(x, t), y, divisor)
     else:
