@@ -274,7 +274,7 @@ def _stack(tensors, memory_format):
     return torch.stack(tensors)
 
 
-def parameter_groups(params, stacked, weighting):
+def stacked_groups(params, stacked, weighting):
     """The separate run's groups (``training.optim.parameter_groups`` of the template), every parameter replaced by
     its stacked one, in the same order, so that optimiser state indices agree with a separate run's."""
     groups = optim.parameter_groups(params, stacked.template, None)
@@ -291,7 +291,7 @@ def stack_runs(runs, params, mode="loop"):
     its run's current state."""
     model = StackedModel([m for m, _, _ in runs], mode, MEMORY_FORMATS[params["memory_format"]])
     weighting = StackedWeighting([w for _, w, _ in runs]) if runs[0][1] is not None else None
-    optimizer = make_optimizer(params, parameter_groups(params, model, weighting))
+    optimizer = make_optimizer(params, stacked_groups(params, model, weighting))
     for r, (_, _, separate) in enumerate(runs):
         load_replica_optimizer_state(optimizer, r, separate.state_dict())
     return model, weighting, optimizer
