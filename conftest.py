@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from runtime.files import REPO
-from training import evaluate as evaluation, loop
+from training import engine, evaluate as evaluation, loop
 
 _state = {"data_root": None, "status": None}
 
@@ -66,7 +66,7 @@ def one_thread():
 @pytest.fixture
 def float64(monkeypatch):
     """Models in float64 and the training loop's normalised images too (``normalize`` returns float32)."""
-    for module in (loop, evaluation):
+    for module in (loop, engine, evaluation):
         normalize = module.normalize
         monkeypatch.setattr(module, "normalize", lambda *args, normalize=normalize: normalize(*args).double())
     default = torch.get_default_dtype()

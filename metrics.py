@@ -7,28 +7,25 @@ import torch
 
 
 class TaskAccuracy:
-    """Correct predictions and valid labels per task. With ``replicas`` = R, the correct counts [R, T] of R models
-    evaluated on the same labels (a stacked group, training/stacked.py); the valid counts [T] are theirs alike."""
+    """Correct predictions and valid labels per task."""
 
-    def __init__(self, num_tasks, device, replicas=None):
-        shape = (num_tasks,) if replicas is None else (replicas, num_tasks)
-        self.correct = torch.zeros(shape, dtype=torch.int64, device=device)
+    def __init__(self, num_tasks, device):
+        self.correct = torch.zeros(num_tasks, dtype=torch.int64, device=device)
         self.count = torch.zeros(num_tasks, dtype=torch.int64, device=device)
 
     def update(self, predictions, labels):
-        """predictions [T, B] (task-major), or [R, T, B] with ``replicas``; labels [T, B]."""
+        """predictions and labels [T, B] (task-major)."""
         valid = labels >= 0
         self.correct += ((predictions == labels) & valid).sum(dim=-1)
         self.count += valid.sum(dim=-1)
 
     def update_pairs(self, tasks, predictions, labels):
-        """One (image, task) pair per entry, all with a valid label: tasks, labels [P]; predictions [P], or [R, P]
-        with ``replicas``."""
-        self.correct.index_add_(-1, tasks, (predictions == labels).long())
+        """One (image, task) pair per entry, all with a valid label: tasks, predictions, labels [P]."""
+        self.correct.index_add_(0, tasks, (predictions == labels).long())
         self.count.index_add_(0, tasks, torch.ones_like(tasks))
 
     def per_task(self):
-        """Accuracy per task in percent ([T], or [R, T] with ``replicas``); NaN for a task with no valid image."""
+        """Accuracy per task in percent [T]; NaN for a task with no valid image."""
         count = self.count.double()
         return (100.0 * self.correct.double() / count).where(count > 0, torch.nan).cpu()
 

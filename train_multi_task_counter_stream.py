@@ -17,7 +17,7 @@ script) training uses all 60k MNIST training images, there is no validation spli
 best-on-test one. results.json reports three test figures: at the best-validation epoch (held_out only), at the
 best test epoch (optimistic) and at the last epoch. Outputs in --out: metrics.jsonl, results.json, checkpoint.pt
 (resume state) and best_model.pt, all written atomically, and train.log. ``--seeds 0,1,2,3,4`` trains the runs
-of several seeds in one process as one stacked model (training/stacked.py), each into <out>/seed<k>.
+of several seeds in one process as one stacked model (training/engine.py), each into <out>/seed<k>.
 An output dir takes one run at a time (``run_lock``); ``--resume`` continues a run only with the arguments that
 made it; ``--set KEY=VALUE`` changes one param-file key from the command line (recorded in results.json). With
 --tensorboard also TensorBoard scalars in tensorboard/ (training/tensorboard_log.py). ``--eval_only --out RUN`` evaluates
@@ -31,10 +31,11 @@ import sys
 from pathlib import Path
 
 from runtime import allocator, distributed
-from training import round_robin, step_graph
-from training.cli import ArgumentParser, command_line, exit_code, non_negative_int, positive_int, seed_list
+from training import round_robin
+from training.cli import CUDA_GRAPHS, ArgumentParser, command_line, exit_code, non_negative_int, positive_int, \
+    seed_list
 from training.evaluate import evaluate_only
-from training.loop import run
+from training.trainer import run
 
 
 def parse_args(argv):
@@ -52,7 +53,7 @@ def parse_args(argv):
     parser.add_argument("--stack_mode", choices=("auto", "loop", "vmap"), default="auto", help="how --seeds runs "
                         "its replicas: loop (one after the other), vmap (batched kernels) or auto (loop on CPU, vmap "
                         "on CUDA)")
-    parser.add_argument("--cuda_graphs", choices=step_graph.CHOICES, default="auto", help="replay the training "
+    parser.add_argument("--cuda_graphs", choices=CUDA_GRAPHS, default="auto", help="replay the training "
                         "step as a CUDA graph: auto (for --seeds groups on CUDA), on (also one --seed; CUDA only) or "
                         "off (docs/stacked.md)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")

@@ -16,6 +16,7 @@ commit. The base must have the package layout of docs/architecture.md (``trainin
 """
 import argparse
 import importlib
+import inspect
 import os
 import statistics
 import subprocess
@@ -46,6 +47,9 @@ def parse_args(argv):
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs after the warm-up one (default 3)")
     parser.add_argument("--methods", default=",".join(TABLE2), help="comma list (default: the Table 2 methods)")
     parser.add_argument("--out", help="results JSON (default runs/benchmarks/revisions-<base>-<device>[-quick].json)")
+    parser.add_argument("--numbers", action="store_true", help="instead of timing: one epoch of every method by both "
+                        "revisions on the same data, the largest differences of weights, optimiser state, loss and "
+                        "accuracies (0.0: bit for bit)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.methods.split(",")) - set(TABLE2))
     if unknown or min(args.steps, args.epochs) < 1:
@@ -70,8 +74,8 @@ def import_revision(root):
         del sys.modules[name]
     sys.path.insert(0, str(root))
     try:
-        names = ("loaders", "models", "training.config", "training.data", "training.loop", "training.optim",
-                 "weighting")
+        names = ("loaders", "models", "training.config", "training.data", "training.evaluate", "training.loop",
+                 "training.optim", "weighting")
         return argparse.Namespace(root=root, **{name.split(".")[-1]: importlib.import_module(name) for name in names})
     finally:
         sys.path.remove(str(root))
@@ -94,9 +98,38 @@ def build_run(rev, method, setting, batch, device):
 
 
 def epoch_of(rev, run, data):
+    """One epoch of the run by revision ``rev``'s ``training.loop.train_epoch``, whichever of its two signatures
+    (before the plain step: with the run dir and state, returning the loss; after: returning ``Epoch``)."""
     params, model, weighting, optimizer = run
-    state = {"epoch": 0}
-    return lambda epoch: rev.loop.train_epoch(model, weighting, optimizer, data, params, 0, epoch, None, state)
+    if "out" in inspect.signature(rev.loop.train_epoch).parameters:
+        return lambda epoch: rev.loop.train_epoch(model, weighting, optimizer, data, params, 0, epoch, None,
+                                                  {"epoch": 0})
+    return lambda epoch: rev.loop.train_epoch(model, weighting, optimizer, data, params, 0, epoch).loss
+
+
+def same_numbers(revisions, method, setting, batch, steps, device):
+    """One epoch of ``method`` by each revision on the same random data (float32, seed 0), then the accuracies and
+    loss of each on held-out random data: the largest absolute differences of the weights, the optimiser state,
+    the training loss and the accuracies (0.0 everywhere: bit for bit)."""
+    num_tasks = revisions["head"].loaders.NUM_TASKS[setting]
+    train, test = random_data(setting, batch * steps, num_tasks, device), random_data(setting, 256, num_tasks, device)
+    test = (test[0].flip(0), test[1])
+    got = {}
+    for name, rev in revisions.items():
+        params, model, weighting, optimizer = run = build_run(rev, method, setting, batch, device)
+        loss = epoch_of(rev, run, train)(0)
+        rows = rev.evaluate.eval_rows(params, device)
+        accuracy = rev.evaluate.evaluate(model, *test, num_tasks, rows, torch.contiguous_format)
+        got[name] = (loss, model.state_dict(), optimizer.state_dict()["state"], accuracy)
+
+    def most(a, b):
+        return max((float((x.double() - y.double()).abs().max()) for x, y in zip(a, b) if torch.is_tensor(x)),
+                   default=0.0)
+    (loss, model, state, accuracy), (loss0, model0, state0, accuracy0) = got["head"], got["base"]
+    return {"train_loss": abs(loss - loss0), "weights": most(model.values(), model0.values()),
+            "optimizer_state": most([v for s in state.values() for v in s.values()],
+                                    [v for s in state0.values() for v in s.values()]),
+            "accuracy": most([accuracy], [accuracy0])}
 
 
 def main(argv=None):
@@ -114,6 +147,13 @@ def main(argv=None):
         archive = subprocess.run(["git", "-C", str(REPO), "archive", base_commit], capture_output=True, check=True)
         subprocess.run(["tar", "-x", "-C", folder], input=archive.stdout, check=True)
         revisions = {"base": import_revision(Path(folder)), "head": import_revision(REPO)}
+        if args.numbers:
+            for method in args.methods.split(","):
+                differences = same_numbers(revisions, method, args.setting, batch, args.steps, device)
+                results["methods"][method] = {"largest_difference_head_base": differences}
+                print(f"{method:16s} largest |head - base|: {differences}", flush=True)
+            write_if_clean(results, out_path(args.out, f"numbers-{base_commit}-{device_tag(device)}.json"))
+            return 0
         for method in args.methods.split(","):
             num_tasks = revisions["head"].loaders.NUM_TASKS[args.setting]
             data = random_data(args.setting, batch * args.steps, num_tasks, device)

@@ -7,10 +7,10 @@ For every Table 2 method (params/mmnist_<setting>_<method>.json) and both memory
 are timed over the same training steps: separately (the training loop's ``train_epoch``, one run after the other),
 stacked replica after replica (``loop``) and stacked under ``torch.func.vmap`` (``vmap``); and one run against a
 ``StackedModel`` of one replica (``separate_1``, ``loop_1``: the price of the stacking machinery itself; the loop
-trains a single run as ``OneRun``, its model as it is). Evaluation likewise (``eval_ms``: ms per evaluation of the
-same images, with the loss, as the training loop evaluates a split): every replica's model with ``evaluate``, one
-after the other, against ``evaluate_stack`` of the stack in either mode. The data are random uint8 images with
-random digit labels (the speed of a step does not depend on them; by reference, half of the labels are
+trains a single run as its model as it is). Evaluation likewise (``eval_ms``: ms per evaluation of the same images,
+with the loss, as the training loop evaluates a split): every replica's model with ``evaluate``, one after the
+other, against a stacked group's evaluation (each replica in a separate run's model). The data are random uint8
+images with random digit labels (the speed of a step does not depend on them; by reference, half of the labels are
 undefined). Each path trains one warm-up epoch (or evaluates once), then ``--epochs`` timed epochs of ``--steps``
 steps (evaluations), the paths taking turns; a figure is the fastest timed epoch's time per step (evaluation), in
 ms, for all R runs together. Ratios are stacked / separate, within one run
@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ import torch  # noqa: E402
 from loaders import NUM_TASKS  # noqa: E402
 from models import build_model  # noqa: E402
 from runtime import files  # noqa: E402
-from training import cli, config, evaluate, loop, stacked as stacking  # noqa: E402
+from training import cli, config, engine, evaluate, loop, stacked as stacking  # noqa: E402
 from training.data import MEMORY_FORMATS  # noqa: E402
 from training.optim import make_optimizer, parameter_groups  # noqa: E402
 from training.provenance import describe_device, git_commit  # noqa: E402
@@ -120,16 +121,15 @@ def bench_method(method, memory_format, args, device):
     data = random_data(args.setting, batch * args.steps, num_tasks, device)
     seeds = list(range(args.replicas))
     runs = build_runs(params, seeds, num_tasks, device)
-    state = {"epoch": 0}
 
     def separate(epoch, which=runs):
         for seed, (model, weighting, optimizer) in zip(seeds, which):
-            loop.train_epoch(model, weighting, optimizer, data, params, seed, epoch, None, state)
+            loop.train_epoch(model, weighting, optimizer, data, params, seed, epoch)
 
     def stacked(mode, replicas):
         model, weighting, optimizer = stacking.stack_runs(runs[:replicas], params, mode)
-        return lambda epoch: loop.train_stacked_epoch(model, weighting, optimizer, data, params, seeds[:replicas],
-                                                      epoch, [None] * replicas, [state] * replicas)
+        return lambda epoch: engine.train_stacked_epoch(model, weighting, optimizer, data, params, seeds[:replicas],
+                                                        epoch)
 
     figures = fastest_step_ms({"separate": separate, "loop": stacked("loop", args.replicas),
                                "vmap": stacked("vmap", args.replicas),
@@ -143,22 +143,21 @@ def bench_method(method, memory_format, args, device):
 
 
 def bench_evaluation(runs, params, data, num_tasks, args, device):
-    """ms per evaluation of ``data`` (every task, with the loss) of R runs: separately and stacked in either mode."""
+    """ms per evaluation of ``data`` (every task, with the loss) of R runs: separately, and as a stacked group
+    evaluates them (every replica in a separate run's model, ``engine.StackedGroup.evaluate``)."""
     rows, memory_format = evaluate.eval_rows(params, device), MEMORY_FORMATS[params["memory_format"]]
+    evaluation = partial(evaluate.evaluate, num_tasks=num_tasks, rows=rows, memory_format=memory_format,
+                         with_loss=True)
 
     def separate(epoch):
         for model, _, _ in runs:
-            evaluate.evaluate(model, *data, num_tasks, rows, memory_format, with_loss=True)
+            evaluation(model, *data)
 
-    def stacked(mode):
-        model = stacking.StackedModel([model for model, _, _ in runs], mode, memory_format)
-        return lambda epoch: evaluate.evaluate_stack(model, *data, num_tasks, rows, memory_format, with_loss=True)
-
-    figures = fastest_step_ms({"separate": separate, "loop": stacked("loop"), "vmap": stacked("vmap")}, args.epochs,
-                              1, device)
+    group = engine.StackedGroup(runs, params, list(range(len(runs))), "loop")
+    figures = fastest_step_ms({"separate": separate, "group": lambda epoch: group.evaluate(evaluation, *data)},
+                              args.epochs, 1, device)
     return {"eval_ms": {key: round(value, 2) for key, value in figures.items()},
-            "eval_stacked_over_separate": {mode: round(figures[mode] / figures["separate"], 3)
-                                           for mode in ("loop", "vmap")}}
+            "eval_stacked_over_separate": {"group": round(figures["group"] / figures["separate"], 3)}}
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ For each group, stacking mode (``loop``, ``vmap``) and, on CUDA, without and wit
 (``+graphs``: training/step_graph.py) the command trains one warm-up epoch and one timed epoch of ``--probe_steps``
 steps on random data of the right shapes (a graphed path captures after 3 eager steps and is used only if its
 weights then equal its eager mode's, ``graph_check``), and times the evaluation of all replicas on ``--eval_images``
-images in the mode of its fastest path (the training loop's ``evaluate_stack``, all tasks of an image at once). The
+images (as the stacked group evaluates: every replica in a separate run's model, all tasks of an image at once). The
 projection of a group is ``epochs x (steps per epoch x ms/step of its fastest path + 2 x val/test images /
 eval_images x eval time)`` with the protocol's 50,000 training, 10,000 validation and 10,000 test images; the total
 is the sum over the groups run one after the other. Then the groups train, quickest first, each as one process of
@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,9 +39,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from loaders import NUM_TASKS  # noqa: E402
-from training import cli, config, loop, stacked as stacking, step_graph  # noqa: E402
+from training import cli, config, engine, stacked as stacking, step_graph  # noqa: E402
 from training.data import MEMORY_FORMATS  # noqa: E402
-from training.evaluate import eval_rows, evaluate_stack  # noqa: E402
+from training.evaluate import eval_rows, evaluate  # noqa: E402
 from training.provenance import describe_device, git_commit  # noqa: E402
 
 from bench_stacked import (  # noqa: E402
@@ -107,12 +108,13 @@ def measure_group(method, setting, args, device):
     fastest = min(timed, key=timed.get)
     images, labels = random_data(setting, args.eval_images, num_tasks, device)
     memory_format, rows = MEMORY_FORMATS[params["memory_format"]], eval_rows(params, device)
+    group = engine.StackedGroup(runs, params, seeds, "loop")
+    evaluation = partial(evaluate, num_tasks=num_tasks, rows=rows, memory_format=memory_format, with_loss=True)
     eval_s = []
     for _ in range(2):  # the first pass warms up
         synchronize(device)
         start = time.perf_counter()
-        evaluate_stack(stacks[fastest.removesuffix(GRAPHED)][0], images, labels, num_tasks, rows, memory_format,
-                       with_loss=True)
+        group.evaluate(evaluation, images, labels)
         synchronize(device)
         eval_s.append(time.perf_counter() - start)
     steps = math.ceil(TRAIN_IMAGES / args.batch_size)
@@ -125,8 +127,7 @@ def probe_epoch(stack, data, params, seeds, epoch, graph):
     """One epoch of a measured path; an error of a graphed one (not yet run on a GPU) is its graph's failure, so
     that the command goes on without that path."""
     try:
-        loop.train_stacked_epoch(*stack, data, params, seeds, epoch, [None] * len(seeds), [{"epoch": 0}] * len(seeds),
-                                 graphs=graph)
+        engine.train_stacked_epoch(*stack, data, params, seeds, epoch, graphs=graph)
     except Exception as err:
         if graph is None:
             raise

@@ -155,18 +155,18 @@ def plan(args, runs_dir):
 
 def jobs_of(todo, stacked):
     """The training processes of the sweep, each a list of cells: one cell each, or with ``stacked`` the seeds of a
-    stackable method's cell (``training.loop.check_stackable``) that start together or resume from the same
+    stackable method's cell (``training.engine.check_stackable``) that start together or resume from the same
     epoch."""
     if not stacked:
         return [[cell] for cell in todo]
     from loaders import NUM_TASKS
-    from training import checkpoint, loop
+    from training import checkpoint, engine
 
     def group(cell):
         """The cell's group key; its name (alone) for a method that does not stack or a checkpoint that the run
         will report."""
         try:
-            loop.check_stackable(cell["params"], NUM_TASKS[cell["setting"]], "auto")
+            engine.check_stackable(cell["params"], NUM_TASKS[cell["setting"]], "auto")
             epoch = checkpoint.load(cell["out"] / "checkpoint.pt")["epoch"] if cell["state"] == "resume" else 0
         except (config.ParamError, checkpoint.CheckpointError, OSError, KeyError, TypeError):
             return cell["name"]

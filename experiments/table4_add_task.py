@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import build_model
+from models.hooks import TrainingHooks
 from runtime import files
 from runtime.files import REPO
 from training import checkpoint, cli, config
@@ -50,6 +51,7 @@ from training.loop import train_epoch
 from training.optim import lr_factor, make_optimizer
 from training.provenance import describe_device, git_commit
 from training.run_dir import log, prepare_output_dir, write
+from training.trainer import nonfinite_message
 
 SETTING, METHOD = "9digits_byref", "controlnet"
 NEW_TASK = 9  # the by-reference task of digit 9, as in the paper
@@ -70,6 +72,13 @@ def parse_args(argv):
     parser.add_argument("--data_root", help="data directory (default $MTL_DATA_ROOT or ./data)")
     parser.add_argument("--out", default=str(REPO / "runs" / "add_task"), help="output dir (default runs/add_task)")
     return parser.parse_args(argv)
+
+
+def checked(trained, epoch, params, out):
+    """The mean loss of a trained epoch (``training.loop.Epoch``); RunError (one line) at its first non-finite loss."""
+    if trained.bad is not None:
+        raise RunError(nonfinite_message(trained.bad, epoch, params, out, {"epoch": 0}))
+    return trained.loss
 
 
 class AddedTaskEmbedding(nn.Module):
@@ -110,7 +119,7 @@ def plain_state_dict(model):
     return state
 
 
-class SelectedTasks(nn.Module):
+class SelectedTasks(TrainingHooks, nn.Module):
     """A single-branch model seen through some of its tasks (task i here is ``tasks[i]`` of the model), run one
     task per pass (the model's all-task path is not used). Phase 1's 9-task model and phase 2's 10-task model
     thus evaluate tasks 0-8 on tensors of the same shapes: the same predictions, bit for bit."""
@@ -166,8 +175,8 @@ def run(args):
     optimizer = make_optimizer({**params, "lr": args.add_lr}, [model.emb.new_weight])
     best = None
     for epoch in range(args.add_epochs):
-        loss = train_epoch(SelectedTasks(model, [NEW_TASK]), None, optimizer, train, params, args.seed,
-                           phase1["epochs"] + epoch, out, {"epoch": 0})
+        loss = checked(train_epoch(SelectedTasks(model, [NEW_TASK]), None, optimizer, train, params, args.seed,
+                                   phase1["epochs"] + epoch), phase1["epochs"] + epoch, params, out)
         val = accuracy(model, [NEW_TASK], data["val"], params, device)
         metrics.append({"phase": 2, "epoch": epoch + 1, "lr": args.add_lr, "train_loss": loss,
                         "val_acc_new_task": float(val[0])})
@@ -225,7 +234,7 @@ def train_phase1(params, args, data, device, out, metrics):
     for epoch in range(epochs):
         for group in optimizer.param_groups:
             group["lr"] = params["lr"] * lr_factor(params, epoch, epochs)
-        loss = train_epoch(model, None, optimizer, train, params, args.seed, epoch, out, {"epoch": 0})
+        loss = checked(train_epoch(model, None, optimizer, train, params, args.seed, epoch), epoch, params, out)
         val = evaluate(model, data["val"][0], data["val"][1][:, EXISTING], len(EXISTING), eval_rows(params, device),
                        memory_format)
         metrics.append({"phase": 1, "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss,

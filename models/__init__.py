@@ -39,9 +39,10 @@ MODELS = {
 ON_BACKBONE = {"controlnet": "backbone_controlnet", "ch_mod": "backbone_ch_mod",
                "task_routing": "backbone_task_routing", "multi_branch": "backbone_multi_branch",
                "single_task": "backbone_single_task"}
-# The localisation loss ('loc', Tables 3 and 6a) trains ControlNet's TD map or a baseline's location head.
-TD_MAP_MODELS = ("controlnet", "backbone_controlnet")
-LOCATION_HEAD_MODELS = ("backbone_ch_mod", "backbone_task_routing", "backbone_multi_branch")
+# The localisation loss ('loc', Tables 3 and 6a) trains ControlNet's TD map or a baseline's location head (the
+# class attribute ``location_output``, models/hooks.py).
+TD_MAP_MODELS = tuple(name for name, cls in MODELS.items() if cls.location_output == "with_td_map")
+LOCATION_HEAD_MODELS = tuple(name for name, cls in MODELS.items() if cls.location_output == "with_location")
 BACKBONE_OPTIONS = ("backbone", "num_classes", "input_size")  # set from the param file's data set, not model_options
 LENET_INPUT = (1, 28, 28)
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .controlnet import ControlNet, multiplicative_gates
+from .hooks import TrainingHooks
 from .lenet import LeNet
 
 TDOnlyOutput = namedtuple("TDOnlyOutput", ["bu2_logits", "td_map"])
@@ -33,6 +34,8 @@ class TDOnlyControlNet(ControlNet):
 
     The layers that remain carry ControlNet's names (``bu``, ``emb``, ``td_conv2``, ``td_conv1``, ``lateral_mul``).
     """
+
+    location_output = None  # its TD map comes from the task alone: nothing of the image to localise
 
     def __init__(self, num_tasks, c1=10, c2=20, hidden=50, td_channels=None):
         super().__init__(num_tasks, c1, c2, hidden, td_channels)
@@ -61,7 +64,7 @@ class TDOnlyControlNet(ControlNet):
         return logits.view(tasks, batch, -1)
 
 
-class BUOnlyLeNet(nn.Module):
+class BUOnlyLeNet(TrainingHooks, nn.Module):
     """``forward(images [B,1,28,28], tasks [B] int64) -> logits [B,10]``: one LeNet on image + T task planes.
 
     Plane t is all ones for the selected task t, all zeros otherwise (``inputs`` builds the [B,1+T,28,28] tensor).

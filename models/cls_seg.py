@@ -38,8 +38,6 @@ from .modulation import ChannelModulatedLeNet
 
 NUM_OPS = 2            # operation slots of the instruction
 RECOGNISE, SEGMENT = 0, 1
-OPERATIONS = ("recognise", "segment")
-MAP_SIZE = 28
 
 ClsSegOutput = namedtuple("ClsSegOutput", ["class_logits", "seg_logits"])
 

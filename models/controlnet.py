@@ -20,18 +20,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .hooks import TrainingHooks
 from .lenet import LeNet
 
 ControlNetOutput = namedtuple("ControlNetOutput", ["bu2_logits", "bu1_logits", "td_map"])
 
 
-class ControlNet(nn.Module):
+class ControlNet(TrainingHooks, nn.Module):
     """``forward(images [B,1,28,28], tasks [B] int64) -> bu2 logits [B,10]``; ``streams`` returns all outputs.
 
     The task embedding is ``Linear(T, c2*16)`` on the one-hot task (weights and bias, as released).
     """
 
     paradigm = "single_branch"
+    location_output = "with_td_map"  # the localisation loss trains the TD map (paper §4.2)
 
     def __init__(self, num_tasks, c1=10, c2=20, hidden=50, td_channels=None):
         super().__init__()

@@ -24,13 +24,15 @@ import torch.nn.functional as F
 
 from .backbones import build_backbone, init_convs, scaled
 from .controlnet import ControlNetOutput
+from .hooks import TrainingHooks
 
 
-class BackboneControlNet(nn.Module):
+class BackboneControlNet(TrainingHooks, nn.Module):
     """``forward(images [B,3,S,S], tasks [B] int64) -> bu2 logits``; ``streams`` returns all three outputs;
     ``input_shape`` is (3, S, S)."""
 
     paradigm = "single_branch"
+    location_output = "with_td_map"
 
     def __init__(self, num_tasks, backbone="vgg11_clevr", num_classes=None, width=1.0, input_size=None):
         super().__init__()

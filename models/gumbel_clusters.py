@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .gumbel_matrix import ParallelComponents, RoutedLayer, TaskLinear, make_router
+from .hooks import TrainingHooks
 
 GROUP_NORM_EPS = 1e-6  # tf.contrib.layers.group_norm's default
 
@@ -61,7 +62,7 @@ def routed_conv_layer(in_channels, filters, kernels, stride, norm_groups):
         for kernel, count in kernels)
 
 
-class GumbelClustersNet(nn.Module):
+class GumbelClustersNet(TrainingHooks, nn.Module):
     """The Sec. 5.3 network (see the module docstring) for ``num_tasks`` tasks of ``num_classes`` classes each.
 
     ``paradigm = "single_branch"``: ``forward(images [B, in_channels, 32, 32] in [0, 1], tasks [B] int64) ->

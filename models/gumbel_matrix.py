@@ -22,10 +22,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .hooks import TrainingHooks
 from .lenet import NUM_CLASSES, BatchedLinear
 
 ALLOCATIONS = ("gumbel_matrix", "no_sharing", "shared_bottom")
 GUMBEL_EPS = 1e-20  # inside both logs of the Gumbel noise, as the original
+
+# The param file's router_options, which the training hooks of a model with learned allocation read: option ->
+# (default, (min, max)); defaults of Maziarz et al.'s google-research/google-research@0c1bbe5f
+# learning_parameter_allocation/pathnet/pathnet_lib.py.
+ROUTER_OPTIONS = {
+    "lr": (1e-3, (1e-8, 10.0)),               # their own Adam's lr, halved with the model's (MNIST recipe: = model lr)
+    "temperature_init": (50.0, (1e-3, 1e6)),  # tau = max(min, init / sqrt(task-updates + 1))
+    "temperature_min": (0.5, (1e-3, 1e6)),
+    "budget": (1.0, (0.0, 1.0)),              # fraction of the routed components a task may use before the penalty
+    "budget_penalty": (0.0, (0.0, 1e3)),      # penalty * max(0, mean P - budget); 0 = off
+}
 
 
 def temperature_schedule(update, initial=50.0, minimum=0.5):
@@ -178,7 +190,7 @@ class TaskLinear(nn.Module):
         return torch.einsum("ni,noi->no", x, self.weight[tasks]) + self.bias[tasks]
 
 
-class GumbelMatrixMNISTNet(nn.Module):
+class GumbelMatrixMNISTNet(TrainingHooks, nn.Module):
     """The Sec. 5.1 MNIST network (lpa/models.py get_keras_layers_for_mnist_experiment): three routed layers of K
     components, each a valid conv with ``filters`` channels and a ReLU (5x5, then 3x3, 3x3), average pooling 2 after
     the first two, flatten (36), dropout, and one linear head per task. With 4 tasks and K = 4: 1,600 routed and 1,480
@@ -208,7 +220,7 @@ class GumbelMatrixMNISTNet(nn.Module):
         return self.heads(self.dropout(x), tasks)
 
 
-class GumbelMatrixLeNet(nn.Module):
+class GumbelMatrixLeNet(TrainingHooks, nn.Module):
     """LeNet with a routed encoder for Multi-MNIST (our design): routed conv1 (1->c1, k5) + ReLU, max-pool 2, routed
     conv2 (c1->c2, k5) + ReLU, max-pool 2, routed fc (320->hidden) + ReLU, each layer K components; then per-task
     fc1 + ReLU + fc2 heads exactly as :class:`~models.lenet.MultiBranchLeNet`. ReLU inside each component commutes
@@ -232,6 +244,35 @@ class GumbelMatrixLeNet(nn.Module):
             RoutedLayer(bank, make_router(allocation, num_tasks, num_components, probs_init)) for bank in banks)
         self.fc1 = BatchedLinear(num_tasks, hidden, hidden)
         self.fc2 = BatchedLinear(num_tasks, hidden, NUM_CLASSES)
+
+    # training hooks (models/hooks.py); ``options``: the param file's router_options, {} without learned allocation
+
+    def before_step(self, update, options):
+        """The Gumbel-softmax temperature of the ``update``-th step, counted in task-updates (every task trains on
+        every image) as Maziarz et al.'s mnist_train.py counts them."""
+        if options:
+            value = temperature_schedule(update * self.num_tasks, options["temperature_init"],
+                                         options["temperature_min"])
+            set_temperature(self, torch.tensor(value, dtype=self.fc2.weight.dtype, device=self.fc2.weight.device))
+
+    def after_backward(self, options):
+        """The budget penalty's gradient (``add_budget_gradient``), when the penalty is on."""
+        if options and options["budget_penalty"] > 0:
+            add_budget_gradient(self, options["budget"], options["budget_penalty"])
+
+    def epoch_record(self):
+        """The fraction of routed components that each task's greedy allocation uses (learned allocation only)."""
+        if not router_parameters(self):
+            return {}
+        return {"active_fraction_per_task": allocation_matrix(self).mean(dim=-1).cpu().tolist()}
+
+    def parameter_groups(self, lr, options):
+        """The weights at ``lr``; the learned allocation logits in a group of their own at ``router_options.lr``
+        (the original's second Adam; Adam is per parameter, so one Adam with two groups is the same)."""
+        if not router_parameters(self):
+            return super().parameter_groups(lr, options)
+        return [{"params": weight_parameters(self), "lr": lr},
+                {"params": router_parameters(self), "lr": options["lr"]}]
 
     def forward(self, images):
         batch = len(images)

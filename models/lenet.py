@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .hooks import TrainingHooks
+
 NUM_CLASSES = 10
 DROPOUTS = ("none", "sener_koltun")
 
@@ -144,7 +146,7 @@ class BatchedLinear(nn.Module):
         return torch.einsum("bti,toi->bto", x, self.weight) + self.bias
 
 
-class MultiBranchLeNet(nn.Module):
+class MultiBranchLeNet(TrainingHooks, nn.Module):
     """Shared trunk (conv1, conv2, fc) and one head (fc1, fc2) per task: Sener & Koltun's MultiLeNetR and
     MultiLeNetO, the split that reproduces the paper's #P (Table 2). ``forward(x) -> [B, T, 10]``. ``dropout``:
     none, or sener_koltun (``SenerKoltunDropout``: a batch-shared channel mask on conv2, per-element masks on
@@ -184,7 +186,7 @@ class MultiBranchLeNet(nn.Module):
         return self.heads(self.trunk(x))
 
 
-class SingleTaskLeNets(nn.Module):
+class SingleTaskLeNets(TrainingHooks, nn.Module):
     """T independent LeNets (Table 2 'Single task', #P = T x LeNet), run as one grouped network:
     conv1 has T*c1 output channels, conv2 is grouped by task, the fc layers are batched per task.
     Every weight belongs to exactly one task, so training all T with the summed loss is the same as

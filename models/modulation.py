@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .hooks import TrainingHooks
 from .lenet import LeNet
 
 GATED = ("conv1", "conv2", "pool2")
@@ -41,7 +42,7 @@ def check_gated(gated):
     return tuple(site for site in GATED if site in sites)
 
 
-class ChannelModulatedLeNet(nn.Module):
+class ChannelModulatedLeNet(TrainingHooks, nn.Module):
     paradigm = "single_branch"
 
     def __init__(self, num_tasks, c1=10, c2=20, hidden=50, gated=ALL_SITES):
@@ -65,7 +66,7 @@ class ExtendedChannelModulatedLeNet(ChannelModulatedLeNet):
         super().__init__(num_tasks, c1, c2, hidden, gated)
 
 
-class TaskRoutedLeNet(nn.Module):
+class TaskRoutedLeNet(TrainingHooks, nn.Module):
     paradigm = "single_branch"
 
     def __init__(self, num_tasks, c1=10, c2=20, hidden=50, sigma=None, units_off=None, gated=ALL_SITES,

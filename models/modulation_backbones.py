@@ -20,13 +20,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbones import build_backbone, last_conv
+from .hooks import TrainingHooks
 from .modulation import routing_mask
 
 
-class _ModulatedBackbone(nn.Module):
+class _ModulatedBackbone(TrainingHooks, nn.Module):
     """A backbone with per-task gates on stages 0..n-2 and one head: ``forward(images, tasks) -> logits``."""
 
     paradigm = "single_branch"
+    location_output = "with_location"  # with location_head=True
 
     def __init__(self, num_tasks, backbone, num_classes, width, input_size, location_head):
         super().__init__()
@@ -77,11 +79,12 @@ class TaskRoutedBackbone(_ModulatedBackbone):
         return {k: getattr(self, f"mask_{k}")[tasks][:, :, None, None] for k in self.gated}
 
 
-class MultiBranchBackbone(nn.Module):
+class MultiBranchBackbone(TrainingHooks, nn.Module):
     """Shared stages, one head per task: ``forward(images) -> [B, T, C]`` (``trunk``, ``heads`` and
     ``last_shared_layer`` for the loss weightings, as ``models.lenet.MultiBranchLeNet``)."""
 
     paradigm = "multi_branch"
+    location_output = "with_location"  # with location_head=True
 
     def __init__(self, num_tasks, backbone="vgg11_clevr", num_classes=None, width=1.0, input_size=None,
                  location_head=False):
@@ -118,7 +121,7 @@ class MultiBranchBackbone(nn.Module):
         return logits, torch.stack([loc(f) for loc, f in zip(self.locators, features)], dim=1)
 
 
-class SingleTaskBackbones(nn.Module):
+class SingleTaskBackbones(TrainingHooks, nn.Module):
     """Table 3c 'Single task': T independent backbones, each with its own head, ``forward(images) -> [B, T, C]``.
     No weight is shared, so training them with the summed loss (weighting 'sum') is training T separate networks;
     #P = T x the backbone."""

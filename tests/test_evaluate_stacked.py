@@ -1,8 +1,12 @@
-"""Stacked evaluation (issue 19): ``evaluate_stack`` of R replicas in one pass per chunk equals, in float64, each
-replica's separate model through ``evaluate`` and a per-task loop written out here (accuracy and cross-entropy), in
-both stacking modes, for single- and multi-branch models, by location and by reference (labels of -1), dense and
-by pairs, with batch-norm buffers; eval mode draws no noise (Gumbel routers greedy, no dropout masks); the training
-loop's Gumbel-Matrix active fractions come from the stacked model."""
+"""Evaluation: ``evaluate`` of a model equals, in float64, a per-task loop written out here (accuracy and
+cross-entropy), for single- and multi-branch models, by location and by reference (labels of -1), dense and by
+pairs, with batch-norm buffers; a stacked group's evaluation (every replica in a separate run's model) equals each
+replica's separate model, in both stacking modes; eval mode draws no noise (Gumbel routers greedy, no dropout
+masks); the group's Gumbel-Matrix active fractions are every replica's."""
+import copy
+from functools import partial
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -10,7 +14,7 @@ from loaders import LOADERS
 from models import build_model
 from models.gumbel_matrix import allocation_matrix, router_parameters
 from test_stacked import SEEDS, separate_run, toy_data
-from training import config, evaluate as evaluation, loop, stacked as stacking
+from training import config, engine, evaluate as evaluation, stacked as stacking, trainer
 from training.data import MEMORY_FORMATS, MNIST_STATS, normalize
 
 # single-branch: ControlNet (forward_all_tasks), ch_mod and task_routing (one pass per task);
@@ -49,10 +53,13 @@ def by_hand(model, images, labels, stats=MNIST_STATS):
 
 def assert_stack_equals_replicas(stack, models, images, labels, num_tasks, memory_format, stats=MNIST_STATS,
                                  pairs=False):
-    accuracy, loss = evaluation.evaluate_stack(stack, images, labels, num_tasks, ROWS, memory_format, stats, pairs,
-                                               with_loss=True)
-    assert accuracy.shape == (len(models), num_tasks) and loss.shape == (len(models),)
-    assert len(set(loss.tolist())) == len(models), "the replicas evaluate alike: not their own weights"
+    group = SimpleNamespace(seeds=list(range(len(models))), stack=stack, model=copy.deepcopy(models[0]))
+    figures = engine.StackedGroup.evaluate(group, partial(evaluation.evaluate, num_tasks=num_tasks, rows=ROWS,
+                                                          memory_format=memory_format, stats=stats, pairs=pairs,
+                                                          with_loss=True), images, labels)
+    accuracy, loss = torch.stack([a for a, _ in figures]), [l for _, l in figures]
+    assert accuracy.shape == (len(models), num_tasks)
+    assert len(set(loss)) == len(models), "the replicas evaluate alike: not their own weights"
     for r, model in enumerate(models):
         separate, separate_loss = evaluation.evaluate(model, images, labels, num_tasks, ROWS, memory_format, stats,
                                                       pairs, with_loss=True)
@@ -74,9 +81,10 @@ def test_stacked_evaluation_equals_each_replicas_model(float64, method, setting,
     models = [separate_run(params, seed, 9)[0] for seed in SEEDS]
     for model in models:
         spread(model, generator)
-    stack = stacking.StackedModel(models, mode, MEMORY_FORMATS[memory_format]).train()  # evaluation sets eval mode
+    for model in models:
+        model.train()  # evaluation sets eval mode
+    stack = stacking.StackedModel(models, mode, MEMORY_FORMATS[memory_format])
     assert_stack_equals_replicas(stack, models, images, labels, 9, MEMORY_FORMATS[memory_format], pairs=pairs)
-    assert not stack.training
 
 
 @pytest.mark.parametrize("mode", stacking.MODES)
@@ -114,25 +122,10 @@ def test_stacked_evaluation_draws_no_dropout_masks(float64):
         stack.train()(normalize(images[:4]).double().expand(len(SEEDS), -1, -1, -1, -1))
 
 
-def test_a_stack_of_one_equals_one_run(float64):
-    """R = 1: a ``StackedModel`` of one replica, and ``OneRun`` (what ``evaluate`` runs), give the same figures."""
-    params = config.load_params("params/mmnist_9digits_byref_controlnet.json", [])
-    images, labels = toy_data("9digits_byref")
-    model = separate_run(params, 0, 9)[0]
-    memory_format = MEMORY_FORMATS[params["memory_format"]]
-    for pairs in (False, True):
-        one = evaluation.evaluate_stack(stacking.OneRun(model), images, labels, 9, ROWS, memory_format, pairs=pairs,
-                                        with_loss=True)
-        stacked = evaluation.evaluate_stack(stacking.StackedModel([model], "vmap", memory_format), images, labels, 9,
-                                            ROWS, memory_format, pairs=pairs, with_loss=True)
-        for got, expected in zip(stacked, one):
-            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
-
-
 @pytest.mark.parametrize("mode", stacking.MODES)
 def test_group_active_fractions_are_each_replicas(float64, mode):
-    """The training loop's ``active_fraction_per_task`` of a Gumbel-Matrix group: every replica's greedy allocation,
-    as its separate model's ``allocation_matrix``; for one run, the run's."""
+    """The epoch record's ``active_fraction_per_task`` of a Gumbel-Matrix group: every replica's greedy allocation,
+    as its separate model's ``allocation_matrix``; for one run (``models.gumbel_matrix`` hook), the run's."""
     params = config.load_params("params/mmnist_9digits_gumbel_matrix.json", [])
     runs = [separate_run(params, seed, 9) for seed in SEEDS]
     generator = torch.Generator().manual_seed(11)
@@ -140,7 +133,10 @@ def test_group_active_fractions_are_each_replicas(float64, mode):
         spread(model, generator)
     expected = [allocation_matrix(model).mean(dim=1).tolist() for model, _, _ in runs]
     assert len({tuple(e) for e in expected}) == len(SEEDS)
-    assert loop.Replicas(runs, params, torch.device("cpu"), list(SEEDS), mode).active_fractions() == expected
-    assert loop.Replicas(runs[:1], params, torch.device("cpu"), [0]).active_fractions() == expected[:1]
+    fractions = [record["active_fraction_per_task"] for record in
+                 engine.StackedGroup(runs, params, list(SEEDS), mode).records()]
+    assert fractions == expected
+    assert trainer.Run(*runs[0], 0, torch.device("cpu")).records()[0]["active_fraction_per_task"] == expected[0]
     plain = config.load_params("params/mmnist_9digits_uniform_scaling.json", [])
-    assert loop.Replicas([separate_run(plain, 0, 9)], plain, torch.device("cpu"), [0]).active_fractions() is None
+    plain_run = trainer.Run(*separate_run(plain, 0, 9), 0, torch.device("cpu"))
+    assert "active_fraction_per_task" not in plain_run.records()[0]

@@ -68,7 +68,7 @@ def briefly_train(model, train_split, labels=None):
     params = {"batch_size": 64, "memory_format": "channels_last", "method": "test"}
     weighting = build_weighting("uniform", labels.shape[1]) if model.paradigm == "multi_branch" else None
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    loop.train_epoch(model, weighting, optimizer, (train_split[0], labels), params, 0, 0, None, {"epoch": 0})
+    loop.train_epoch(model, weighting, optimizer, (train_split[0], labels), params, 0, 0)
     return model
 
 

@@ -19,7 +19,7 @@ from loaders import LOADERS, multi_mnist
 from loaders.multi_mnist import make_multi_mnist, resize_to_28, wrap_uint8
 from metrics import select_record
 from models.lenet import MultiBranchLeNet, SingleTaskLeNets, held_dropout_masks
-from training.loop import reported_figures
+from training.results import reported_figures
 from weighting.mgda import MGDA
 
 REPO = Path(__file__).resolve().parents[1]

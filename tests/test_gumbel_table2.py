@@ -141,7 +141,6 @@ def test_training_sets_the_temperature_from_the_task_update_count():
     weighting = build_weighting("uniform", 4, {})
     optimizer = optim.make_optimizer(params, optim.parameter_groups(params, model, weighting))
     images, labels = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (40, 4))
-    state = {"epoch": 1}
-    loop.train_epoch(model, weighting, optimizer, (images, labels), params, 0, 1, Path("unused"), state)
+    loop.train_epoch(model, weighting, optimizer, (images, labels), params, 0, 1)
     expected = temperature_schedule((2 * 5 - 1) * 4, 50.0, 0.5)
     assert [layer.router.temperature for layer in model.layers] == [expected] * 3

@@ -63,7 +63,7 @@ def one_step(model, params, images, labels, locations, weighting=None, seed=3):
     before = copy.deepcopy(model.state_dict())
     optimizer = torch.optim.SGD(list(model.parameters()) + (list(weighting.parameters()) if weighting else []), lr=1.0)
     stats = ((0.5,) * 3, (0.25,) * 3)
-    loop.train_epoch(model, weighting, optimizer, (images, labels), params, seed, 0, None, None, stats,
+    loop.train_epoch(model, weighting, optimizer, (images, labels), params, seed, 0, stats,
                              locations)
     return {name: value - before[name] for name, value in model.state_dict().items()}, stats
 

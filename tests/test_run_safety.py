@@ -15,7 +15,7 @@ import torch
 import models
 import train_multi_task_counter_stream as train_script
 from loaders.mnist import load_mnist
-from training import data, evaluate, loop, optim, run_lock
+from training import data, evaluate, optim, run_lock, trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_multi_task_counter_stream.py"
@@ -101,7 +101,7 @@ def test_resuming_a_finished_run_changes_nothing(params, tmp_path, capsys, one_t
 def test_resume_on_other_data_is_refused(params, tmp_path, capsys, monkeypatch, one_thread):
     out = tmp_path / "run"
     load = data.load_data
-    monkeypatch.setattr(loop, "lr_factor", lambda *args: 1.0)
+    monkeypatch.setattr(trainer, "lr_factor", lambda *args: 1.0)
     assert main(capsys, "--param_file", params, "--epochs", "1", "--subset", "300", "--out", out)[0] == 0
     (out / "results.json").unlink()  # as if killed before the end: a run to resume
 
@@ -109,7 +109,7 @@ def test_resume_on_other_data_is_refused(params, tmp_path, capsys, monkeypatch, 
         data = load(*args)
         images, labels, locations = data["train"]
         return {**data, "train": (255 - images, labels, locations)}
-    monkeypatch.setattr(loop, "load_data", other_data)
+    monkeypatch.setattr(trainer, "load_data", other_data)
     code, _, err = main(capsys, "--param_file", params, "--epochs", "1", "--subset", "300", "--out", out, "--resume")
     assert code == 2 and "was trained on other data (fingerprint " in one_error_line(err)
 

@@ -5,6 +5,7 @@ runs, Ctrl-C and --resume), the one-line errors, the Table 2 sweep's --stacked a
 command on a tiny CPU protocol."""
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import train_multi_task_counter_stream as train_script
 from experiments import table2_sweep
 from models import build_model
 from run_files import metrics_without_timing
-from training import config, evaluate as evaluation, loop, stacked as stacking
+from training import config, engine, evaluate as evaluation, loop, stacked as stacking, trainer
 from training.checkpoint import load
 from training.data import MEMORY_FORMATS
 from training.optim import make_optimizer, parameter_groups
@@ -66,14 +67,12 @@ def assert_close_states(actual, expected, what):
 
 def stacked_epoch(model, weighting, optimizer, data, params, epoch):
     """``train_stacked_epoch`` of the stack of ``SEEDS`` (no run dirs: every loss here is finite)."""
-    return loop.train_stacked_epoch(model, weighting, optimizer, data, params, SEEDS, epoch, [None] * len(SEEDS),
-                                    [{"epoch": 0}] * len(SEEDS))
+    return [epoch.loss for epoch in engine.train_stacked_epoch(model, weighting, optimizer, data, params, SEEDS, epoch)]
 
 
 def train_separately(runs, params, data, epochs):
-    state = {"epoch": 0}
-    return [[loop.train_epoch(model, weighting, optimizer, data, params, seed, epoch, None, state)
-             for epoch in epochs] for seed, (model, weighting, optimizer) in zip(SEEDS, runs)]
+    return [[loop.train_epoch(model, weighting, optimizer, data, params, seed, epoch).loss for epoch in epochs]
+            for seed, (model, weighting, optimizer) in zip(SEEDS, runs)]
 
 
 def assert_replicas_equal_runs(model, weighting, optimizer, runs):
@@ -89,7 +88,7 @@ def assert_replicas_equal_runs(model, weighting, optimizer, runs):
 @pytest.mark.parametrize("method,setting,mode", CASES)
 def test_stacked_runs_equal_separate_runs(float64, method, setting, mode):
     """Two epochs of 3 steps (the last one partial): every replica's model, optimiser and weighting state and its
-    training losses equal its separate run's; so do its accuracies, evaluated stacked (``evaluate_stack``)."""
+    training losses equal its separate run's; so do its accuracies, evaluated as the group evaluates them."""
     memory_format = "channels_last" if mode == "loop" else "contiguous"
     params = config.load_params(f"params/mmnist_{setting}_{method}.json",
                                 ["batch_size=8", f"memory_format=\"{memory_format}\""])
@@ -102,7 +101,10 @@ def test_stacked_runs_equal_separate_runs(float64, method, setting, mode):
         assert losses == pytest.approx([run_losses[epoch] for run_losses in separate_losses], rel=1e-9)
     assert_replicas_equal_runs(model, weighting, optimizer, runs)
     images, labels = data
-    evaluated, _ = evaluation.evaluate_stack(model, images, labels, 9, 64, MEMORY_FORMATS[memory_format])
+    group = engine.StackedGroup([separate_run(params, seed, 9) for seed in SEEDS], params, SEEDS, mode)
+    group.stack = model
+    evaluated = group.evaluate(partial(evaluation.evaluate, num_tasks=9, rows=64,
+                                       memory_format=MEMORY_FORMATS[memory_format]), images, labels)
     for r, (separate, _, _) in enumerate(runs):
         torch.testing.assert_close(evaluated[r], evaluation.evaluate(separate, images, labels, 9, 64,
                                                                      MEMORY_FORMATS[memory_format]), equal_nan=True)
@@ -268,18 +270,18 @@ def test_interrupted_stacked_group_resumes_to_the_uninterrupted_result(tmp_path,
     uninterrupted group does."""
     params = "params/mmnist_9digits_byref_gradnorm.json"
     assert run_script(capsys, "--param_file", params, *RUN, "--seeds", "0,1", "--out", tmp_path / "straight")[0] == 0
-    train_one = loop.train_one
+    train_one = trainer.train_one
 
     def interrupted(epoch, *args):
         if epoch == 1:
             raise KeyboardInterrupt
         return train_one(epoch, *args)
-    monkeypatch.setattr(loop, "train_one", interrupted)
+    monkeypatch.setattr(trainer, "train_one", interrupted)
     code, captured = run_script(capsys, "--param_file", params, *RUN, "--seeds", "0,1", "--out", tmp_path / "cut")
     assert code == 130 and "stopped in epoch 2 of 2 (1 finished)" in captured.err
     assert f"{tmp_path / 'cut' / 'seed*' / 'checkpoint.pt'}" in captured.err
     assert [load(tmp_path / "cut" / f"seed{seed}" / "checkpoint.pt")["epoch"] for seed in (0, 1)] == [1, 1]
-    monkeypatch.setattr(loop, "train_one", train_one)
+    monkeypatch.setattr(trainer, "train_one", train_one)
     assert run_script(capsys, "--param_file", params, *RUN, "--seeds", "0,1", "--out", tmp_path / "cut",
                       "--resume")[0] == 0
     for seed in (0, 1):

@@ -10,7 +10,7 @@ import torch
 
 from losses import masked_cross_entropy
 from models.gumbel_matrix import add_budget_gradient, set_temperature, temperature_schedule
-from training import config, loop, stacked as stacking, step_graph
+from training import config, engine, loop, stacked as stacking, step_graph
 from training.data import MEMORY_FORMATS, MNIST_STATS, normalize
 
 from test_stacked import RUN, assert_close_states, gpu_allocation, run_script, separate_run, toy_data
@@ -66,7 +66,7 @@ def test_step_of_device_tensors_equals_a_loop_over_slices(float64, param_file, o
     run = separate_run(params, 4, 9)
     reference = copy.deepcopy(run)
     for epoch in range(2):
-        loss = loop.train_epoch(*run, data, params, 4, epoch, None, {"epoch": 0})
+        loss = loop.train_epoch(*run, data, params, 4, epoch).loss
         assert loss == pytest.approx(reference_epoch(*reference, data, params, 4, epoch), rel=1e-12)
     for part, (actual, expected) in enumerate(zip(run, reference)):
         if actual is not None:
@@ -110,19 +110,18 @@ class FakeBackend:
 def train_group(runs, params, seeds, mode, epochs, graphs=None):
     """Trains ``runs`` (as a group of ``seeds``) for ``epochs``, each (epoch, data, lr factor), halving the lr as the
     schedule does; the group and its losses."""
-    group = loop.Replicas(runs, params, torch.device("cpu"), seeds, mode, graphs)
+    group = engine.StackedGroup(runs, params, seeds, mode or "loop", graphs)
     losses = []
     for epoch, epoch_data, factor in epochs:
         for param_group in group.optimizer.param_groups:
             param_group["lr"] = params["lr"] * factor
-        losses.append(group.train_epoch(epoch_data, params, epoch, [None] * len(seeds),
-                                        [{"epoch": 0}] * len(seeds), MNIST_STATS, None))
+        losses.append([trained.loss for trained in group.train_epoch(epoch_data, params, epoch, MNIST_STATS)])
     return group, losses
 
 
 def assert_groups_equal(actual, expected, seeds):
     for r in range(len(seeds)):
-        for part, (a, e) in enumerate(zip(actual.replica_states(r), expected.replica_states(r))):
+        for part, (a, e) in enumerate(zip(actual.states(r), expected.states(r))):
             assert_close_states(a, e, f"replica {r} part {part}")
 
 
@@ -152,7 +151,7 @@ def test_replayed_step_equals_the_eager_step(float64, param_file, overrides, see
     assert graphed_losses == eager_losses
     assert_groups_equal(graphed, eager, seeds)
     assert (backend.warmups, backend.captures, backend.replays) == (2, 2, 5 * 3 - 2)
-    noisy = len(seeds) > 1 and (params["dropout"] != "none" or bool(params.get("router_options")))
+    noisy = params["dropout"] != "none" or bool(params.get("router_options"))  # a single run too: a stack of one
     assert backend.generators == graphed.stack.noise_generators() and len(backend.generators) == noisy * len(seeds)
 
 
@@ -234,8 +233,9 @@ def test_cuda_graph_equals_the_eager_step_on_the_device(param_file, overrides, m
     results = []
     for graphs in (step_graph.StepGraph(step_graph.CudaBackend(device)), None):
         model, weighting, optimizer = stacking.stack_runs(runs, params, mode)
-        losses = [loop.train_stacked_epoch(model, weighting, optimizer, data, params, [0, 1, 2], epoch,
-                                           [None] * 3, [{"epoch": 0}] * 3, graphs=graphs) for epoch in range(2)]
+        losses = [[trained.loss for trained in engine.train_stacked_epoch(model, weighting, optimizer, data, params,
+                                                                          [0, 1, 2], epoch, graphs=graphs)]
+                  for epoch in range(2)]
         results.append((losses, [model.replica_state_dict(r) for r in range(3)]))
         assert graphs is None or (graphs.failed is None and graphs.replay is not None)
     (graphed_losses, graphed), (eager_losses, eager) = results

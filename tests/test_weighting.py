@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from losses import per_task_cross_entropy
+from models.hooks import TrainingHooks
 from weighting import GradNorm, Kendall, WEIGHTINGS, build_weighting
 from weighting.min_norm_solvers import find_min_norm_element
 
@@ -15,7 +16,7 @@ torch.set_num_threads(1)
 DTYPE = torch.float64
 
 
-class TinyMultiBranch(nn.Module):
+class TinyMultiBranch(TrainingHooks, nn.Module):
     """Stand-in for the multi-branch LeNet: trunk = ReLU(fc(x)), one linear head per task."""
 
     def __init__(self, num_tasks, in_features=6, rep=5, num_classes=4):

@@ -1,5 +1,5 @@
 """The command line that every entry point shares: one-line argument errors (exit 2), the argument types, the exit
-codes (a user mistake 2, a fault during the run 1, Ctrl-C 130), the device, and matplotlib for the figure makers."""
+codes (a user mistake 2, a fault during the run 1, Ctrl-C 130) and the device."""
 import argparse
 import os
 import shlex
@@ -9,6 +9,9 @@ import torch
 
 from runtime import distributed
 from training import config, run_lock
+
+
+CUDA_GRAPHS = ("auto", "on", "off")  # --cuda_graphs: training/step_graph.py
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -161,21 +164,3 @@ def exit_with(main):
         code = 141
     sys.exit(code)
 
-
-def pyplot(script):
-    """matplotlib.pyplot on the file-only Agg backend, or None after one error line with the install command."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"error: {script} needs matplotlib: pip install matplotlib", file=sys.stderr)
-        return None
-    return plt
-
-
-def save_figure(plt, fig, out, dpi):
-    """Writes ``fig`` to ``out`` (its folder made if missing) and frees it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    plt.close(fig)

@@ -18,10 +18,9 @@ from loaders.clevr import RULES
 from loaders.multi_mnist import LAYOUT_CHOICES, RESIZES
 from models import BACKBONE_OPTIONS, LOCATION_HEAD_MODELS, MODELS, ON_BACKBONE, TD_MAP_MODELS
 from models.backbones import BACKBONES, build_backbone
-from models.gumbel_matrix import router_parameters
+from models.gumbel_matrix import ROUTER_OPTIONS, router_parameters
 from models.lenet import DROPOUTS
 from weighting import WEIGHTINGS, build_weighting
-from weighting.base import Weighting
 
 # method -> (model, weighting); weighting None = single-branch training, one task drawn per sample.
 METHODS = {
@@ -42,20 +41,9 @@ METHODS = {
                                                   "famo")},
 }
 
-NEEDS_TRUNK = ("gradnorm", "mgda", "pcgrad", "cagrad", "imtl", "nash_mtl", "aligned_mtl")  # use trunk() and heads()
 OPTIMIZERS = ("Adam", "SGD", "RMSprop")
 PROTOCOLS = ("held_out", "authors")
 LR_SCHEDULES = ("halve_30_60_90", "none")
-
-# Gumbel-matrix allocation logits (models with routers): option -> (default, (min, max)); defaults
-# of Maziarz et al.'s google-research/google-research@0c1bbe5f learning_parameter_allocation/pathnet/pathnet_lib.py.
-ROUTER_OPTIONS = {
-    "lr": (1e-3, (1e-8, 10.0)),               # their own Adam's lr, halved with the model's (MNIST recipe: = model lr)
-    "temperature_init": (50.0, (1e-3, 1e6)),  # tau = max(min, init / sqrt(task-updates + 1))
-    "temperature_min": (0.5, (1e-3, 1e6)),
-    "budget": (1.0, (0.0, 1.0)),              # fraction of the routed components a task may use before the penalty
-    "budget_penalty": (0.0, (0.0, 1e3)),      # penalty * max(0, mean P - budget); 0 = off
-}
 
 # key: (type, default (REQUIRED = must be given), allowed values or (min, max) range or None, meaning)
 REQUIRED = object()
@@ -284,8 +272,8 @@ def _check_spatial_loss(params, source):
         raise ParamError(f"{source}: key 'spatial_loss_weight': model '{params['model']}' has neither a TD map nor a "
                          f"location head to train (models: {', '.join(located)}); allowed: 0")
     weighting = params["weighting"]
-    if weighting is not None and WEIGHTINGS[weighting].backward is not Weighting.backward:
-        allowed = [name for name, cls in WEIGHTINGS.items() if cls.backward is Weighting.backward]
+    if weighting is not None and not WEIGHTINGS[weighting].combines_losses:
+        allowed = [name for name, cls in WEIGHTINGS.items() if cls.combines_losses]
         raise ParamError(f"{source}: key 'spatial_loss_weight': weighting '{weighting}' combines the classification "
                          f"losses only; with a localisation loss use one of: {', '.join(allowed)} (or set 0)")
 
@@ -355,7 +343,8 @@ def _check_options(params, source):
             model = MODELS[params["model"]](num_tasks, **model_kwargs(params))
     except (TypeError, ValueError, RuntimeError) as err:
         raise ParamError(f"{source}: key 'model_options': {err}") from None
-    if params["weighting"] in NEEDS_TRUNK and not hasattr(model, "trunk"):
+    weighting = WEIGHTINGS.get(params["weighting"])
+    if weighting is not None and weighting.needs_trunk and not hasattr(model, "trunk"):
         raise ParamError(f"{source}: key 'weighting': '{params['weighting']}' needs a shared trunk, which model "
                          f"'{params['model']}' does not have; allowed models: multi_branch")
     if params["weighting"] is not None:

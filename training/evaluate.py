@@ -14,69 +14,49 @@ from training.cli import RunError, resolve_device
 from training.data import MEMORY_FORMATS, MNIST_STATS, load_data, normalize
 from training.provenance import describe_device, git_commit
 from training.run_dir import log, write
-from training.stacked import OneRun
-
-
-def evaluate(model, images, labels, num_tasks, rows, memory_format, stats=MNIST_STATS, pairs=False, with_loss=False):
-    """Accuracy per task [T] (percent) of one model: ``evaluate_stack`` of the model as a stack of one
-    (``stacked.OneRun``). ``with_loss``: also the cross-entropy (a float)."""
-    accuracy, loss = evaluate_stack(OneRun(model), images, labels, num_tasks, rows, memory_format, stats, pairs,
-                                    with_loss)
-    return (accuracy[0], float(loss[0])) if with_loss else accuracy[0]
 
 
 @torch.inference_mode()
-def evaluate_stack(stack, images, labels, num_tasks, rows, memory_format, stats=MNIST_STATS, pairs=False,
-                   with_loss=False):
-    """Accuracy per task [R, T] (percent) of every replica of ``stack`` (a ``stacked.StackedModel`` of R runs, or
-    ``stacked.OneRun``): every task applied to every image where it is defined (paper §3), all tasks of a chunk of
-    images in one pass (``rows`` image-task pairs per pass and replica; single-branch models see each image T
-    times), every replica in the same pass (``StackedModel.call``: replica after replica, or under ``vmap``, where
-    a pass holds ``rows`` pairs in all, ``rows // R`` per replica, so that its memory is a single run's). With
-    ``pairs`` (CLEVR, CELEB-A, CUB-200), single-branch models see only the pairs with a valid label, ``rows`` per
-    pass, and multi-branch models ``rows`` images per pass: the same accuracies (invalid pairs are never counted),
-    without the ~90% of CLEVR's by-reference pairs that are undefined. The stack runs in eval mode, which draws no
-    noise (greedy Gumbel allocation, no dropout). The counts stay on the device until the end (one host sync).
-    In a distributed run (one run) each rank evaluates its part of the images and the counts are summed over the
-    ranks. Returns (accuracy [R, T] (percent), loss): with ``with_loss`` the cross-entropy [R], mean over each
-    task's valid pairs, then over tasks; else None."""
-    stack.eval()
-    replicas = stack.num_replicas
-    if stack.mode == "vmap":
-        rows = max(1, rows // replicas)
+def evaluate(model, images, labels, num_tasks, rows, memory_format, stats=MNIST_STATS, pairs=False, with_loss=False):
+    """Accuracy per task [T] (percent) of ``model``: every task applied to every image where it is defined (paper
+    §3), all tasks of a chunk of images in one pass (``rows`` image-task pairs per pass; single-branch models see
+    each image T times). With ``pairs`` (CLEVR, CELEB-A, CUB-200), single-branch models see only the pairs with a
+    valid label, ``rows`` per pass, and multi-branch models ``rows`` images per pass: the same accuracies (invalid
+    pairs are never counted), without the ~90% of CLEVR's by-reference pairs that are undefined. The model runs in
+    eval mode, which draws no noise (greedy Gumbel allocation, no dropout). The counts stay on the device until the
+    end (one host sync). In a distributed run each rank evaluates its part of the images and the counts are summed
+    over the ranks. With ``with_loss`` returns (accuracy [T], loss): the cross-entropy, mean over each task's valid
+    pairs, then over tasks (a float)."""
+    model.eval()
     images, labels = distributed.shard(images), distributed.shard(labels)
-    accuracy = TaskAccuracy(num_tasks, images.device, replicas)
-    loss_sum = torch.zeros(replicas, num_tasks, dtype=torch.float64, device=images.device)
-
-    def shared(x):  # the same input for every replica, [R, ...]
-        return x.expand(replicas, *x.shape)
-
-    if pairs and stack.paradigm == "single_branch":
+    accuracy = TaskAccuracy(num_tasks, images.device)
+    loss_sum = torch.zeros(num_tasks, dtype=torch.float64, device=images.device)
+    if pairs and model.paradigm == "single_branch":
         image, task = (labels >= 0).nonzero(as_tuple=True)
         for begin in range(0, len(task), rows):
             i, t = image[begin:begin + rows], task[begin:begin + rows]
             x, y = normalize(images[i], memory_format, stats), labels[i, t].long()
-            logits = stack.call(lambda model, x, t: model(x, t), shared(x), shared(t))  # [R, P, C]
+            logits = model(x, t)  # [P, C]
             accuracy.update_pairs(t, logits.argmax(dim=-1), y)
             if with_loss:
-                loss_sum.index_add_(1, t, cross_entropy(logits, shared(y)).double())
+                loss_sum.index_add_(0, t, cross_entropy(logits, y).double())
     else:
         per_pass = rows if pairs else max(1, rows // num_tasks)
         for begin in range(0, len(images), per_pass):
             x, y = normalize(images[begin:begin + per_pass], memory_format, stats), labels[begin:begin + per_pass]
-            logits = stack.call(lambda model, x: all_task_logits(model, x, num_tasks), shared(x))  # [R, T, B, C]
+            logits = all_task_logits(model, x, num_tasks)  # [T, B, C]
             accuracy.update(logits.argmax(dim=-1), y.t())
             if with_loss:
                 target = y.t().long()
-                loss = cross_entropy(logits, shared(target.clamp(min=0)))
+                loss = cross_entropy(logits, target.clamp(min=0))
                 loss_sum += loss.where(target >= 0, 0.0).sum(dim=-1).double()
     distributed.sum_(accuracy.correct)
     distributed.sum_(accuracy.count)
     if not with_loss:
-        return accuracy.per_task(), None
+        return accuracy.per_task()
     distributed.sum_(loss_sum)
     per_task_loss = (loss_sum / accuracy.count.double()).where(accuracy.count > 0, torch.nan)
-    return accuracy.per_task(), per_task_loss.nanmean(dim=-1).cpu()
+    return accuracy.per_task(), float(per_task_loss.nanmean().cpu())
 
 
 def cross_entropy(logits, target):

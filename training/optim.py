@@ -1,8 +1,6 @@
 """The optimiser and its learning-rate schedule (paper Table 1: Adam, lr 1e-3, halved at 30/60/90% of training)."""
 import torch
 
-from models.gumbel_matrix import router_parameters
-
 
 SHORTEST_SCHEDULE = 7  # fewer epochs keep a constant lr (see lr_factor)
 
@@ -29,18 +27,17 @@ def describe_schedule(params, epochs):
 
 
 def parameter_groups(params, model, weighting):
-    """The weights (and the weighting's own parameters) at ``lr``; learned allocation logits (gumbel_matrix) in a
-    group of their own at ``router_options.lr`` (the original's second Adam; Adam is per parameter, so one Adam
-    with two groups is the same)."""
-    logits = router_parameters(model)
-    weights = [p for p in model.parameters() if all(p is not q for q in logits)]
-    groups = [weights + (list(weighting.parameters()) if weighting else []), logits]
-    return [{"params": group, "lr": lr} for group, lr in zip(groups, base_learning_rates(params))]
+    """The model's groups (``model.parameter_groups``: every parameter at ``lr``, or the model's own split, e.g. the
+    learned allocation logits at ``router_options.lr``), the weighting's parameters in the first group."""
+    groups = model.parameter_groups(params["lr"], params.get("router_options"))
+    if weighting is not None:
+        groups[0]["params"] = list(groups[0]["params"]) + list(weighting.parameters())
+    return groups
 
 
-def base_learning_rates(params):
+def base_learning_rates(params, model):
     """The initial lr of each optimiser group (``parameter_groups``), before the schedule's factor."""
-    return [params["lr"]] + ([params["router_options"]["lr"]] if params.get("router_options") else [])
+    return [group["lr"] for group in model.parameter_groups(params["lr"], params.get("router_options"))]
 
 
 def make_optimizer(params, groups):

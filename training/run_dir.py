@@ -1,35 +1,59 @@
-"""The output folder of a run: checked and locked at the start (``run_lock``), its train.log, its atomic writes, and
-the checkpoint a ``--resume`` continues from, checked against the run's settings."""
+"""The output folder of a run: where it is (``run_dirs``), checked and locked at the start (``run_lock``), its
+train.log, its atomic writes and end-of-epoch files, and the checkpoint a ``--resume`` continues from, checked
+against the run's settings and data."""
+import json
+import logging
 from datetime import datetime, timezone
+from pathlib import Path
 
 from tqdm import tqdm
 
 from runtime import distributed, files
+from runtime.files import REPO
 from training import checkpoint, config, run_lock
 from training.cli import RunError
 
+LOGGER = logging.getLogger("training.run")  # train.log of the runs in progress (rank 0): one FileHandler each
+LOGGER.setLevel(logging.INFO)
+LOGGER.propagate = False
 
-LOG_FILES = []  # train.log of the run in progress (rank 0)
+
+class _UtcFormatter(logging.Formatter):
+    def format(self, record):
+        return f"{datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec='seconds')} " \
+               f"{record.getMessage()}"
 
 
 def log(message):
     """One line on stdout and in the run's train.log, from rank 0 only."""
     if distributed.is_main():
         tqdm.write(message)
-        for path in LOG_FILES:
-            with open(path, "a", encoding="utf-8") as handle:
-                handle.write(f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {message}\n")
+        LOGGER.info(message)
 
 
 def open_log(*outs):
     """From now on ``log`` also appends to the train.log of every run dir ``outs`` (a resumed run appends to the same
     file)."""
-    LOG_FILES[:] = [out / "train.log" for out in outs]
+    close_log()
+    for out in outs:
+        handler = logging.FileHandler(out / "train.log", encoding="utf-8")
+        handler.setFormatter(_UtcFormatter())
+        LOGGER.addHandler(handler)
 
 
 def close_log():
     """``log`` writes to stdout only again (the run has ended)."""
-    LOG_FILES.clear()
+    for handler in list(LOGGER.handlers):
+        LOGGER.removeHandler(handler)
+        handler.close()
+
+
+def run_dirs(out, exp_id, seeds):
+    """The output dir of every seed: ``out`` (default runs/<exp_id>/seed<k>) for one seed, <out>/seed<k> (default
+    runs/<exp_id>/seed<k>) for each seed of a stacked group (``--seeds``)."""
+    if len(seeds) == 1:
+        return [Path(out or REPO / "runs" / exp_id / f"seed{seeds[0]}")]
+    return [Path(out or REPO / "runs" / exp_id) / f"seed{seed}" for seed in seeds]
 
 
 def check_writable(out):
@@ -86,6 +110,63 @@ def read_checkpoint(path, params, args, epochs):
         raise config.ParamError(f"--resume: {path} was made with other settings ({', '.join(changed)}); "
                                 f"pass --force to resume anyway, or choose another --out")
     return saved
+
+
+def read_checkpoints(outs, params, args, epochs):
+    """The checkpoint of every run dir to resume from (None for a run that starts), or None when every run has
+    finished (logged: nothing to do); ParamError when only some of a group have."""
+    saved = [distributed.on_main(read_checkpoint, out / "checkpoint.pt", params, _with_seed(args, seed), epochs)
+             if args.resume else None for seed, out in zip(args.seeds, outs)]
+    finished = [s is not None and s["epoch"] >= epochs and (out / "results.json").exists()
+                for s, out in zip(saved, outs)]
+    if all(finished):
+        for s, out in zip(saved, outs):
+            log(f"{out} holds a finished run ({s['epoch']} of {epochs} epochs); nothing to do, nothing changed")
+        return None
+    if any(finished):
+        done = [seed for seed, f in zip(args.seeds, finished) if f]
+        raise config.ParamError(f"--seeds: seed(s) {done} have finished runs in {outs[0].parent}; give --seeds the "
+                                f"others only")
+    return saved
+
+
+def _with_seed(args, seed):
+    return type(args)(**{**vars(args), "seed": seed})
+
+
+def start_state(saved, out, params, model, weighting, optimizer):
+    """A run's state (epoch, history, best, wall time): a fresh one, or ``saved``'s, loaded into its objects."""
+    if saved is None:
+        return {"epoch": 0, "history": [], "best": None, "wall_time_s": 0.0}
+    return resume(saved, out / "checkpoint.pt", params, model, weighting, optimizer)
+
+
+def check_same_epoch(seeds, states):
+    """A stacked group trains in step: ParamError (one line) when its runs stand at different epochs."""
+    if len({state["epoch"] for state in states}) > 1:
+        where = ", ".join(f"seed {seed}: {state['epoch']}" for seed, state in zip(seeds, states))
+        raise config.ParamError(f"--seeds: the runs stand at different epochs ({where}); a stacked group trains in "
+                                f"step, resume them with one --seed each")
+
+
+def check_fingerprints(saved, outs, fingerprint, force):
+    """A resumed run continues on its own data: ParamError (one line) unless ``force``."""
+    for s, out in zip(saved, outs):
+        if s is not None and s.get("data_fingerprint", fingerprint) != fingerprint and not force:
+            raise config.ParamError(f"--resume: {out / 'checkpoint.pt'} was trained on other data (fingerprint "
+                                    f"{s['data_fingerprint']}, now {fingerprint}: another --data_root or data "
+                                    f"files); pass --force to resume anyway, or choose another --out")
+
+
+def save_epoch(out, objects, params, args, seed, epochs, state, best):
+    """The end-of-epoch files (rank 0) of the run in ``out`` from its (model, weighting, optimiser) state dicts
+    ``objects``: best_model.pt on a new best, checkpoint.pt, metrics.jsonl."""
+    model, weighting, optimizer = objects
+    if best:
+        write(checkpoint.save, {"epoch": state["epoch"], "model": model, "params": params}, out / "best_model.pt")
+    write(checkpoint.save, {"model": model, "optimizer": optimizer, "weighting": weighting, "params": params,
+                            "seed": seed, "epochs": epochs, "subset": args.subset, **state}, out / "checkpoint.pt")
+    write(files.write_text, "".join(json.dumps(r) + "\n" for r in state["history"]), out / "metrics.jsonl")
 
 
 def resume(saved, path, params, model, weighting, optimizer):

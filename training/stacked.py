@@ -1,4 +1,4 @@
-"""Stacked runs (issue 19): R runs of one method and one setting that differ only in their seed (the 5 seeds of a
+"""Stacked runs: R runs of one method and one setting that differ only in their seed (the 5 seeds of a
 Table 2 cell) trained in one process as one model.
 
 Replica r is the run of the training script with ``--seed seeds[r]``, exactly: its initial weights are the model
@@ -16,11 +16,9 @@ sync (one shared step count), see ``torch.optim.Adam``. Every replica's model, o
 read and written in the format of a separate run (``replica_state_dict``, ``replica_optimizer_state``), so a
 replica writes the files that its separate run would and can resume from them.
 
-The training step is ``training.loop.train_stacked_epoch``, the same for a stacked group and for one run (``OneRun``:
-a stack of one), and so is evaluation (``training.evaluate.evaluate_stack``: every replica in each pass, in eval mode,
-which draws no noise); ``--seeds`` of the training script trains a group of seeds.
+The stacked group's epoch and step are training/engine.py's (``--seeds`` of the training script); a group evaluates
+every replica in a separate run's model.
 """
-import contextlib
 import copy
 import types
 
@@ -28,12 +26,12 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, vmap
 
-from models.gumbel_matrix import GumbelMatrixRouter, add_budget_gradient, allocation_matrix, budget_penalty, \
-    router_parameters, set_temperature
+from models.gumbel_matrix import GumbelMatrixRouter, allocation_matrix, budget_penalty, router_parameters, \
+    set_temperature
 from models.lenet import SenerKoltunDropout
 from training.data import MEMORY_FORMATS
-from training.optim import base_learning_rates, make_optimizer
-from weighting import base as weighting_base
+from training import optim
+from training.optim import make_optimizer
 from weighting.batched import StackedWeighting
 
 MODES = ("loop", "vmap")
@@ -86,7 +84,6 @@ class StackedModel(nn.Module):
         if mode == "vmap" and self.dropouts:
             raise ValueError("stacking mode 'vmap' cannot draw Sener-Koltun dropout masks per replica; use 'loop'")
         self.generators = None
-        self._held = None
         self.template.train(self.training)
 
     def train(self, mode=True):
@@ -103,12 +100,6 @@ class StackedModel(nn.Module):
         """The stacked parameter [R, ...] of the template's parameter ``name``."""
         return self.stacked[self.param_names.index(name)]
 
-    @property
-    def last_shared_layer(self):
-        """GradNorm's W, stacked: ``.weight`` [R, out, in] of the template's ``last_shared_layer``."""
-        name = next(name for name, m in self.template.named_modules() if m is self.template.last_shared_layer)
-        return types.SimpleNamespace(weight=self.parameter(f"{name}.weight"))
-
     def seed_noise(self, seeds):
         """One generator per replica for the model's own draws, seeded as its separate run seeds torch's generator
         (``torch.manual_seed(seed)`` seeds the CPU and CUDA generators alike)."""
@@ -121,16 +112,6 @@ class StackedModel(nn.Module):
     def noise_generators(self):
         """The generators of the model's own draws that a CUDA graph of the step must register."""
         return list(self.generators or []) if self.routers or self.dropouts else []
-
-    @contextlib.contextmanager
-    def held_dropout_masks(self):
-        """Every replica's Sener-Koltun masks drawn first inside this context are reused by its later passes, as
-        ``models.lenet.held_dropout_masks`` for a separate model (MGDA-UB's final pass)."""
-        self._held = [{} for _ in range(self.num_replicas)]
-        try:
-            yield
-        finally:
-            self._held = None
 
     def call(self, fn, *args, draws=True):
         """``fn(model, *args)`` for every replica, replica r with its own tensors and ``arg[r]`` of each [R, ...]
@@ -150,7 +131,6 @@ class StackedModel(nn.Module):
             for r in range(self.num_replicas):
                 for dropout in self.dropouts:
                     dropout.generator = self.generators[r] if noisy else None
-                    dropout.held = None if self._held is None else self._held[r]
                 outputs.append(self._replica_call({name: t[r] for name, t in tensors.items()},
                                                   [n[r] for n in noise],
                                                   *(arg[r] for arg in args)))
@@ -161,7 +141,7 @@ class StackedModel(nn.Module):
             for router in self.routers:
                 router.noise = None
             for dropout in self.dropouts:
-                dropout.generator, dropout.held = None, None
+                dropout.generator = None
 
     def _replica_call(self, tensors, noise, *args):
         for router, uniform in zip(self.routers, noise):
@@ -171,11 +151,18 @@ class StackedModel(nn.Module):
     def _router_noise(self):
         """Per router (in module order, the order of a forward pass), the U(0, 1) draws [R, T, K, 2] of every
         replica from its own generator: what ``torch.rand_like(logits)`` draws in its separate run."""
+        per_replica = [self._replica_noise(r) for r in range(self.num_replicas)]
+        return [torch.stack(draws) for draws in zip(*per_replica)]
+
+    def _replica_noise(self, r):
+        """Replica r's U(0, 1) draws of every router, from its generator."""
         shapes = [self.parameter(self._name_of(router.logits)).shape[1:] for router in self.routers]
         dtype, device = self.stacked[0].dtype, self.stacked[0].device
-        per_replica = [[torch.rand(shape, generator=g, dtype=dtype, device=device) for shape in shapes]
-                       for g in self.generators]
-        return [torch.stack(draws) for draws in zip(*per_replica)]
+        return [torch.rand(shape, generator=self.generators[r], dtype=dtype, device=device) for shape in shapes]
+
+    def replica(self, r):
+        """Replica r as the model of one run (``Replica``), for a weighting's ``backward``."""
+        return Replica(self, r)
 
     def _name_of(self, template_parameter):
         return next(name for name, p in self.template.named_parameters() if p is template_parameter)
@@ -184,12 +171,6 @@ class StackedModel(nn.Module):
         if self.paradigm == "single_branch":
             return self.call(lambda model, x, t: model(x, t), images, tasks)
         return self.call(lambda model, x: model(x), images)
-
-    def trunk(self, images):
-        return self.call(lambda model, x: model.trunk(x), images)
-
-    def heads(self, rep):
-        return self.call(lambda model, z: model.heads(z), rep)
 
     def budget_penalty(self, budget, penalty):
         """[R]: every replica's task-averaged budget penalty (``models.gumbel_matrix.budget_penalty``)."""
@@ -243,6 +224,49 @@ class StackedModel(nn.Module):
                 tensors[key][r].copy_(state[key])
 
 
+class Replica:
+    """Replica r of a ``StackedModel`` seen as its separate run's model, for the rule of a weighting written for one
+    run (weighting/batched.py): ``forward``, ``trunk``, ``heads``, ``last_shared_layer`` and ``dropout`` on views of
+    its slices of the stacked tensors (taken once, so that ``autograd.grad`` with respect to ``last_shared_layer``
+    reaches the forward pass), its noise from its own generator. A Sener-Koltun dropout held by the rule
+    (``models.lenet.held_dropout_masks``) keeps its masks across the calls."""
+
+    def __init__(self, stack, r):
+        self.stack, self.r, self.paradigm = stack, r, stack.paradigm
+        self.tensors = {f"model.{name}": tensor[r] for name, tensor in stack.tensors().items()}
+        self.dropout = getattr(stack.template, "dropout", None)
+
+    def call(self, fn, *args):
+        stack = self.stack
+        stack._apply_fn.fn = fn
+        noisy = stack.training and bool(stack.routers or stack.dropouts)
+        try:
+            for dropout in stack.dropouts:
+                dropout.generator = stack.generators[self.r] if noisy else None
+            return stack._replica_call(self.tensors, stack._replica_noise(self.r) if noisy else [], *args)
+        finally:
+            for router in stack.routers:
+                router.noise = None
+            for dropout in stack.dropouts:
+                dropout.generator = None
+
+    def __call__(self, images):
+        return self.call(lambda model, x: model(x), images)
+
+    def trunk(self, images):
+        return self.call(lambda model, x: model.trunk(x), images)
+
+    def heads(self, rep):
+        return self.call(lambda model, z: model.heads(z), rep)
+
+    @property
+    def last_shared_layer(self):
+        """GradNorm's W: ``.weight`` of the template's ``last_shared_layer``, replica r's view."""
+        template = self.stack.template
+        name = next(name for name, m in template.named_modules() if m is template.last_shared_layer)
+        return types.SimpleNamespace(weight=self.tensors[f"model.{name}.weight"])
+
+
 def _stack(tensors, memory_format):
     """[R, ...] from R equal-shaped tensors; with channels_last, a 4-d tensor's slices [r] are channels_last."""
     if memory_format == torch.channels_last and tensors[0].dim() == 4:
@@ -250,15 +274,15 @@ def _stack(tensors, memory_format):
     return torch.stack(tensors)
 
 
-def parameter_groups(params, stacked, weighting):
-    """The separate run's groups (``parameter_groups`` of the training script), stacked: the weights and the
-    weighting's parameters at ``lr``, the learned allocation logits at ``router_options.lr``, in the same order, so
-    that optimiser state indices agree with a separate run's."""
-    logits = {stacked._name_of(p) for p in router_parameters(stacked.template)}
-    weights = [p for name, p in zip(stacked.param_names, stacked.stacked) if name not in logits]
-    groups = [weights + (list(weighting.parameters()) if weighting else []),
-              [stacked.parameter(name) for name in stacked.param_names if name in logits]]
-    return [{"params": group, "lr": lr} for group, lr in zip(groups, base_learning_rates(params))]
+def stacked_groups(params, stacked, weighting):
+    """The separate run's groups (``training.optim.parameter_groups`` of the template), every parameter replaced by
+    its stacked one, in the same order, so that optimiser state indices agree with a separate run's."""
+    groups = optim.parameter_groups(params, stacked.template, None)
+    for group in groups:
+        group["params"] = [stacked.parameter(stacked._name_of(p)) for p in group["params"]]
+    if weighting is not None:
+        groups[0]["params"] += list(weighting.parameters())
+    return groups
 
 
 def stack_runs(runs, params, mode="loop"):
@@ -267,7 +291,7 @@ def stack_runs(runs, params, mode="loop"):
     its run's current state."""
     model = StackedModel([m for m, _, _ in runs], mode, MEMORY_FORMATS[params["memory_format"]])
     weighting = StackedWeighting([w for _, w, _ in runs]) if runs[0][1] is not None else None
-    optimizer = make_optimizer(params, parameter_groups(params, model, weighting))
+    optimizer = make_optimizer(params, stacked_groups(params, model, weighting))
     for r, (_, _, separate) in enumerate(runs):
         load_replica_optimizer_state(optimizer, r, separate.state_dict())
     return model, weighting, optimizer
@@ -306,59 +330,3 @@ def load_replica_optimizer_state(optimizer, r, saved):
                 mine[key] = value.clone() if torch.is_tensor(value) else value
 
 
-class OneRun(weighting_base.OneRun):
-    """One run seen as a stack of one (R = 1), so that a single run takes the very training step of a stacked group
-    (``training.loop.train_stacked_epoch``): the run's own model (``trained``: its DDP wrapper under torchrun), torch's
-    global generator for the model's noise (seeded per epoch, as a run always did), inputs and outputs with a leading
-    replica dimension of 1 (``weighting.base.OneRun``, what the weightings see of a run). ``call`` (evaluation) runs
-    the model itself, not its DDP wrapper."""
-
-    num_replicas, mode = 1, None
-
-    def __init__(self, trained):
-        super().__init__(trained)
-        self.dtype = next(self.model.parameters()).dtype
-
-    @property
-    def paradigm(self):
-        return self.model.paradigm
-
-    def call(self, fn, *args):
-        """``fn(model, *args[0])`` with a leading replica dimension of 1 (``StackedModel.call``)."""
-        return fn(self.model, *(arg[0] for arg in args))[None]
-
-    def train(self):
-        self.trained.train()
-
-    def eval(self):
-        self.trained.eval()
-
-    def seed_noise(self, seeds):
-        torch.manual_seed(seeds[0])
-
-    def noise_generators(self):
-        """None beyond torch's default generator, which a CUDA graph registers by itself."""
-        return []
-
-    def set_temperature(self, temperature):
-        set_temperature(self.model, temperature)
-
-    def add_budget_gradient(self, budget, penalty):
-        add_budget_gradient(self.model, budget, penalty)
-
-
-class OneWeighting:
-    """A run's own weighting seen as the batched weighting of a stack of one (``OneRun``)."""
-
-    def __init__(self, weighting):
-        self.weighting = weighting
-
-    def backward(self, stack, images, labels, num_valid, locations=None):
-        located = {} if locations is None else {"locations": locations[0]}
-        return self.weighting.backward(stack.trained, images[0], labels[0], num_valid[0], **located)[None]
-
-    def after_step(self):
-        self.weighting.after_step()
-
-    def parameters(self):
-        return self.weighting.parameters()

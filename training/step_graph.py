@@ -1,4 +1,4 @@
-"""The training step as a CUDA graph (issue 19, item 3): on a GPU a LeNet-sized step is bound by kernel launches,
+"""The training step as a CUDA graph: on a GPU a LeNet-sized step is bound by kernel launches,
 so the gradient part of every full batch (zero_grad, forward, the weighting's backward, the Gumbel budget gradient,
 the loss bookkeeping) is captured once into a ``torch.cuda.CUDAGraph`` and replayed; the optimiser step and the
 weighting's ``after_step`` run eagerly after each replay (a handful of foreach kernels), so that the optimiser, its
@@ -18,7 +18,6 @@ from runtime import distributed
 from training.config import ParamError
 from training.run_dir import log
 
-CHOICES = ("auto", "on", "off")  # --cuda_graphs
 WARMUP_STEPS = 3  # eager steps on a side stream before the capture (torch.cuda.graphs' whole-network example)
 
 
@@ -54,7 +53,7 @@ class CudaBackend:
 
 
 class StepGraph:
-    """The captured full-batch step of one group of runs (``training.loop.Replicas``), kept from epoch to epoch and
+    """The captured full-batch step of a stacked group (``training.engine.StackedGroup``), kept from epoch to epoch and
     captured anew when ``stage`` gets another key (other data tensors or shapes). ``backend`` warms up and captures
     (``CudaBackend``; the tests inject one that calls the function)."""
 

@@ -38,5 +38,4 @@ def build_weighting(name, num_tasks, options=None):
     return cls(num_tasks, **options)
 
 
-__all__ = ["WEIGHTINGS", "Weighting", "build_weighting", "AlignedMTL", "CAGrad", "DWA", "FAMO", "GradNorm", "IMTL",
-           "Kendall", "MGDA", "NashMTL", "PCGrad", "RLW", "Sum", "Uniform"]
+__all__ = ["WEIGHTINGS", "Weighting", "build_weighting", *(cls.__name__ for cls in WEIGHTINGS.values())]

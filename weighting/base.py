@@ -1,10 +1,7 @@
 """Common interface of the loss-weighting strategies (LibMTL-style: weighting is separate from the model)."""
 import torch.nn as nn
-from torch.func import vmap
 
 from losses import per_task_cross_entropy
-from models.lenet import held_dropout_masks
-from runtime import distributed
 
 
 class Weighting(nn.Module):
@@ -14,10 +11,9 @@ class Weighting(nn.Module):
     ``state_dict()``; its parameters go into the same optimiser as the model's. ``backward`` accumulates into
     ``.grad`` like ``loss.backward()``: the caller zeroes the gradients before and steps the optimiser after.
 
-    A rule with ``stackable`` (the paper's Table 2: sum, uniform, kendall, gradnorm, mgda) is written once for R runs
-    at once, every tensor with a leading run dimension: ``combine`` of losses [R, T], or ``backward_runs``. Its state
-    is [T] in a run and [R, T] in its stacked form (weighting/batched.py: R runs trained as one stacked model); a run
-    is R = 1 (``OneRun``).
+    A rule is either ``combine`` of the task losses (``combines_losses``: this class's ``backward``) or a
+    ``backward`` of its own (task gradients). Either is written once, for one run; stacked seeds run it over their
+    replicas (weighting/batched.py).
 
     Under DDP (see runtime/distributed.py) ``model`` is the DDP wrapper and each rank's task losses average to the global
     batch's, so a rule linear in the losses (uniform, sum, kendall) is exact with DDP's averaged gradients; the
@@ -25,14 +21,17 @@ class Weighting(nn.Module):
     ``autograd.grad``, which DDP does not synchronise, and combine them over the ranks themselves.
     """
 
-    stackable = False  # whether ``combine`` / ``backward_runs`` serve R stacked runs (weighting/batched.py)
+    combines_losses = True  # the rule is ``combine`` of the task losses (False: a ``backward`` of its own)
+    needs_trunk = False  # the rule calls the model's ``trunk`` and ``heads`` (a shared trunk: multi-branch models)
+    stackable = False  # stacked seeds can run the rule over their replicas (weighting/batched.py)
+    sync_free = False  # set by an engine that must not wait for the host (stacked seeds, CUDA graphs)
 
     def __init__(self, num_tasks):
         super().__init__()
         self.num_tasks = num_tasks
 
     def combine(self, losses):
-        """Scalar training loss from the per-task losses [T] (a stackable rule: also [R, T], summed over the runs)."""
+        """Scalar training loss from the per-task losses [T]."""
         raise NotImplementedError
 
     def backward(self, model, images, labels, num_valid=None, locations=None):
@@ -49,14 +48,6 @@ class Weighting(nn.Module):
         self.combine(losses).backward()
         return losses.detach()
 
-    def backward_runs(self, runs, images, labels, num_valid):
-        """``backward`` of R runs at once (a stackable rule): ``runs`` is the model of R runs (a stacked model,
-        training/stacked.py, or ``OneRun``), images [R, B, ...], labels [R, B, T], ``num_valid`` [R, T]; returns the
-        per-task losses [R, T], detached."""
-        losses = task_losses(runs, runs(images), labels, num_valid)
-        self.combine(losses).backward()
-        return losses.detach()
-
     def check_stackable(self):
         """ValueError (one line) where this rule's stacked form cannot serve its setting (default: nothing)."""
 
@@ -67,57 +58,6 @@ class Weighting(nn.Module):
         """Called after each training epoch, before the checkpoint is written (default: nothing)."""
 
     def weights(self):
-        """Current task weights [T], for logging (a stacked form's: [R, T] where they are state, else [T])."""
+        """Current task weights [T], for logging."""
         raise NotImplementedError
 
-
-def task_losses(runs, logits, labels, num_valid):
-    """Per-task cross-entropy [R, T] of R runs' logits [R, B, T, C]: ``per_task_cross_entropy`` of one run
-    (``OneRun``), or under ``vmap`` for R stacked runs, whose gradients then have the layout of a separate run's (a
-    stacked replica steps as its run to the bit, in float32 too)."""
-    if isinstance(runs, OneRun):
-        return runs.per_replica(per_task_cross_entropy, logits, labels, num_valid)
-    return vmap(per_task_cross_entropy)(logits, labels, num_valid)
-
-
-def one_run(model, images, labels, num_valid):
-    """``backward_runs``' arguments for one run: its model (the DDP wrapper under torchrun) as ``OneRun``, the
-    inputs with a run dimension of 1."""
-    num_valid = None if num_valid is None else num_valid.unsqueeze(0)
-    return OneRun(model), images.unsqueeze(0), labels.unsqueeze(0), num_valid
-
-
-class OneRun:
-    """A run's model seen as the model of R = 1 runs (the interface of a stacked model that the weightings use):
-    inputs and outputs with a leading run dimension of 1, added and removed as views (``unsqueeze``, ``squeeze``:
-    the gradients keep their layout, so a run's step is the one it takes without this view). ``trained`` is the
-    model that trains (its DDP wrapper under torchrun: its forward averages the gradients); ``trunk``, ``heads`` and
-    ``last_shared_layer`` are the model's own."""
-
-    def __init__(self, trained):
-        self.trained, self.model = trained, distributed.unwrap(trained)
-
-    def __call__(self, images, *args, **kwargs):
-        return _one(self.trained(images.squeeze(0), *(arg.squeeze(0) for arg in args), **kwargs))
-
-    def per_replica(self, fn, *args):
-        """``fn`` of the run's arguments (None passes as it is), with a run dimension of 1."""
-        return _one(fn(*(None if arg is None else arg.squeeze(0) for arg in args)))
-
-    def trunk(self, images):
-        return self.model.trunk(images.squeeze(0)).unsqueeze(0)
-
-    def heads(self, rep):
-        return self.model.heads(rep.squeeze(0)).unsqueeze(0)
-
-    def held_dropout_masks(self):
-        return held_dropout_masks(self.model)
-
-    @property
-    def last_shared_layer(self):
-        return self.model.last_shared_layer
-
-
-def _one(out):
-    """A run's output (a tensor or a tuple of tensors) with a run dimension of 1."""
-    return tuple(part.unsqueeze(0) for part in out) if isinstance(out, tuple) else out.unsqueeze(0)

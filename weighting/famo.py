@@ -26,6 +26,8 @@ class FAMO(Weighting):
     in the batch (loss 0) gets weight 0 and delta 0. The localisation loss is refused (the second evaluation would
     need it too)."""
 
+    combines_losses = False
+
     def __init__(self, num_tasks, lr=0.025, gamma=1e-5):
         super().__init__(num_tasks)
         if lr <= 0 or gamma < 0:

@@ -2,9 +2,10 @@
 import torch
 import torch.nn as nn
 
+from losses import per_task_cross_entropy
 from runtime import distributed
 
-from .base import Weighting, one_run, task_losses
+from .base import Weighting
 
 _MIN_WEIGHT = 1e-8  # w_i is clamped to stay positive (dav-ell/gradnorm)
 _EPS = 1e-12
@@ -13,7 +14,7 @@ _EPS = 1e-12
 class GradNorm(Weighting):
     """GradNorm on W = model.last_shared_layer.weight, L1 gradient loss, detached targets, w init 1, sum w = T."""
 
-    stackable = True
+    combines_losses, needs_trunk, stackable = False, True, True
 
     def __init__(self, num_tasks, alpha=1.5):
         super().__init__(num_tasks)
@@ -23,37 +24,28 @@ class GradNorm(Weighting):
         self.register_buffer("initial_losses", torch.zeros(num_tasks))
 
     def backward(self, model, images, labels, num_valid=None):
-        """One run: ``backward_runs`` with R = 1."""
-        return self.backward_runs(*one_run(model, images, labels, num_valid))[0]
-
-    def backward_runs(self, runs, images, labels, num_valid):
-        """Network grads from sum_i w_i L_i (w constant); w.grad from L_grad = sum_i |G_i - target_i| only; for every
-        run r at once (w, L_i(0) [R, T]: a run's [T] as [1, T]). Under DDP (one run) grad_W L_i and L_i are averaged
-        over the ranks first, so that every rank has the global batch's G, targets and w.grad."""
-        losses = task_losses(runs, runs(images), labels, num_valid)  # [R, T]
-        W = runs.last_shared_layer.weight  # [R, out, in] ([out, in] of one run)
-        # grad_W L_i of the global batch, constants: L_grad must not reach the network. A run's W gets only its own
-        # L_i's gradient, so one autograd.grad per task of the runs' summed L_i gives every run's.
-        grads = distributed.mean(torch.stack([torch.autograd.grad(loss, W, retain_graph=True)[0]
-                                              for loss in losses.sum(dim=0)]))
-        grad_norms = grads.reshape(self.num_tasks, len(losses), -1).norm(dim=2).T  # ||grad_W L_i|| [R, T]
-        task_weights = self.task_weights.view(-1, self.num_tasks)
-        G = task_weights * grad_norms  # G_i = ||grad_W (w_i L_i)||, linear in w_i (w_i > 0)
+        """Network grads from sum_i w_i L_i (w constant); w.grad from L_grad = sum_i |G_i - target_i| only. Under DDP
+        grad_W L_i and L_i are averaged over the ranks first, so that every rank has the global batch's G, targets
+        and w.grad."""
+        losses = per_task_cross_entropy(model(images), labels, num_valid)  # [T]
+        W = distributed.unwrap(model).last_shared_layer.weight
+        # grad_W L_i of the global batch, constants: L_grad must not reach the network
+        grads = distributed.mean(torch.stack([torch.autograd.grad(loss, W, retain_graph=True)[0] for loss in losses]))
+        G = self.task_weights * grads.flatten(1).norm(dim=1)  # G_i = ||grad_W (w_i L_i)||, linear in w_i (w_i > 0)
 
         with torch.no_grad():
             global_losses = distributed.mean(losses)
-            initial_losses = self.initial_losses.view(-1, self.num_tasks)
-            initial_losses.copy_(torch.where(initial_losses > 0, initial_losses, global_losses))
-            loss_ratios = global_losses / initial_losses.clamp(min=_EPS)  # L~_i(t) = L_i(t) / L_i(0)
-            inverse_rates = loss_ratios / loss_ratios.mean(dim=1, keepdim=True).clamp(min=_EPS)  # r_i(t)
-            targets = G.mean(dim=1, keepdim=True) * inverse_rates**self.alpha  # G_bar * r_i^alpha, a constant
+            self.initial_losses.copy_(torch.where(self.initial_losses > 0, self.initial_losses, global_losses))
+            loss_ratios = global_losses / self.initial_losses.clamp(min=_EPS)  # L~_i(t) = L_i(t) / L_i(0)
+            inverse_rates = loss_ratios / loss_ratios.mean().clamp(min=_EPS)  # r_i(t)
+            targets = G.mean() * inverse_rates**self.alpha  # G_bar * r_i^alpha, a constant
 
         grad_loss = (G - targets).abs().sum()
-        ((task_weights.detach() * losses).sum() + grad_loss).backward()
+        ((self.task_weights.detach() * losses).sum() + grad_loss).backward()
         return losses.detach()
 
     def after_step(self):
-        """Clamp w_i > 0, then renormalise to sum_i w_i = T (every run's)."""
+        """Clamp w_i > 0, then renormalise to sum_i w_i = T."""
         with torch.no_grad():
             self.task_weights.clamp_(min=_MIN_WEIGHT)
             self.task_weights.mul_(self.num_tasks / self.task_weights.sum(dim=-1, keepdim=True))

@@ -2,17 +2,20 @@
 `multi_task/train_multi_task.py`, use_approximation=true)."""
 import torch
 
+from losses import per_task_cross_entropy
+from models.lenet import held_dropout_masks
 from runtime import distributed
+
 from .min_norm_solvers import MAX_BATCHED_TASKS, NORMALIZATIONS, batched_min_norm_element, find_min_norm_element, \
     gradient_normalizers
 
-from .base import Weighting, one_run, task_losses
+from .base import Weighting
 
 
 class MGDA(Weighting):
     """MGDA-UB: min-norm alpha of the task grads w.r.t. the flattened B x 50 rep z; normalization 'none' by default."""
 
-    stackable = True
+    combines_losses, needs_trunk, stackable = False, True, True
 
     def __init__(self, num_tasks, normalization="none", max_iter=250):
         super().__init__(num_tasks)
@@ -23,38 +26,33 @@ class MGDA(Weighting):
         self.register_buffer("alpha", torch.full((num_tasks,), 1.0 / num_tasks))  # last alpha, for logging
 
     def backward(self, model, images, labels, num_valid=None):
-        """One run: ``backward_runs`` with R = 1."""
-        return self.backward_runs(*one_run(model, images, labels, num_valid))[0]
-
-    def backward_runs(self, runs, images, labels, num_valid):
-        """alpha from the gradients w.r.t. z = trunk(x) (SK Eq. 6 upper bound), then backward of sum_t alpha_t L_t;
-        for every run r at once (z [R, B, H], alpha [R, T]: a run's [T] as [1, T]). Under DDP (one run) the ranks'
-        gradients (their images' columns) are gathered: every rank solves for the global batch."""
-        with runs.held_dropout_masks():  # Sener & Koltun's dropout: the final pass reuses the masks of the others
+        """alpha from the gradients w.r.t. z = trunk(x) (SK Eq. 6 upper bound), then backward of sum_t alpha_t L_t.
+        Under DDP the ranks' gradients (their images' columns) are gathered: every rank solves for the global
+        batch."""
+        net = distributed.unwrap(model)
+        with held_dropout_masks(net):  # Sener & Koltun's dropout: the final pass reuses the masks of the others
             with torch.no_grad():
-                z = runs.trunk(images)
+                z = net.trunk(images)
             z = z.detach().requires_grad_()  # detached leaf: the task gradients stop at the shared representation
-            losses = task_losses(runs, runs.heads(z), labels, num_valid)  # [R, T]
-            # a run's z gets only its own L_t's gradient: one autograd.grad per task of the runs' summed L_t
-            grads = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].flatten(1)
-                                 for loss in losses.sum(dim=0)], dim=1)  # [R, T, B*H]
+            losses = per_task_cross_entropy(net.heads(z), labels, num_valid)  # [T]
+            grads = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].flatten() for loss in losses])
             # a rank's losses are world_size x its share of the global batch's losses, and so are their gradients
             grads, losses = distributed.cat(grads) / distributed.world_size(), distributed.mean(losses)
             grads = grads / gradient_normalizers(grads, losses, self.normalization)[..., None]
             alpha = self.min_norm_element(grads)
-            self.alpha.view(-1, self.num_tasks).copy_(alpha)
+            self.alpha.copy_(alpha)
 
-            losses = task_losses(runs, runs(images), labels, num_valid)  # raw L_t: the normaliser moves alpha
+            losses = per_task_cross_entropy(model(images), labels, num_valid)  # raw L_t: the normaliser moves alpha
             (alpha * losses).sum().backward()
             return losses.detach()
 
     def min_norm_element(self, grads):
-        """alpha [R, T] of the task gradients [R, T, D]: for one run Sener & Koltun's algorithm
-        (``find_min_norm_element``, at most ``max_iter`` iterations); for R > 1 stacked runs the exact solver of all
-        of them at once, without host synchronisation (``batched_min_norm_element``)."""
-        if len(grads) == 1:
-            return find_min_norm_element(grads[0], self.max_iter)[0][None]
-        return batched_min_norm_element(grads)
+        """alpha [T] of the task gradients [T, D]: Sener & Koltun's algorithm (``find_min_norm_element``, at most
+        ``max_iter`` iterations), or with ``sync_free`` the exact solver that never waits for the host
+        (``batched_min_norm_element``, up to ``MAX_BATCHED_TASKS`` tasks)."""
+        if self.sync_free:
+            return batched_min_norm_element(grads[None])[0]
+        return find_min_norm_element(grads, self.max_iter)[0]
 
     def check_stackable(self):
         if self.num_tasks > MAX_BATCHED_TASKS:

@@ -25,6 +25,7 @@ SPACES = ("parameters", "representation")
 class GradientWeighting(Weighting):
     """Base of the rules on task gradients: ``coefficients(grads) -> beta``; the last beta is kept for logging."""
 
+    combines_losses, needs_trunk = False, True
     space = "parameters"
 
     def __init__(self, num_tasks):

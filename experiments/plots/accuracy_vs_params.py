@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from training import cli
+from experiments.plots import pyplot, save_figure
 from experiments.table2 import SETTINGS, TITLES
 
 CLOSE = 1.03   # #P within this ratio of each other share a position: their markers are spread
@@ -93,7 +94,7 @@ def figure(plt, table, setting):
 
 def main(argv=None):
     args = parse_args(argv)
-    plt = cli.pyplot("experiments/plots/accuracy_vs_params.py")
+    plt = pyplot("experiments/plots/accuracy_vs_params.py")
     if plt is None:
         return 2
     if not Path(args.table).is_file():
@@ -107,7 +108,7 @@ def main(argv=None):
         print(f"error: {args.table} has no run in '{args.setting}'; nothing to plot", file=sys.stderr)
         return 2
     out = Path(args.out or f"runs/table2_{args.setting}_acc_vs_params.png")
-    cli.save_figure(plt, figure(plt, table, args.setting), out, dpi=150)
+    save_figure(plt, figure(plt, table, args.setting), out, dpi=150)
     print(f"wrote {out}")
     return 0
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.table2 import METHOD_KEYS, NEUTRAL_KEYS, completed_defaults
+from experiments.plots import pyplot, save_figure
 from training import cli
 
 SETTING_TITLES = {"2digits": "2 digits", "4digits": "4 digits", "9digits": "9 digits by location",
@@ -244,7 +245,7 @@ def plot(plt, groups, with_tasks, sources, by_method=False):
 
 def main(argv=None):
     args = parse_args(argv)
-    plt = cli.pyplot("experiments/plots/curves.py")
+    plt = pyplot("experiments/plots/curves.py")
     if plt is None:
         return 2
     try:
@@ -254,7 +255,7 @@ def main(argv=None):
         return 2
     fig = plot(plt, group_runs(runs, args.group == "seeds"), args.per_task, args.runs, args.colors == "method")
     out = Path(args.out)
-    cli.save_figure(plt, fig, out, dpi=120)
+    save_figure(plt, fig, out, dpi=120)
     print(f"wrote {out} ({len(runs)} run(s))")
     return 0
 
