@@ -48,7 +48,7 @@ def parse_args(argv):
     parser.add_argument("--epochs", type=positive_int, help="training epochs (default: the param file's, else 100)")
     parser.add_argument("--seed", type=non_negative_int, help="run seed: initialisation, order, tasks (default 0)")
     parser.add_argument("--seeds", type=seed_list, help="several seeds trained as one stacked group in this "
-                        "process: a count (5 = seeds 0..4) or a comma list; each seed's run goes to <out>/seed<k> "
+                        "process: a comma list (0,1,2); each seed's run goes to <out>/seed<k> "
                         "(default runs/<exp_id>/seed<k>) with the files of its separate run (docs/stacked.md)")
     parser.add_argument("--stack_mode", choices=("auto", "loop", "vmap"), default="auto", help="how --seeds runs "
                         "its replicas: loop (one after the other), vmap (batched kernels) or auto (loop on CPU, vmap "

@@ -54,10 +54,7 @@ IGNORED_PARAMS = ("exp_id", "epochs", *table2.NEUTRAL_KEYS)
 def parse_args(argv):
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=cli.positive_int, default=100, help="epochs per run (default 100, the paper's)")
-    seeds = parser.add_mutually_exclusive_group()
-    seeds.add_argument("--seeds", type=seed_list, help="the seeds to run: one (3 = seed 3) or a comma list (0,2,7); "
-                       "default: --n_seeds")
-    seeds.add_argument("--n_seeds", type=cli.positive_int, default=5, help="run seeds 0..N-1 (default 5)")
+    cli.seed_arguments(parser)
     parser.add_argument("--methods", type=cli.comma_list(METHODS, "method"), default=list(METHODS),
                         help=f"comma list (default all): {','.join(METHODS)}")
     parser.add_argument("--settings", type=cli.comma_list(SETTINGS, "setting"), default=list(SETTINGS),
@@ -90,20 +87,7 @@ def parse_args(argv):
         parser.error(f"argument --device: unknown device {args.device!r}; valid choices: auto, cpu, cuda, cuda:N")
     if not args.params_dir.is_dir():
         parser.error(f"argument --params_dir: {args.params_dir} is not a folder")
-    args.seeds = args.seeds if args.seeds is not None else list(range(args.n_seeds))
     return args
-
-
-def seed_list(text):
-    """'3' -> seed 3; '0,2,7' (or '3,', as before a single seed was written so) -> those seeds."""
-    try:
-        seeds = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"expected a seed >= 0 (3) or a comma list of seeds (0,2,7), got {text!r}; "
-                                         f"a number of seeds is --n_seeds N")
-    return list(dict.fromkeys(seeds))
 
 
 def shard(text):

@@ -37,7 +37,7 @@ def test_bad_lists_are_one_line_errors(flag, value, capsys):
 
 def test_tiny_sweep_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    args = ["--epochs", "1", "--subset", "200", "--seeds", "1", "--widths", "0.5", "--td_channels", "",
+    args = ["--epochs", "1", "--subset", "200", "--seeds", "0", "--widths", "0.5", "--td_channels", "",
             "--device", "cpu", "--runs_dir", str(tmp_path / "runs"), "--out_dir", str(tmp_path / "out")]
     assert figure3.main(args) == 0
     summary = json.loads((tmp_path / "out" / "figure3.json").read_text())

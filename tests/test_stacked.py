@@ -242,7 +242,7 @@ def test_seeds_write_the_files_of_separate_runs(method, tmp_path, capsys):
     """``--seeds 0,1`` (real Multi-MNIST, a subset) writes into <out>/seed<k> what ``--seed k`` writes: the same
     epoch records (to float32 rounding), the same test figures, checkpoints a separate run resumes from."""
     params = f"params/{method}.json"
-    assert run_script(capsys, "--param_file", params, *RUN, "--seeds", "2", "--out", tmp_path / "group")[0] == 0
+    assert run_script(capsys, "--param_file", params, *RUN, "--seeds", "0,1", "--out", tmp_path / "group")[0] == 0
     for seed in (0, 1):
         separate = tmp_path / f"seed{seed}"
         assert run_script(capsys, "--param_file", params, *RUN, "--seed", seed, "--out", separate)[0] == 0
@@ -291,7 +291,7 @@ def test_interrupted_stacked_group_resumes_to_the_uninterrupted_result(tmp_path,
 
 @pytest.mark.parametrize("args,message", [
     (["--seeds", "0,1", "--seed", "3"], "--seeds replaces --seed and trains; drop --seed"),
-    (["--seeds", "0,-1"], "expected a count >= 1 (5 = seeds 0..4) or a comma list of seeds >= 0"),
+    (["--seeds", "0,-1"], "expected a seed >= 0 (3) or a comma list of seeds (0,2,7)"),
     (["--seeds", "3,"], "--seeds trains a group of 2 or more seeds, got [3]; for one, use --seed"),
     (["--seeds", "0,1", "--set", "method=\"pcgrad\""], "--seeds: weighting 'pcgrad' has no stacked form; allowed: "
                                                        "uniform, sum, gradnorm, kendall, mgda, or one --seed per run"),

@@ -50,7 +50,7 @@ def _int_at_least(text, low):
 def protocol_arguments(parser, runs_dir, out_dir):
     """The options every runner of training-script cells shares (the Table 2 sweep, Figure 3, Table 6b)."""
     parser.add_argument("--epochs", type=positive_int, default=100, help="epochs per run (default 100)")
-    parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2, 3, 4], help="a count (5 = seeds 0..4) or a comma list")
+    seed_arguments(parser)
     parser.add_argument("--subset", type=positive_int, help="train on N images (smoke runs)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     parser.add_argument("--runs_dir", default=runs_dir, help=f"where the runs go (default {runs_dir})")
@@ -77,15 +77,31 @@ def comma_list(valid, what):
 
 
 def seed_list(text):
-    """'5' -> seeds 0..4; '0,2,7' (or '3,' for seed 3 alone) -> those seeds."""
+    """'3' -> seed 3; '0,2,7' (or '3,', as a single seed was once written) -> those seeds. A number of seeds is
+    ``--n_seeds`` (``seed_arguments``)."""
     try:
-        seeds = [int(item) for item in text.split(",") if item.strip()] if "," in text else list(range(int(text)))
+        seeds = [int(item) for item in text.split(",") if item.strip()]
     except ValueError:
         seeds = []
     if not seeds or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"expected a count >= 1 (5 = seeds 0..4) or a comma list of seeds >= 0 "
-                                         f"(0,2,7), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a seed >= 0 (3) or a comma list of seeds (0,2,7), got {text!r}; "
+                                         f"a number of seeds is --n_seeds N")
     return list(dict.fromkeys(seeds))
+
+
+def seed_count(text):
+    """'5' -> seeds 0..4."""
+    return list(range(positive_int(text)))
+
+
+def seed_arguments(parser, default=5):
+    """``--seeds`` (one seed, 3 = seed 3, or a comma list) and ``--n_seeds N`` (seeds 0..N-1), one or the other,
+    both into ``args.seeds`` (default seeds 0..``default``-1)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--seeds", type=seed_list, default=list(range(default)),
+                       help="the seeds to run: one (3 = seed 3) or a comma list (0,2,7); default: --n_seeds")
+    group.add_argument("--n_seeds", type=seed_count, dest="seeds", metavar="N",
+                       help=f"run seeds 0..N-1 (default {default})")
 
 
 def exit_code(run, args):
