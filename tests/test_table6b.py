@@ -12,7 +12,7 @@ def test_finished_cells_are_reused_and_tabulated(tmp_path):
             for seed, acc in enumerate([80.0, 82.0]):
                 fake_run(tmp_path / "runs", method, setting, seed, acc, epochs=3)
     out = tmp_path / "out"
-    assert table6b.main(["--epochs", "3", "--seeds", "2", "--runs_dir", str(tmp_path / "runs"),
+    assert table6b.main(["--epochs", "3", "--n_seeds", "2", "--runs_dir", str(tmp_path / "runs"),
                          "--out_dir", str(out)]) == 0
     table = json.loads((out / "table6b.json").read_text())
     cell = table["rows"]["td_only"]["9digits_byref"]
@@ -28,7 +28,7 @@ def test_a_missing_cell_is_trained(tmp_path, monkeypatch):
             if (method, setting) != ("bu_only", "9digits"):
                 fake_run(tmp_path / "runs", method, setting, 0, 50.0, epochs=1, subset=300)
     out = tmp_path / "out"
-    assert table6b.main(["--epochs", "1", "--subset", "300", "--seeds", "1", "--device", "cpu",
+    assert table6b.main(["--epochs", "1", "--subset", "300", "--seeds", "0", "--device", "cpu",
                          "--runs_dir", str(tmp_path / "runs"), "--out_dir", str(out)]) == 0
     trained = json.loads((tmp_path / "runs" / "9digits" / "bu_only" / "seed0" / "results.json").read_text())
     assert trained["method"] == "bu_only" and trained["epochs"] == 1 and trained["subset"] == 300
