@@ -15,7 +15,7 @@ import torch
 import models
 import train_multi_task_counter_stream as train_script
 from loaders.mnist import load_mnist
-from training import data, evaluate, optim, run_lock, trainer
+from training import checkpoint, data, evaluate, optim, progress, run_lock, trainer
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_multi_task_counter_stream.py"
@@ -158,13 +158,37 @@ def test_logs_train_log_metrics_fields_and_no_progress_frames_off_a_terminal(par
     proc = subprocess.run([sys.executable, str(SCRIPT), "--param_file", str(params), *RUN, "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
-    assert "batch/s" not in proc.stderr and "\r" not in proc.stderr  # stderr is a pipe: no progress bar
     log = (out / "train.log").read_text()
+    for text in (proc.stdout, proc.stderr, log):  # stdout and stderr are pipes: no progress bar frames
+        assert not any(frame in text for frame in ("\r", "batch/s", "\u2588", "|")), text
     assert "2 epochs from epoch 1, Adam lr 0.003, batch 100, constant lr (fewer than 7 epochs), seed 0" in log
     assert re.search(r"^\S+ epoch 2/2  loss ", log, re.M) and "test accuracy at the best-validation epoch" in log
-    for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
         assert record["epoch_time_s"] > 0 and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", record["time"])
         assert 0 < record["val_loss"] < 10 and 0 < record["test_loss"] < 10
+    # every epoch line ends with the time left: after epoch 1 of 2, one epoch of epoch 1's time; after the last, 0s
+    lines = [line for line in log.splitlines() if re.search(r" epoch \d/2  loss ", line)]
+    assert [line.rsplit("  ", 1)[1] for line in lines] == [f"left {progress.duration(records[0]['epoch_time_s'])}",
+                                                          "left 0s"]
+    assert [line.split(" ", 1)[1] for line in lines] == [line for line in proc.stdout.splitlines() if " loss " in line]
+
+
+def test_a_resumed_run_estimates_its_time_left_from_its_recorded_epoch_times(params, tmp_path, capsys, one_thread):
+    """The epochs before a resume count in the median: a run whose first epoch took an hour (as recorded in its
+    checkpoint and metrics.jsonl) has about half an hour left after its second, fast, epoch of three."""
+    out = tmp_path / "run"
+    assert main(capsys, "--param_file", params, "--epochs", "1", "--subset", "300", "--out", out)[0] == 0
+    saved = checkpoint.load(out / "checkpoint.pt")
+    saved["history"][0]["epoch_time_s"] = 3600.0
+    checkpoint.save(saved, out / "checkpoint.pt")
+    (out / "metrics.jsonl").write_text(json.dumps(saved["history"][0]) + "\n")
+    code, stdout, _ = main(capsys, "--param_file", params, "--epochs", "3", "--subset", "300", "--out", out,
+                           "--resume", "--force")
+    assert code == 0
+    second = json.loads((out / "metrics.jsonl").read_text().splitlines()[1])["epoch_time_s"]
+    left = [line.rsplit("  ", 1)[1] for line in stdout.splitlines() if re.match(r"epoch \d/3  loss ", line)]
+    assert left == [f"left {progress.duration((3600.0 + second) / 2)}", "left 0s"]
 
 
 def test_evaluation_loss_is_the_mean_over_tasks_of_each_tasks_cross_entropy(one_thread):

@@ -9,10 +9,7 @@ that the step advances, the Gumbel-softmax temperatures of the epoch are one ten
 non-finite step of every run are kept on the device. Run r's data order, task draws and model noise depend only on
 (seeds[r], epoch), as its separate run's, so a stacked run is its separate run and resuming it is exact.
 """
-import sys
-
 import torch
-from tqdm import tqdm
 
 import losses
 from loaders import NUM_TASKS
@@ -74,9 +71,9 @@ class StackedGroup:
         self.model = runs[0][0]  # a separate run's model: every replica is evaluated in it
         self.stack, self.weighting, self.optimizer = stack_runs(runs, params, mode)
 
-    def train_epoch(self, train, params, epoch, stats, locations=None):
+    def train_epoch(self, train, params, epoch, stats, locations=None, progress=iter):
         return train_stacked_epoch(self.stack, self.weighting, self.optimizer, train, params, self.seeds, epoch,
-                                   stats, self.graphs)
+                                   stats, self.graphs, progress)
 
     def evaluate(self, evaluation, images, labels):
         """Every replica evaluated in a separate run's model holding its weights: the separate run's figures."""
@@ -106,12 +103,13 @@ class StackedGroup:
         return f"seed {self.seeds[r]}: " if len(self.seeds) > 1 else ""
 
 
-def train_stacked_epoch(model, weighting, optimizer, train, params, seeds, epoch, stats=MNIST_STATS, graphs=None):
+def train_stacked_epoch(model, weighting, optimizer, train, params, seeds, epoch, stats=MNIST_STATS, graphs=None,
+                        progress=iter):
     """One epoch of the R runs ``seeds`` stacked in ``model`` (a ``stacked.StackedModel``; ``weighting`` a
     ``weighting.batched.StackedWeighting`` or None): ``loop.train_epoch`` of every run at once. A full batch's step
     is a function of device tensors only (``stacked_step``), captured as a CUDA graph when ``graphs`` (a
-    ``step_graph.StepGraph``) is given; the last, partial batch takes the same step eagerly. Returns every run's
-    ``loop.Epoch``."""
+    ``step_graph.StepGraph``) is given; the last, partial batch takes the same step eagerly. ``progress`` wraps the
+    iteration over the batches (as ``loop.train_epoch``'s). Returns every run's ``loop.Epoch``."""
     images, labels = train
     n, batch_size, replicas = len(images), params["batch_size"], len(seeds)
     steps, full = -(-n // batch_size), n // batch_size
@@ -135,8 +133,7 @@ def train_stacked_epoch(model, weighting, optimizer, train, params, seeds, epoch
             weighting.after_step()
 
     model.train()
-    progress = tqdm(range(steps), desc=f"epoch {epoch + 1}", leave=False, unit="batch", disable=not sys.stderr.isatty())
-    for step in progress:
+    for step in progress(range(steps)):
         if step == full:
             gradients(live["orders"][:, full * batch_size:])  # the partial batch
             update()

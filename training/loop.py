@@ -8,13 +8,10 @@ Under torchrun each rank trains on its part of every global batch (``distributed
 loss so that the ranks' losses and gradients average to the global batch's (``loss_divisor``): the step of one
 process. Stacked seeds and CUDA graphs are training/stacked.py's and training/step_graph.py's.
 """
-import sys
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
-
 import losses
 from runtime import distributed
 from training.data import MEMORY_FORMATS, MNIST_STATS, normalize
@@ -43,12 +40,14 @@ def draw_tasks(valid, generator):
     return scores.argmax(dim=1)
 
 
-def train_epoch(model, weighting, optimizer, train, params, seed, epoch, stats=MNIST_STATS, locations=None):
+def train_epoch(model, weighting, optimizer, train, params, seed, epoch, stats=MNIST_STATS, locations=None,
+                progress=iter):
     """One epoch of one run on ``train`` = (images, labels) on the device. ``weighting`` None: a single-branch model,
     one task drawn per image; else a multi-branch model and its loss weighting. ``model`` is the DDP wrapper in a
     distributed run. ``locations`` (float [N, T, 2]) adds the localisation loss (``losses.location_loss``), weighted
-    by ``spatial_loss_weight``. Returns ``Epoch(mean loss, first bad step)``; a non-finite loss does not stop the
-    epoch (the caller reports it)."""
+    by ``spatial_loss_weight``. ``progress`` wraps the iteration over the batches (the training script's progress
+    bar: ``training.progress.batch_bar``). Returns ``Epoch(mean loss, first bad step)``; a non-finite loss does not
+    stop the epoch (the caller reports it)."""
     images, labels = train
     generator = epoch_generator(seed, epoch)
     torch.manual_seed(epoch_seed(seed, epoch))  # the model's own draws
@@ -59,9 +58,7 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, stats=M
     model.train()
     loss_sum, first_bad, bad_losses = torch.zeros((), device=images.device), torch.tensor(-1, device=images.device), \
         torch.zeros((), device=images.device)
-    progress = tqdm(range(steps), desc=f"epoch {epoch + 1}", leave=False, unit="batch",
-                    disable=not (distributed.is_main() and sys.stderr.isatty()))  # no bar frames in a log file
-    for step in progress:
+    for step in progress(range(steps)):
         batch = order[step * batch_size:(step + 1) * batch_size]  # the global batch, the same for any world size
         optimizer.zero_grad(set_to_none=True)
         net.before_step(epoch * steps + step, params.get("router_options"))

@@ -15,7 +15,7 @@ from loaders import LOADERS, NUM_TASKS
 from metrics import SELECTIONS
 from models import build_model
 from runtime import distributed
-from training import config, loop, results, run_dir, run_lock, tensorboard_log
+from training import config, loop, progress, results, run_dir, run_lock, tensorboard_log
 from training.cli import Interrupted, RunError, resolve_device
 from training.data import MEMORY_FORMATS, data_fingerprint, load_data
 from training.evaluate import eval_rows, evaluate
@@ -74,10 +74,10 @@ class Run:
         self.model, self.weighting, self.optimizer, self.seeds = model, weighting, optimizer, [seed]
         self.trained = distributed.wrap(model, device)  # DDP's forward averages the gradients over the ranks
 
-    def train_epoch(self, train, params, epoch, stats, locations):
-        """[loop.Epoch] of the run's epoch ``epoch``."""
+    def train_epoch(self, train, params, epoch, stats, locations, bar=iter):
+        """[loop.Epoch] of the run's epoch ``epoch``; ``bar`` wraps its batch iteration (``progress.batch_bar``)."""
         return [loop.train_epoch(self.trained, self.weighting, self.optimizer, train, params, self.seeds[0], epoch,
-                                 stats, locations)]
+                                 stats, locations, bar)]
 
     def evaluate(self, evaluation, images, labels):
         """[(accuracy [T], loss)] of ``evaluation`` (``training.evaluate.evaluate`` with its settings)."""
@@ -175,11 +175,13 @@ def fit(job, summary_writer):
 
 def train_one(epoch, job):
     """Trains and evaluates epoch ``epoch`` (0-based) of every run of the job, records it in its state and writes
-    its epoch's files. In a stacked group a run's epoch time is the group's."""
+    its epoch's files. The epoch time counts training and evaluation; in a stacked group a run's epoch time is the
+    group's. A terminal shows the epoch's batches as a bar (``progress.batch_bar``)."""
     start, params, group = time.perf_counter(), job.params, job.group
     for param_group, base_lr in zip(group.optimizer.param_groups, job.base_lrs):
         param_group["lr"] = base_lr * lr_factor(params, epoch, job.epochs)
-    epochs = group.train_epoch(job.data["train"], params, epoch, job.stats, job.locations)
+    epochs = group.train_epoch(job.data["train"], params, epoch, job.stats, job.locations,
+                               progress.batch_bar(epoch, job.epochs))
     for r, bad in enumerate(epoch.bad for epoch in epochs):
         if bad is not None:
             raise RunError(nonfinite_message(bad, epoch, params, job.outs[r], job.states[r]))
@@ -203,7 +205,8 @@ def train_one(epoch, job):
 
 def finish_epoch(job, r, record, evaluated, seconds):
     """Run r's epoch record into its state, its files (best_model.pt on a new best, checkpoint.pt, metrics.jsonl)
-    and its log line."""
+    and its log line, which ends with the time the run has left (``progress.seconds_left`` of its history, the
+    records of its metrics.jsonl, a resumed run's earlier epochs included)."""
     state, kept, params = job.states[r], job.kept, job.params
     state["history"].append(record)
     best = evaluated and (state["best"] is None or record[kept] > state["best"][kept])
@@ -216,8 +219,9 @@ def finish_epoch(job, r, record, evaluated, seconds):
     if evaluated:
         now = "  ".join(f"{split} {record[f'{split}_acc_mean']:.2f}" for split in ("val", "test") if split in job.data)
         scores = f"{now}  (best {kept.split('_')[0]} {state['best'][kept]:.2f} at epoch {state['best']['epoch']})"
+    left = progress.duration(progress.seconds_left(state["history"], job.epochs))
     log(f"{job.group.name(r)}epoch {record['epoch']}/{job.epochs}  loss {record['train_loss']:.4f}  {scores}  "
-        f"{seconds:.1f}s")
+        f"{seconds:.1f}s  left {left}")
 
 
 def nonfinite_message(bad, epoch, params, out, state):
