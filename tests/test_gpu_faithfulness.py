@@ -174,3 +174,18 @@ def test_the_check_catches_sener_koltuns_solver_in_the_step(capsys):
     graphs, backend = graphed_epoch("params/mmnist_9digits_mgda.json", [], (5,), "loop", sync_free=False)
     assert graphs.failed is not None and graphs.failed.startswith("HostSync: Tensor."), graphs.failed
     assert backend.captures == 0
+
+
+def test_a_single_run_under_cuda_graphs_on_is_a_stack_of_one_with_its_errors():
+    """``--cuda_graphs on`` trains a single run as a stack of one: a weighting without a stacked form, or MGDA beyond
+    the host-free solver's tasks, is one line naming that flag (not --seeds) and the ways out."""
+    pcgrad = config.load_params("params/mmnist_9digits_pcgrad.json")
+    with pytest.raises(config.ParamError, match=r"^--cuda_graphs on: weighting 'pcgrad' has no stacked form; "
+                                                r"allowed: .*mgda, or --cuda_graphs auto or off$"):
+        engine.check_stackable(pcgrad, 9, "auto", "--cuda_graphs on")
+    mgda = config.load_params("params/mmnist_9digits_mgda.json")
+    with pytest.raises(config.ParamError, match=r"^--cuda_graphs on: stacked MGDA \(its host-free solver\) solves "
+                                                r"up to 12 tasks, setting '9digits' has 13; allowed: --cuda_graphs "
+                                                r"auto or off$"):
+        engine.check_stackable(mgda, 13, "auto", "--cuda_graphs on")
+    engine.check_stackable(mgda, 9, "auto", "--cuda_graphs on")
