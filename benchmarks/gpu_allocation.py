@@ -14,14 +14,13 @@ weights and weighting state then equal its eager mode's parameter by parameter: 
 eager run of the mode differs by there on this device; ``graph_check``, with the worst difference of every parameter
 in ``graph_differences`` and the eager run-to-run ones in ``eager_run_to_run``), and times the evaluation of all
 replicas on ``--eval_images`` images (as the stacked group evaluates: every replica in a separate run's model, all
-tasks of an image at once). The
-projection of a group is ``epochs x (steps per epoch x ms/step of its fastest path + 2 x val/test images /
-eval_images x eval time)`` with the protocol's 50,000 training, 10,000 validation and 10,000 test images; the total
-is the sum over the groups run one after the other. Then the groups train, quickest first, each as one process of
-the training script (``--seeds``, its fastest path: ``--stack_mode``, ``--cuda_graphs``) into
-<runs_dir>/<setting>/<method>/seed<k>, resumed where an earlier allocation stopped; when the budget runs out the
-running group gets Ctrl-C (its last finished epoch is kept). Figures (device, per-group ms/step of each path, the
-chosen one, the graph checks, projected seconds, the cells finished) go to
+tasks of an image at once). The projection of a group is ``epochs x (steps per epoch x ms/step of its fastest path
++ 2 x val/test images / eval_images x eval time)`` with the protocol's 50,000 training, 10,000 validation and
+10,000 test images; the total is the sum over the groups run one after the other. Then the groups train, quickest
+first, each as one process of the training script (``--seeds``, its fastest path: ``--stack_mode``,
+``--cuda_graphs``) into <runs_dir>/<setting>/<method>/seed<k>, resumed where an earlier allocation stopped; when the
+budget runs out the running group gets Ctrl-C (its last finished epoch is kept). Figures (device, float32 precision,
+per-group ms/step of each path, the chosen one, the graph checks, projected seconds, the cells finished) go to
 runs/benchmarks/gpu_allocation-<device>.json (or ``--out``) when the code is a clean commit.
 """
 import argparse
@@ -132,7 +131,8 @@ def measure_group(method, setting, args, device):
     projected = args.epochs * (steps * timed[fastest] / 1000 + 2 * EVAL_IMAGES / args.eval_images * eval_s[1])
     return {"ms_per_step": ms_per_step, "mode": fastest.removesuffix(GRAPHED), "cuda_graphs": fastest.endswith(GRAPHED),
             "graph_check": graph_check, "graph_differences": graph_differences,
-            "eager_run_to_run": {mode: summary(worst) for mode, worst in run_to_run.items()}, "eval_s_per_pass": round(eval_s[1], 4), "projected_s": round(projected, 1)}
+            "eager_run_to_run": {mode: summary(worst) for mode, worst in run_to_run.items()},
+            "eval_s_per_pass": round(eval_s[1], 4), "projected_s": round(projected, 1)}
 
 
 def probe_epoch(stack, data, params, seeds, epoch, graph):
