@@ -10,15 +10,17 @@ A group is one cell of Table 2 (a method on a setting) with its ``--replicas`` s
 For each group, stacking mode (``loop``, ``vmap``) and, on CUDA, without and with CUDA graphs of the step
 (``+graphs``: training/step_graph.py) the command trains one warm-up epoch and one timed epoch of ``--probe_steps``
 steps on random data of the right shapes (a graphed path captures after 3 eager steps and is used only if its
-weights then equal its eager mode's, ``graph_check``), and times the evaluation of all replicas on ``--eval_images``
-images (as the stacked group evaluates: every replica in a separate run's model, all tasks of an image at once). The
-projection of a group is ``epochs x (steps per epoch x ms/step of its fastest path + 2 x val/test images /
-eval_images x eval time)`` with the protocol's 50,000 training, 10,000 validation and 10,000 test images; the total
-is the sum over the groups run one after the other. Then the groups train, quickest first, each as one process of
-the training script (``--seeds``, its fastest path: ``--stack_mode``, ``--cuda_graphs``) into
-<runs_dir>/<setting>/<method>/seed<k>, resumed where an earlier allocation stopped; when the budget runs out the
-running group gets Ctrl-C (its last finished epoch is kept). Figures (device, per-group ms/step of each path, the
-chosen one, the graph checks, projected seconds, the cells finished) go to
+weights and weighting state then equal its eager mode's parameter by parameter: bit for bit, or within what a second
+eager run of the mode differs by there on this device; ``graph_check``, with the worst difference of every parameter
+in ``graph_differences`` and the eager run-to-run ones in ``eager_run_to_run``), and times the evaluation of all
+replicas on ``--eval_images`` images (as the stacked group evaluates: every replica in a separate run's model, all
+tasks of an image at once). The projection of a group is ``epochs x (steps per epoch x ms/step of its fastest path
++ 2 x val/test images / eval_images x eval time)`` with the protocol's 50,000 training, 10,000 validation and
+10,000 test images; the total is the sum over the groups run one after the other. Then the groups train, quickest
+first, each as one process of the training script (``--seeds``, its fastest path: ``--stack_mode``,
+``--cuda_graphs``) into <runs_dir>/<setting>/<method>/seed<k>, resumed where an earlier allocation stopped; when the
+budget runs out the running group gets Ctrl-C (its last finished epoch is kept). Figures (device, float32 precision,
+per-group ms/step of each path, the chosen one, the graph checks, projected seconds, the cells finished) go to
 runs/benchmarks/gpu_allocation-<device>.json (or ``--out``) when the code is a clean commit.
 """
 import argparse
@@ -39,6 +41,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from loaders import NUM_TASKS  # noqa: E402
+from runtime import precision  # noqa: E402
 from training import cli, config, engine, stacked as stacking, step_graph  # noqa: E402
 from training.data import MEMORY_FORMATS  # noqa: E402
 from training.evaluate import eval_rows, evaluate  # noqa: E402
@@ -100,7 +103,14 @@ def measure_group(method, setting, args, device):
             paths[path] = lambda epoch, stack=stacks[path], graph=graphs[path]: probe_epoch(
                 stack, data, params, seeds, epoch, graph)
     ms_per_step.update({path: round(ms, 3) for path, ms in fastest_step_ms(paths, 1, args.probe_steps, device).items()})
-    graph_check = check_graphs(stacks, graphs, [model for model, _, _ in runs])
+    repeats = {}  # every eager mode trained again, the same epochs: its run-to-run differences on this device
+    for mode in stacking.MODES:
+        if mode in stacks:
+            repeats[mode] = stacking.stack_runs(runs, params, mode)
+            for epoch in range(2):
+                probe_epoch(repeats[mode], data, params, seeds, epoch, None)
+    run_to_run = {mode: worst_differences(repeats[mode], stacks[mode], len(seeds)) for mode in repeats}
+    graph_check, graph_differences = check_graphs(stacks, graphs, run_to_run, len(seeds))
     for path, check in graph_check.items():
         if not check.startswith("equal"):
             ms_per_step[path] = f"not used: {check} ({ms_per_step[path]} ms/step)"
@@ -120,7 +130,9 @@ def measure_group(method, setting, args, device):
     steps = math.ceil(TRAIN_IMAGES / args.batch_size)
     projected = args.epochs * (steps * timed[fastest] / 1000 + 2 * EVAL_IMAGES / args.eval_images * eval_s[1])
     return {"ms_per_step": ms_per_step, "mode": fastest.removesuffix(GRAPHED), "cuda_graphs": fastest.endswith(GRAPHED),
-            "graph_check": graph_check, "eval_s_per_pass": round(eval_s[1], 4), "projected_s": round(projected, 1)}
+            "graph_check": graph_check, "graph_differences": graph_differences,
+            "eager_run_to_run": {mode: summary(worst) for mode, worst in run_to_run.items()},
+            "eval_s_per_pass": round(eval_s[1], 4), "projected_s": round(projected, 1)}
 
 
 def probe_epoch(stack, data, params, seeds, epoch, graph):
@@ -135,26 +147,56 @@ def probe_epoch(stack, data, params, seeds, epoch, graph):
         graph.replay = None
 
 
-def check_graphs(stacks, graphs, models):
-    """Every graphed path against its eager mode, both trained the same epochs from the same runs: 'equal' (the
-    largest weight difference below 1% of the largest weight change of the eager path, float32 and atomic-add
-    order) with both figures, or why not (a failed capture, other weights)."""
-    checks = {}
+def check_graphs(stacks, graphs, run_to_run, replicas):
+    """Every graphed path against its eager mode, both trained the same epochs from the same runs, parameter by
+    parameter (``worst_differences``): ({path: verdict}, {path: {parameter: worst |graphed - eager|}}). A replay runs
+    the eager step's kernels, so the only difference allowed in a parameter is what two eager runs of the mode differ
+    by there (``run_to_run``: the order of atomic additions on a GPU; nothing on a deterministic device): 'equal: bit
+    for bit', 'equal within the eager run-to-run differences' (the worst parameter against its eager figure), else
+    'differs' (the parameter furthest above its eager figure; a stale noise draw or step index moves every weight by
+    an update's size) or 'not captured' with the capture's error."""
+    checks, differences = {}, {}
     for path, graph in graphs.items():
         if graph is None:
             continue
         if graph.failed is not None or graph.replay is None:
             checks[path] = f"not captured: {graph.failed or 'too few steps'}"
             continue
-        eager, graphed = stacks[path.removesuffix(GRAPHED)][0], stacks[path][0]
-        difference = change = 0.0
-        for r, model in enumerate(models):  # the runs' models keep their initial weights
-            mine, theirs, initial = graphed.replica_state_dict(r), eager.replica_state_dict(r), model.state_dict()
-            difference = max([difference] + [float((mine[key] - theirs[key]).abs().max()) for key in theirs])
-            change = max([change] + [float((theirs[key] - initial[key]).abs().max()) for key in theirs])
-        checks[path] = f"{'equal' if difference <= 0.01 * change else 'differs'}: max |graphed - eager| " \
-                       f"{difference:.3g}, max eager change {change:.3g}"
-    return checks
+        mode = path.removesuffix(GRAPHED)
+        worst, floor = worst_differences(stacks[path], stacks[mode], replicas), run_to_run[mode]
+        differences[path] = summary(worst)
+        key = max(worst, key=lambda name: (worst[name] - floor[name], worst[name]))
+        figures = f"worst |graphed - eager| {worst[key]:.3g} in {key} (eager run to run there: {floor[key]:.3g})"
+        checks[path] = "equal: bit for bit" if not any(worst.values()) else \
+            f"equal within the eager run-to-run differences: {figures}" if worst[key] <= floor[key] else \
+            f"differs: {figures}"
+    return checks, differences
+
+
+def worst_differences(stack, other, replicas):
+    """{name: the largest |stack - other| over the replicas} of every parameter and buffer of two stacks' models and
+    weightings (a non-float tensor: 0 if equal, else inf)."""
+    worst = {}
+    for r in range(replicas):
+        pairs = [("", stack[0].replica_state_dict(r), other[0].replica_state_dict(r))]
+        if stack[1] is not None:
+            pairs.append(("weighting.", stack[1].replica_state_dict(r), other[1].replica_state_dict(r)))
+        for prefix, mine, theirs in pairs:
+            for key, value in theirs.items():
+                difference = float((mine[key] - value).abs().max()) if value.is_floating_point() else \
+                    0.0 if torch.equal(mine[key], value) else math.inf
+                worst[prefix + key] = max(worst.get(prefix + key, 0.0), difference)
+    return worst
+
+
+def worst_of(summaries):
+    """{mode: 'bit for bit' or its largest difference} of ``summary``'s figures."""
+    return {mode: worst if worst == "bit for bit" else max(worst.values()) for mode, worst in summaries.items()}
+
+
+def summary(worst):
+    """Per-parameter worst differences for the JSON: 'bit for bit' when all are zero."""
+    return "bit for bit" if not any(worst.values()) else {key: float(f"{value:.3g}") for key, value in worst.items()}
 
 
 def train_groups(groups, args, device, started):
@@ -218,10 +260,12 @@ def main(argv=None):
             groups[f"{setting}/{method}"] = figures = measure_group(method, setting, args, device)
             print(f"{setting:14s} {method:16s} ms/step {figures['ms_per_step']} -> {figures['mode']}"
                   f"{GRAPHED if figures['cuda_graphs'] else ''}, eval "
-                  f"{figures['eval_s_per_pass']}s per pass, projected {figures['projected_s']}s", flush=True)
+                  f"{figures['eval_s_per_pass']}s per pass, projected {figures['projected_s']}s; eager run to run: "
+                  f"{worst_of(figures['eager_run_to_run'])}; graphs: {figures['graph_check']}", flush=True)
     total = sum(group["projected_s"] for group in groups.values())
     results = {"command": " ".join(["python", "benchmarks/gpu_allocation.py"] + (argv or sys.argv[1:])),
-               "git_commit": commit, "device": describe_device(device), "torch": torch.__version__,
+               "git_commit": commit, "device": describe_device(device),
+               "cuda_fp32_precision": precision.float32_precision(), "torch": torch.__version__,
                "protocol": {"replicas": args.replicas, "epochs": args.epochs, "batch_size": args.batch_size,
                             "train_images": TRAIN_IMAGES, "val_images": EVAL_IMAGES, "test_images": EVAL_IMAGES,
                             "probe_steps": args.probe_steps, "eval_images": args.eval_images,

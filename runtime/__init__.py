@@ -1,2 +1,3 @@
-"""The foundations under everything else: the one atomic writer and repository root (``files``) and the ranks of
-a distributed run (``distributed``). Imports nothing of the project."""
+"""The foundations under everything else: the one atomic writer and repository root (``files``), the ranks of a
+distributed run (``distributed``), glibc's malloc set up for training (``allocator``) and the float32 precision of
+CUDA kernels (``precision``). Imports nothing of the project."""

@@ -306,14 +306,17 @@ def test_bad_seed_groups_fail_with_one_line(args, message, tmp_path, capsys):
 
 
 def test_gpu_allocation_command_on_a_tiny_protocol(tmp_path, capsys):
-    """benchmarks/gpu_allocation.py on CPU: two groups measured in both modes, projected, trained to the end (their
-    seeds' results.json), then found finished by a second call without training again."""
+    """benchmarks/gpu_allocation.py on CPU: two groups measured in both modes, each mode trained twice alike to
+    the same weights bit for bit (the eager run-to-run differences that a graphed path is held to; no graphs on
+    CPU), projected, trained to the end (their seeds' results.json), then found finished by a second call without
+    training again."""
     args = ["--device", "cpu", "--methods", "uniform_scaling,controlnet", "--settings", "2digits", "--replicas", "2",
             "--batch_size", "64", "--probe_steps", "1", "--eval_images", "64", "--epochs", "1", "--subset", "128",
             "--runs_dir", str(tmp_path / "runs"), "--budget_s", "300", "--out", str(tmp_path / "figures.json")]
     assert gpu_allocation.main(args) == 0
     output = capsys.readouterr().out
     assert "2 of 2 cells finished" in output and "projected:" in output
+    assert output.count("eager run to run: {'loop': 'bit for bit', 'vmap': 'bit for bit'}; graphs: {}") == 2, output
     for method in ("uniform_scaling", "controlnet"):
         for seed in (0, 1):
             results = json.loads((tmp_path / "runs" / "2digits" / method / f"seed{seed}" / "results.json").read_text())

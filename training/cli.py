@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from runtime import distributed
+from runtime import distributed, precision
 from training import config, run_lock
 
 
@@ -132,8 +132,10 @@ class Interrupted(RuntimeError):
     """Ctrl-C during training: one line saying where the run stands and how to continue it, exit code 130."""
 
 
-def resolve_device(name):
-    """The device of this process; under torchrun a CUDA device is cuda:LOCAL_RANK (one GPU per process)."""
+def resolve_device(name, tf32=False):
+    """The device of this process; under torchrun a CUDA device is cuda:LOCAL_RANK (one GPU per process). Sets the
+    float32 precision of CUDA convolutions and matmuls: IEEE float32, or TF32 if ``tf32`` (runtime/precision.py)."""
+    precision.set_float32_precision(tf32)
     if name == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:

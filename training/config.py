@@ -69,6 +69,9 @@ SCHEMA = {
     "lr_schedule": (str, "halve_30_60_90", LR_SCHEDULES, "the authors' lr halving at 30/60/90% of the epochs, or none"),
     "batch_size": (int, 512, (1, 1_000_000), "training batch size (paper Table 1: 512)"),
     "eval_batch_size": (int, 0, (0, 10_000_000), "image-task pairs per evaluation pass; 0 = auto (512 on CPU and for the larger backbones, 32768 for LeNet on GPU)"),
+    "tf32": (bool, False, None, "allow TensorFloat-32 in CUDA float32 convolutions and matmuls (faster on Ampere and "
+             "later, a 10-bit mantissa in the products); false = IEEE float32, as on CPU (runtime/precision.py); "
+             "nothing changes on CPU"),
     "memory_format": (str, "channels_last", ("channels_last", "contiguous"), "conv memory layout (same maths; channels_last is ~2x faster on CPU)"),
     "resize": (str, "nearest", RESIZES, "Multi-MNIST resize 52 -> 28 (and 36, 40 -> 28): Pillow's NEAREST (Sener & "
                "Koltun's imresize), BICUBIC clipped to 0..255, or BICUBIC with the uint8 wrap-around of the authors' "
@@ -204,7 +207,7 @@ def check_value(key, value, source, schema=SCHEMA):
         return None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ParamError(f"{source}: key '{key}' must be {kind.__name__}, got {json.dumps(value)}; "
                          f"allowed: {_allowed(key, schema)}")
     if kind is str and default is REQUIRED and not value:

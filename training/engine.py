@@ -32,7 +32,8 @@ class Engine:
 
     def __init__(self, args, params, device):
         self.graphs = step_graph.build(args.cuda_graphs, device, len(args.seeds), params)
-        check_stackable(params, NUM_TASKS[params["setting"]], args.stack_mode)
+        check_stackable(params, NUM_TASKS[params["setting"]], args.stack_mode,
+                        "--seeds" if len(args.seeds) > 1 else "--cuda_graphs on")
         self.seeds, self.params = args.seeds, params
         self.mode = args.stack_mode if args.stack_mode != "auto" else \
             "loop" if params["dropout"] != "none" else AUTO_STACK_MODES.get(device.type, "loop")
@@ -42,21 +43,23 @@ class Engine:
         return StackedGroup(runs, self.params, self.seeds, self.mode, self.graphs)
 
 
-def check_stackable(params, num_tasks, mode):
-    """A stacked group (``--seeds``) trains in one process a method whose weighting has a stacked form, without the
-    localisation loss, and draws dropout masks in stacking mode 'loop' only; ParamError (one line) otherwise."""
+def check_stackable(params, num_tasks, mode, flag="--seeds"):
+    """A stacked group (``--seeds``, or a single run under ``--cuda_graphs on``: a stack of one; ``flag`` names
+    the one given) trains in one process a method whose weighting has a stacked form, without the localisation
+    loss, and draws dropout masks in stacking mode 'loop' only; ParamError (one line) otherwise."""
+    alone = "one --seed per run" if flag == "--seeds" else "--cuda_graphs auto or off"
     if distributed.launched():
-        raise config.ParamError("--seeds: a stacked group trains in one process; start it with python, not torchrun "
-                                "(or give torchrun one --seed)")
+        raise config.ParamError(f"{flag}: a stacked group trains in one process; start it with python, not torchrun "
+                                f"(or give torchrun one --seed)")
     if params["spatial_loss_weight"] > 0:
-        raise config.ParamError("--seeds: the localisation loss (spatial_loss_weight > 0) is not stacked; allowed: "
-                                "one --seed per run")
+        raise config.ParamError(f"{flag}: the localisation loss (spatial_loss_weight > 0) is not stacked; allowed: "
+                                f"{alone}")
     if params["weighting"] is not None and params["weighting"] not in STACKED_WEIGHTINGS:
-        raise config.ParamError(f"--seeds: weighting '{params['weighting']}' has no stacked form; allowed: "
-                                f"{', '.join(STACKED_WEIGHTINGS)}, or one --seed per run")
+        raise config.ParamError(f"{flag}: weighting '{params['weighting']}' has no stacked form; allowed: "
+                                f"{', '.join(STACKED_WEIGHTINGS)}, or {alone}")
     if params["weighting"] == "mgda" and num_tasks > MAX_BATCHED_TASKS:
-        raise config.ParamError(f"--seeds: stacked MGDA solves up to {MAX_BATCHED_TASKS} tasks, setting "
-                                f"'{params['setting']}' has {num_tasks}; allowed: one --seed per run")
+        raise config.ParamError(f"{flag}: stacked MGDA (its host-free solver) solves up to {MAX_BATCHED_TASKS} "
+                                f"tasks, setting '{params['setting']}' has {num_tasks}; allowed: {alone}")
     if params["dropout"] != "none" and mode == "vmap":
         raise config.ParamError("--stack_mode: 'vmap' cannot draw dropout masks per replica; allowed: auto, loop")
 

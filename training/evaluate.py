@@ -8,7 +8,7 @@ import torch
 from loaders import LOADERS, NUM_TASKS
 from metrics import TaskAccuracy
 from models import build_model
-from runtime import distributed, files
+from runtime import distributed, files, precision
 from training import checkpoint, config
 from training.cli import RunError, resolve_device
 from training.data import MEMORY_FORMATS, MNIST_STATS, load_data, normalize
@@ -101,7 +101,7 @@ def evaluate_only(args):
                                 f"allowed: a best_model.pt or checkpoint.pt of train_multi_task_counter_stream.py")
     params = config.validate(saved["params"], str(model_file))
     subset = args.subset or run_subset(model_file.parent / "results.json")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, params["tf32"])  # as the model trained: IEEE float32 on CUDA unless TF32
     num_tasks = NUM_TASKS[params["setting"]]
     memory_format = MEMORY_FORMATS[params["memory_format"]]
     model = build_model(params["model"], num_tasks, **config.model_kwargs(params))
@@ -114,8 +114,8 @@ def evaluate_only(args):
     splits = load_data(params, subset, args.data_root or params["data_root"])
     stats = (LOADERS[params["dataset"]].mean, LOADERS[params["dataset"]].std)
     result = {"command": args.command, "git_commit": git_commit(), "device": describe_device(device),
-              "model_file": str(model_file), "epoch": saved.get("epoch"), "method": params["method"],
-              "setting": params["setting"], "subset": subset}
+              "cuda_fp32_precision": precision.float32_precision(), "model_file": str(model_file),
+              "epoch": saved.get("epoch"), "method": params["method"], "setting": params["setting"], "subset": subset}
     for split in ("val", "test"):
         if split in splits:
             images, labels, _ = splits[split]

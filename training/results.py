@@ -2,7 +2,7 @@
 at the end (``write_results``); and the parameter counts of the paper's #P."""
 from models import count_parameters, unit_counts
 from metrics import select_record
-from runtime import distributed, files
+from runtime import distributed, files, precision
 from training import config
 from training.provenance import describe_device, git_commit
 from training.run_dir import log, write
@@ -25,7 +25,8 @@ def parameter_counts(params, model):
 def run_info(args, params, epochs, device, fingerprint, model, stack_mode):
     """The entries of results.json that every run of the command shares."""
     info = {"command": args.command,
-            "git_commit": git_commit(), "device": describe_device(device), "world_size": distributed.world_size(),
+            "git_commit": git_commit(), "device": describe_device(device),
+            "cuda_fp32_precision": precision.float32_precision(), "world_size": distributed.world_size(),
             "epochs": epochs, "method": params["method"], "setting": params["setting"],
             "subset": args.subset, "overrides": args.set, "data_fingerprint": fingerprint,
             "protocol": params["protocol"], **parameter_counts(params, model)}

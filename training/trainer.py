@@ -33,7 +33,7 @@ def run(args):
         print(json.dumps(results.parameter_counts(params, model)))
         return 0
     summary_writer = tensorboard_log.writer_class() if args.tensorboard else None  # missing package: stop now
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, params["tf32"])  # IEEE float32 on CUDA unless the params allow TF32
     engine = None
     if len(args.seeds) > 1 or args.cuda_graphs == "on":
         from training import engine as engines  # stacked seeds and CUDA graphs: only when asked for
