@@ -63,6 +63,8 @@ def parse_args(argv):
                         "same param file, --set, --epochs, --seed, --subset and data)")
     parser.add_argument("--force", action="store_true", help="resume even if the param file, --set, --seed, --epochs, "
                         "--subset or the data changed")
+    parser.add_argument("--overwrite", action="store_true", help="start a new run in an --out that holds one: its "
+                        "files move into <out>/replaced_<UTC time>/ (nothing is deleted)")
     parser.add_argument("--data_root", help="data directory (default: the param data_root, else for Multi-MNIST and "
                         "CLEVR-like $MTL_DATA_ROOT or ./data, for CLEVR, CELEB-A, CUB-200 $MTL_CLEVR_ROOT, "
                         "$MTL_CELEBA_ROOT, $MTL_CUB_ROOT)")
@@ -73,13 +75,15 @@ def parse_args(argv):
                         "dir's best_model.pt, or a .pt file) on the val and test splits, write eval.json beside it")
     args = parser.parse_args(argv)
     if args.eval_only:
-        training_only = [f"--{name}" for name in ("param_file", "set", "epochs", "resume", "force", "dry_run",
-                                                   "tensorboard") if getattr(args, name)]
+        training_only = [f"--{name}" for name in ("param_file", "set", "epochs", "resume", "force", "overwrite",
+                                                   "dry_run", "tensorboard") if getattr(args, name)]
         if training_only or not args.out:
             parser.error("--eval_only takes the params saved with the model and needs --out (a run dir or a "
                          "best_model.pt)" + (f"; drop {', '.join(training_only)}" if training_only else ""))
     elif not args.param_file:
         parser.error("the following arguments are required: --param_file")
+    if args.overwrite and args.resume:
+        parser.error("--overwrite starts a new run, --resume continues one: pass one of them")
     if args.seeds and (args.seed is not None or args.eval_only):
         parser.error("--seeds replaces --seed and trains; drop --seed" + (" and --eval_only" if args.eval_only else ""))
     if args.seeds and len(args.seeds) < 2:

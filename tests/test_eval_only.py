@@ -76,10 +76,10 @@ def damage(run, how):
 
 @pytest.mark.parametrize("how,code,expected", [
     ("missing", 2, "best_model.pt not found; allowed: a run dir of this script holding best_model.pt"),
-    ("truncated", 1, "best_model.pt is corrupt or truncated"),
-    ("results_json", 1, "cannot read the run's subset from"),
+    ("truncated", 2, "best_model.pt is corrupt or truncated"),
+    ("results_json", 2, "cannot read the run's subset from"),
     ("not_a_model", 2, "is not a model of this script (it lacks 'model' and 'params')"),
-    ("wrong_weights", 1, "does not fit model 'multi_branch'"),
+    ("wrong_weights", 2, "does not fit model 'multi_branch'"),
 ])
 def test_a_bad_model_file_is_one_line(trained, tmp_path, capsys, how, code, expected):
     run = tmp_path / "run"

@@ -383,9 +383,10 @@ def test_malicious_checkpoint_is_refused_without_running_its_code(tmp_path, caps
     before = snapshot(out)
     code, line = main(capsys, "--param_file", write_params(tmp_path / "params.json"), *RUN, "--out", out, "--resume",
                       "--data_root", tmp_path / "data")
-    assert code == 1 and line == (f"error: cannot resume: {out / 'checkpoint.pt'} was refused: loading it would "
+    assert code == 2 and line == (f"error: cannot resume: {out / 'checkpoint.pt'} was refused: loading it would "
                                   f"call io.open, not just read weights; only load checkpoints from a trusted source; "
-                                  f"move it away to start the run again")
+                                  f"to start the run again, keeping its files in a dated subfolder, drop --resume and "
+                                  f"pass --overwrite")
     assert not marker.exists()
     assert snapshot(out) == before and not (tmp_path / "data").exists()
     torch.load(out / "checkpoint.pt", weights_only=False)  # the payload is real: an unsafe load runs it
@@ -422,7 +423,7 @@ def test_damaged_checkpoint_is_reported_and_left_in_place(damage, expected, refe
     before = snapshot(out)
     code, line = main(capsys, "--param_file", write_params(tmp_path / "params.json"), *RUN, "--out", out, "--resume",
                       "--data_root", tmp_path / "data")
-    assert code == 1 and line.startswith(f"error: cannot resume: {out / 'checkpoint.pt'}") and expected in line, line
+    assert code == 2 and line.startswith(f"error: cannot resume: {out / 'checkpoint.pt'}") and expected in line, line
     assert snapshot(out) == before and not (tmp_path / "data").exists()
 
 
@@ -453,17 +454,19 @@ def test_forced_resume_into_another_model_is_refused_clearly(reference, tmp_path
     params = write_params(tmp_path / "params.json", method="uniform_scaling")
     code, line = main(capsys, "--param_file", params, *RUN, "--out", out, "--resume", "--force",
                       "--data_root", tmp_path / "data")
-    assert code == 1 and "does not fit model 'multi_branch' / weighting 'uniform'" in line, line
-    assert snapshot(out) == before
+    assert code == 2 and "does not fit model 'multi_branch' / weighting 'uniform'" in line, line
+    log = (out / "train.log").read_bytes()
+    assert log.startswith(before.pop("train.log")) and log.decode().splitlines()[-1].endswith(line)  # recorded too
+    assert {name: data for name, data in snapshot(out).items() if name != "train.log"} == before
 
 
 # --- 4. numerical faults ------------------------------------------------------------------------------------
 
 def assert_stopped_at_nonfinite(proc, out, method):
-    """Exit 1, the one-line message; checkpoint.pt is the last good epoch, as saved then; no results.json.
-    The run must diverge in epoch 2, so that there is a last good epoch to keep."""
+    """Exit 2 (settings whose loss diverges), the one-line message; checkpoint.pt is the last good epoch, as saved
+    then; no results.json. The run must diverge in epoch 2, so that there is a last good epoch to keep."""
     line = error_line(proc.stderr)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     match = re.search(rf"non-finite loss at epoch (\d+), step \d+, method '{method}' \((.+)\); stopped without "
                       rf"saving this epoch; the last good checkpoint \(epoch (\d+)\) is {re.escape(str(out))}", line)
     assert match and match[1] == "2" and match[3] == "1", line
@@ -518,7 +521,7 @@ def test_unwritable_output_dir_is_reported_at_start(where, reason, tmp_path, cap
     out = tmp_path / "file" / "run" if where == "file" else Path("/proc") / f"mtl-test-{os.getpid()}" / "run"
     code, line = main(capsys, "--param_file", write_params(tmp_path / "params.json"), *RUN, "--out", out,
                       "--data_root", tmp_path / "data")
-    assert code == 1 and line == f"error: output dir {out} is not writable: {reason}; choose another with --out"
+    assert code == 2 and line == f"error: output dir {out} is not writable: {reason}; choose another with --out"
     assert not (tmp_path / "data").exists()
 
 
@@ -526,7 +529,7 @@ def test_unusable_data_root_is_reported(tmp_path, capsys):
     (tmp_path / "file").write_text("a regular file")
     code, line = main(capsys, "--param_file", write_params(tmp_path / "params.json"), *RUN,
                       "--out", tmp_path / "run", "--data_root", tmp_path / "file" / "data")
-    assert code == 1 and "cannot read or write the data cache: [Errno 20] Not a directory" in line
+    assert code == 2 and "cannot read or write the data cache: [Errno 20] Not a directory" in line
     assert "--data_root" in line and not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
@@ -554,7 +557,7 @@ def test_full_disk_at_a_checkpoint_write_keeps_the_previous_one(tiny_disk, small
     out = disk / "run"
     common = ["--param_file", write_params(tmp_path / "params.json"), *RUN, "--out", out, "--data_root", small_root]
     proc = train(*common)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert error_line(proc.stderr) == (f"error: cannot write {out / 'checkpoint.pt'}: {os.strerror(errno.ENOSPC)}; "
                                        f"the previous version of that file is intact")
     saved = checkpoint.load(out / "checkpoint.pt")

@@ -238,7 +238,7 @@ def test_failing_cell_is_reported_and_the_exit_code_is_1(tmp_path):
                  "--runs_dir", tmp_path, "--no_table", "--device", "cpu")
     assert proc.returncode == 1
     failure = next(line for line in proc.stderr.splitlines() if line.startswith("FAILED"))
-    assert failure.startswith("FAILED 2digits/ch_mod/seed0 (exit 1): error:") and "checkpoint.pt" in failure
+    assert failure.startswith("FAILED 2digits/ch_mod/seed0 (exit 2): error:") and "checkpoint.pt" in failure
     assert "error:" in (out / "stderr.txt").read_text()
     log = json.loads((tmp_path / "sweep.json").read_text())
     assert log["invocations"][0]["cells_run"] == 1 and log["invocations"][0]["cells_failed"] == 1

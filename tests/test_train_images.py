@@ -114,18 +114,18 @@ def test_cub_locations_are_in_input_pixels(tmp_path):
     assert locations[0, 0].tolist() == pytest.approx([4 * 64 / 40, 3 * 64 / 30])
 
 
-def test_missing_data_set_is_one_line_exit_1(tmp_path, capsys, monkeypatch):
+def test_missing_data_set_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MTL_CLEVR_ROOT", raising=False)
     params = param_file(tmp_path, method="ch_mod", dataset="clevr", setting="clevr_40", input_size=64)
     code, out, err = run(capsys, "--param_file", params, "--data_root", tmp_path / "nowhere", "--out",
                          tmp_path / "out", "--device", "cpu")
-    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert err.startswith(f"error: CLEVR scenes not found under {tmp_path / 'nowhere'}") and "MTL_CLEVR_ROOT" in err
     env = {key: value for key, value in os.environ.items() if key != "MTL_CLEVR_ROOT"}
     proc = subprocess.run([sys.executable, str(REPO / "train_multi_task_counter_stream.py"), "--param_file",
                            str(params), "--out", str(tmp_path / "out2"), "--device", "cpu"], capture_output=True,
                           text=True, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "no CLEVR directory given" in proc.stderr and "set MTL_CLEVR_ROOT=DIR" in proc.stderr
 
 

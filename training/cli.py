@@ -1,5 +1,6 @@
 """The command line that every entry point shares: one-line argument errors (exit 2), the argument types, the exit
-codes (a user mistake 2, a fault during the run 1, Ctrl-C 130) and the device."""
+codes (0 done; 2 a user mistake or unusable input; 130 interrupted; 1 only for a bug, with its traceback) and the
+device."""
 import argparse
 import os
 import shlex
@@ -105,17 +106,14 @@ def seed_arguments(parser, default=5):
 
 
 def exit_code(run, args):
-    """``run(args)``'s exit code; a user mistake (ParamError) or a busy output dir is one line on stderr and code 2,
-    a fault during the run (RunError) one line and code 1, Ctrl-C one line and code 130. Shared by the scripts
-    built on this one."""
+    """``run(args)``'s exit code: a user mistake (ParamError), a busy output dir or unusable input found during the
+    run (RunError) is one line on stderr and code 2, Ctrl-C one line and code 130; anything else is a bug and
+    leaves Python's traceback and code 1. Shared by the scripts built on this one."""
     try:
         return run(args)
-    except (config.ParamError, run_lock.RunDirBusy) as err:
+    except (config.ParamError, run_lock.RunDirBusy, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except RunError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     except Interrupted as err:
         print(f"\ninterrupted: {err}", file=sys.stderr)
         return 130
@@ -125,7 +123,8 @@ def exit_code(run, args):
 
 
 class RunError(RuntimeError):
-    """A fault during the run (non-finite loss, failing write): reported as one line, exit code 1."""
+    """Unusable input or surroundings found during the run (a corrupt checkpoint or model file, an unwritable
+    folder, a full disk, settings whose loss turns non-finite): reported as one line, exit code 2."""
 
 
 class Interrupted(RuntimeError):

@@ -115,6 +115,7 @@ def apply_overrides(raw, overrides, schema=SCHEMA):
     else taken as a string; a dotted KEY sets one entry of a dict-valued key (``weighting_options.alpha=1.0``).
     Each value is checked by the schema like a param file's; ParamError (one line naming --set) otherwise."""
     raw = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
+    given = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -124,6 +125,9 @@ def apply_overrides(raw, overrides, schema=SCHEMA):
             value = json.loads(text)
         except json.JSONDecodeError:
             value = text
+        if given.setdefault(key, value) != value:
+            raise ParamError(f"--set {key} is given twice with different values ({json.dumps(given[key])} and "
+                             f"{json.dumps(value)}); pass it once")
         top, dot, entry = key.partition(".")
         if top not in schema:
             close = difflib.get_close_matches(top, schema, n=1)
@@ -141,6 +145,16 @@ def apply_overrides(raw, overrides, schema=SCHEMA):
         else:
             raw[top] = check_value(top, value, f"--set {item}", schema)
     return raw
+
+
+def check_option_overrides(overrides, options):
+    """ParamError (one line) when ``--set KEY=VALUE`` and the command-line option ``--KEY`` (``options``: key ->
+    value, None when not given) give a key two different values."""
+    given = apply_overrides({}, overrides)
+    for key, value in options.items():
+        if value is not None and key in given and given[key] != value:
+            raise ParamError(f"--set {key}={json.dumps(given[key])} and --{key} {value} give '{key}' two values; "
+                             f"pass one of them")
 
 
 def load_checked(path, schema):

@@ -7,6 +7,7 @@ import torch
 from loaders import LOADERS, NUM_TASKS
 from loaders.image_sets import MissingDatasetError
 from loaders.mnist import MNISTUnavailable
+from training import config
 from training.cli import RunError
 
 
@@ -30,9 +31,27 @@ def load_data(params, subset, root):
         raise RunError(f"the {params['dataset']} data has {found} tasks, setting '{params['setting']}' has {expected}; "
                        f"check the data set's files (--data_root)")
     if subset:
-        sizes = {"train": subset, "val": max(subset // 5, 1), "test": max(subset // 5, 1)}
-        data = {split: tuple(None if array is None else array[:sizes[split]] for array in arrays)
-                for split, arrays in data.items()}
+        data = cut_to_subset(data, subset)
+    return data
+
+
+def cut_to_subset(data, subset):
+    """The first ``subset`` training images and ``subset // 5`` (at least 1) validation and test images of every
+    split; config.ParamError (one line) when the subset is larger than the training images, or leaves a task
+    without a validation or test image (its accuracy would be no measurement)."""
+    pool = len(data["train"][0])
+    if subset > pool:
+        raise config.ParamError(f"--subset {subset} is more than the {pool} training images; give at most {pool}, or "
+                                f"leave --subset out to train on all of them")
+    sizes = {"train": subset, "val": max(subset // 5, 1), "test": max(subset // 5, 1)}
+    data = {split: tuple(None if array is None else array[:sizes[split]] for array in arrays)
+            for split, arrays in data.items()}
+    for split in ("val", "test"):
+        if split in data:
+            empty = (data[split][1] >= 0).sum(dim=0).eq(0).nonzero().flatten().tolist()
+            if empty:
+                raise config.ParamError(f"--subset {subset} leaves task(s) {empty} without a {split} image "
+                                        f"({sizes[split]} {split} images); give a larger --subset")
     return data
 
 

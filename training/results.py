@@ -55,7 +55,7 @@ def write_results(info, seed, state, params, out, name=""):
     """results.json of the finished run in ``out`` (rank 0) and its last log line (``name``: the run's, in a
     stacked group)."""
     kept = KEPT_MODEL[params["protocol"]]
-    results = {**info, "seed": seed, **reported_figures(state["history"], kept),
+    results = {**info, **history_of(state), "seed": seed, **reported_figures(state["history"], kept),
                **({"active_fraction_per_task": state["best"]["active_fraction_per_task"]}
                   if "active_fraction_per_task" in state["best"] else {}),
                "wall_time_s": round(state["wall_time_s"], 2), "params": params}
@@ -67,6 +67,20 @@ def write_results(info, seed, state, params, out, name=""):
         f"(optimistic): {results['test_acc_mean_best_test']:.2f}; at the last epoch: "
         f"{results['test_acc_mean_last']:.2f}; best_model.pt: epoch {results['best_model_epoch']} "
         f"({results['best_model_selection']}); results in {out / 'results.json'}")
+
+
+SCHEDULE = ("--epochs", "lr", "lr_schedule")  # a forced change of one of these changes the lr of the epochs after it
+
+
+def history_of(state):
+    """How the run came to be: the command that started it (``command``), the ``--resume`` commands with the epoch
+    each continued from (``resumed``), what a ``--force``d resume changed (``forced_changes``) and the first epoch
+    after which the lr schedule changed (``schedule_changed_at_epoch``, null if it never did)."""
+    first, *resumes = state["commands"]
+    changed = [change["epoch"] for change in state["forced_changes"]
+               if any(item.split(" ")[0] in SCHEDULE for item in change["changed"])]
+    return {"command": first["command"], "resumed": resumes, "forced_changes": state["forced_changes"],
+            "schedule_changed_at_epoch": changed[0] if changed else None}
 
 
 def interrupted_message(out, epoch, epochs, command):

@@ -31,6 +31,12 @@ def log(message):
         LOGGER.info(message)
 
 
+def note(message):
+    """One line in the run's train.log only (rank 0), for what the caller prints to stderr itself."""
+    if distributed.is_main():
+        LOGGER.info(message)
+
+
 def open_log(*outs):
     """From now on ``log`` also appends to the train.log of every run dir ``outs`` (a resumed run appends to the same
     file)."""
@@ -58,6 +64,8 @@ def run_dirs(out, exp_id, seeds):
 
 def check_writable(out):
     """Creates ``out`` and writes a probe file into it; RunError (one line) if it cannot."""
+    if out.exists() and not out.is_dir():
+        raise config.ParamError(f"--out: {out} is a file, not a folder; choose a folder with --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         files.write_text("ok", out / ".write_probe")
@@ -66,23 +74,69 @@ def check_writable(out):
         raise RunError(f"output dir {out} is not writable: {err.strerror or err}; choose another with --out") from None
 
 
-def prepare_output_dir(out, resume, command):
-    """Fails at start, not after hours of training, when the output dir is unusable or already in use; locks it
-    for this process (``run_lock``: a second run into it exits 2 naming the holder)."""
+RUN_FILES = ("results.json", "metrics.jsonl", "best_model.pt", "checkpoint.pt")  # a folder with one holds a run
+MOVED_ASIDE = RUN_FILES + ("train.log", "eval.json", "tensorboard")  # what --overwrite moves into replaced_<time>/
+
+
+def prepare_output_dir(out, resume, command, overwrite=None):
+    """Fails at start, not after hours of training, when the output dir is unusable, in use or holds a run that this
+    command would overwrite; locks it for this process (``run_lock``: a second run into it exits 2 naming the
+    holder), and releases it again when it refuses. ``overwrite`` True: the old run's files move into a dated
+    subfolder; None: not checked (a script without ``--overwrite``)."""
     check_writable(out)
     stale = run_lock.acquire(out, command)
     if stale:
         log(f"note: {out} was left locked by a run that no longer exists ({run_lock.describe(stale)}); taken over")
-    if (out / "checkpoint.pt").exists() and not resume:
-        raise config.ParamError(f"--out: {out} already holds a run (checkpoint.pt); pass --resume to continue it, "
-                                f"or choose another --out")
+    try:
+        if overwrite is not None:
+            check_run_files(out, resume, overwrite)
+        if overwrite:
+            move_aside(out)
+    except BaseException:
+        run_lock.release(out)
+        raise
     if resume:
         for leftover in out.glob("*.tmp"):  # left by a write that a kill interrupted
             leftover.unlink()
 
 
+def check_run_files(out, resume, overwrite):
+    """ParamError (one line naming the files and the choices) when a run's files in ``out`` would be overwritten:
+    a new run without ``overwrite``, or ``resume`` without a checkpoint to continue from."""
+    present = [name for name in RUN_FILES if (out / name).exists()]
+    if not present or overwrite or (resume and "checkpoint.pt" in present):
+        return
+    aside = f"pass --overwrite to start again with its files moved into {out / 'replaced_<UTC time>'}"
+    if resume:
+        raise config.ParamError(f"--resume: {out} holds a run's files ({', '.join(present)}) but no checkpoint.pt "
+                                f"to continue from; choose another --out, or drop --resume and {aside}")
+    again = "pass --resume to continue it, " if "checkpoint.pt" in present else ""
+    raise config.ParamError(f"--out: {out} already holds a run ({', '.join(present)}); {again}choose another --out, "
+                            f"or {aside}")
+
+
+def move_aside(out):
+    """Moves the files of the run in ``out`` (``MOVED_ASIDE``) into ``out/replaced_<UTC time>/``; nothing deleted."""
+    present = [name for name in MOVED_ASIDE if (out / name).exists()]
+    if not present:
+        return
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside = out / f"replaced_{stamp}"
+    for k in range(2, 1000):
+        if not aside.exists():
+            break
+        aside = out / f"replaced_{stamp}_{k}"
+    aside.mkdir()
+    for name in present:
+        (out / name).replace(aside / name)
+    log(f"--overwrite: moved {', '.join(present)} of the run in {out} into {aside}")
+
+
 CHECKPOINT_KEYS = {"model", "optimizer", "weighting", "params", "seed", "epochs", "epoch", "history", "best",
                    "wall_time_s"}
+
+
+START_AGAIN = "to start the run again, keeping its files in a dated subfolder, drop --resume and pass --overwrite"
 
 
 def read_checkpoint(path, params, args, epochs):
@@ -92,11 +146,11 @@ def read_checkpoint(path, params, args, epochs):
     try:
         saved = checkpoint.load(path)
     except (checkpoint.CheckpointError, OSError) as err:
-        raise RunError(f"cannot resume: {err}; move it away to start the run again") from None
+        raise RunError(f"cannot resume: {err}; {START_AGAIN}") from None
     missing = CHECKPOINT_KEYS - set(saved) if isinstance(saved, dict) else CHECKPOINT_KEYS
     if missing:
         raise RunError(f"cannot resume: {path} is not a checkpoint of this script (it lacks "
-                       f"{', '.join(sorted(missing))}); move it away to start the run again")
+                       f"{', '.join(sorted(missing))}); {START_AGAIN}")
     before = {key: entry[1] for key, entry in config.SCHEMA.items() if entry[1] is not config.REQUIRED}
     before.update(saved["params"])  # a key added to the schema since the checkpoint was written has its default
     changed = sorted(key for key in set(params) | set(before) if params.get(key) != before.get(key))
@@ -109,7 +163,7 @@ def read_checkpoint(path, params, args, epochs):
     if changed and not args.force:
         raise config.ParamError(f"--resume: {path} was made with other settings ({', '.join(changed)}); "
                                 f"pass --force to resume anyway, or choose another --out")
-    return saved
+    return {**saved, "forced": changed}
 
 
 def read_checkpoints(outs, params, args, epochs):
@@ -134,11 +188,18 @@ def _with_seed(args, seed):
     return type(args)(**{**vars(args), "seed": seed})
 
 
-def start_state(saved, out, params, model, weighting, optimizer):
-    """A run's state (epoch, history, best, wall time): a fresh one, or ``saved``'s, loaded into its objects."""
+def start_state(saved, out, params, objects, command):
+    """A run's state (epoch, history, best, wall time, the commands that trained it and the changes a ``--force``d
+    resume made): a fresh one, or ``saved``'s, loaded into its (model, weighting, optimiser) ``objects``."""
     if saved is None:
-        return {"epoch": 0, "history": [], "best": None, "wall_time_s": 0.0}
-    return resume(saved, out / "checkpoint.pt", params, model, weighting, optimizer)
+        return {"epoch": 0, "history": [], "best": None, "wall_time_s": 0.0,
+                "commands": [{"command": command, "epoch": 0}], "forced_changes": []}
+    state = resume(saved, out / "checkpoint.pt", params, *objects)
+    at = {"epoch": saved["epoch"]}
+    state["commands"] = saved.get("commands", [{"command": None, "epoch": 0}]) + [{"command": command, **at}]
+    state["forced_changes"] = saved.get("forced_changes", []) + ([{**at, "changed": saved["forced"]}]
+                                                                 if saved["forced"] else [])
+    return state
 
 
 def check_same_epoch(seeds, states):

@@ -2,7 +2,8 @@
 
 The lock file also says who holds it (pid, host, start time, command). The kernel drops the lock when its process
 dies, however it dies, so a lock left by a killed run is never an obstacle: it is found stale (the file still names
-its holder but nobody holds the lock), reported and taken over.
+its holder but nobody holds the lock), reported and taken over. A run that ends, however it ends short of being
+killed (done, refused, failed), removes the file: a stale record always means a run that died.
 """
 import fcntl
 import json
@@ -23,14 +24,7 @@ def acquire(out, command):
     """Locks ``out`` for this process; returns the holder record of a stale lock it took over (else None).
     RunDirBusy (one line naming the holder) if a live process holds it."""
     out = Path(out)
-    handle = open(out / LOCK_NAME, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _read(handle)
-        handle.close()
-        raise RunDirBusy(f"{out} is in use by another run ({describe(holder)}); wait for it to end or choose "
-                         f"another --out") from None
+    handle = _lock(out / LOCK_NAME)
     stale = _read(handle)
     handle.seek(0)
     handle.truncate()
@@ -42,12 +36,34 @@ def acquire(out, command):
     return stale
 
 
+def _lock(path):
+    """The open, exclusively locked lock file at ``path``. A file that a releasing run removed between our open and
+    our lock is not the lock any more: opened again."""
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read(handle)
+            handle.close()
+            raise RunDirBusy(f"{path.parent} is in use by another run ({describe(holder)}); wait for it to end or "
+                             f"choose another --out") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()
+
+
 def release(out):
-    """Clears the holder record and unlocks (a finished run leaves no stale record behind)."""
+    """Removes the lock file, then unlocks: a run that ended leaves no lock behind (and no stale record)."""
     handle = _held.pop(Path(out).resolve(), None)
     if handle is not None:
-        handle.seek(0)
-        handle.truncate()
+        try:
+            (Path(out) / LOCK_NAME).unlink()
+        except FileNotFoundError:
+            pass
         handle.close()
 
 

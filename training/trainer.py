@@ -27,6 +27,7 @@ from weighting import build_weighting
 def run(args):
     """The training script's run of ``args`` (parsed and checked by its ``parse_args``)."""
     params = config.load_params(args.param_file, args.set)
+    config.check_option_overrides(args.set, {"epochs": args.epochs, "data_root": args.data_root})
     if args.dry_run:
         with torch.device("meta"):  # counts only: no memory (uniform scaling on 1645 CLEVR tasks has 12G parameters)
             model = build_model(params["model"], NUM_TASKS[params["setting"]], **config.model_kwargs(params))
@@ -44,9 +45,13 @@ def run(args):
     locked = []
     try:
         for out in outs:
-            distributed.on_main(run_dir.prepare_output_dir, out, args.resume, args.command)
+            distributed.on_main(run_dir.prepare_output_dir, out, args.resume, args.command,
+                                args.overwrite)
             locked.append(out)
         return train(args, params, device, outs, engine, summary_writer)
+    except (config.ParamError, RunError, Interrupted) as err:  # into train.log too, once it is open
+        run_dir.note(f"{'interrupted' if isinstance(err, Interrupted) else 'error'}: {err}")
+        raise
     finally:
         run_dir.close_log()
         for out in locked:
@@ -106,7 +111,7 @@ def train(args, params, device, outs, engine=None, summary_writer=None):
     if saved is None:
         return 0  # every run had finished
     distributed.on_main(run_dir.open_log, *outs)
-    states = [run_dir.start_state(s, out, params, *objects) for s, out, objects in zip(saved, outs, runs)]
+    states = [run_dir.start_state(s, out, params, objects, args.command) for s, out, objects in zip(saved, outs, runs)]
     run_dir.check_same_epoch(args.seeds, states)
     group = Run(*runs[0], args.seeds[0], device) if engine is None else engine.group(runs)
     splits = distributed.local_main_first(load_data, params, args.subset, args.data_root or params["data_root"])
