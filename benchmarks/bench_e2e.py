@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-from bench_stacked import out_path, write_if_clean  # noqa: E402
+from bench_stacked import out_path, short_revision, write_if_clean  # noqa: E402
 from training import cli  # noqa: E402
 from training.provenance import describe_device, git_commit  # noqa: E402
 
@@ -75,10 +75,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if len(args.arms) < 2:
         parser.error(f"--arms: name two or more to compare, the first is the reference (valid: {','.join(ARMS)})")
-    base = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.base], capture_output=True, text=True)
-    if base.returncode != 0:
-        parser.error(f"--base: {args.base!r} is not a revision of {REPO}")
-    args.base = base.stdout.strip()
+    args.base = short_revision(parser, args.base)
     return args
 
 

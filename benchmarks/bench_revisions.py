@@ -30,7 +30,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # train_epoch's progress bar; must b
 
 import torch  # noqa: E402
 
-from bench_stacked import TABLE2, device_tag, out_path, random_data, step_ms, write_if_clean  # noqa: E402
+from bench_stacked import TABLE2, device_tag, out_path, random_data, short_revision, step_ms, \
+    write_if_clean  # noqa: E402
 from training import cli  # noqa: E402
 from training.provenance import describe_device, git_commit  # noqa: E402
 
@@ -54,10 +55,7 @@ def parse_args(argv):
     unknown = sorted(set(args.methods.split(",")) - set(TABLE2))
     if unknown or min(args.steps, args.epochs) < 1:
         parser.error(f"--methods: unknown {unknown} (valid: {', '.join(TABLE2)}), or a count below 1")
-    base = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.base], capture_output=True, text=True)
-    if base.returncode != 0:
-        parser.error(f"--base: {args.base!r} is not a revision of {REPO}")
-    args.base = base.stdout.strip()
+    args.base = short_revision(parser, args.base)
     return args
 
 

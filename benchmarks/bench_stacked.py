@@ -19,6 +19,7 @@ of this script (below 1: stacked is faster). The figures go to runs/benchmarks/s
 """
 import argparse
 import os
+import subprocess
 import sys
 import time
 from functools import partial
@@ -193,6 +194,15 @@ def out_path(out, name):
     """Where a benchmark writes its figures: ``--out``, else runs/benchmarks/<name> (never over a committed file of
     benchmarks/results/ unless told to)."""
     return Path(out) if out else REPO / "runs" / "benchmarks" / name
+
+
+def short_revision(parser, revision):
+    """``revision`` (a commit, tag or branch) as git's short hash; a parser error naming it when git does not know
+    it."""
+    found = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", revision], capture_output=True, text=True)
+    if found.returncode != 0:
+        parser.error(f"--base: {revision!r} is not a revision of {REPO}")
+    return found.stdout.strip()
 
 
 def write_if_clean(results, out):
