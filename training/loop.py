@@ -6,7 +6,7 @@ depends only on (seed, epoch) and a resumed run continues exactly. What a model 
 
 Under torchrun each rank trains on its part of every global batch (``distributed.shard``) and divides its summed
 loss so that the ranks' losses and gradients average to the global batch's (``loss_divisor``): the step of one
-process. Stacked seeds and CUDA graphs are training/stacked.py's and training/step_graph.py's.
+process. Stacked seeds and CUDA graphs wrap this step in training/engine.py.
 """
 from typing import NamedTuple, Optional
 
