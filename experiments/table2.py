@@ -290,6 +290,9 @@ def aggregate(runs_dir, protocol=None, choice=None, select="best_val"):
         for method in METHODS:
             rows[method][setting]["delta_m"] = delta_m(rows[method][setting]["acc_per_task"], single)
     notes += duplicates
+    notes += [f"{run['setting']}/{run['method']} seed {run['seed']} ({run['path']}): its lr schedule changed after "
+              f"epoch {run['schedule_changed_at_epoch']} (a --force'd resume), not the protocol's schedule"
+              for run in shown if run.get("schedule_changed_at_epoch") is not None]
     notes += [f"unreadable, skipped: {path}" for path in unreadable]
     if len(found) > len(runs):
         notes.append(f"{len(found) - len(runs)} results.json of another method or setting than Table 2's, skipped")

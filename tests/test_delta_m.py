@@ -80,3 +80,12 @@ def test_without_any_single_task_run_the_table_says_so_in_one_line(tmp_path):
     lines = table2.delta_m_lines(table2.aggregate(tmp_path))
     assert lines == ["Δm% against single task: none, since no single_task run of this protocol has per-task "
                      "accuracies."]
+
+
+def test_a_run_whose_lr_schedule_changed_is_named_in_the_notes(runs):
+    path = runs / "2digits" / "uniform_scaling" / "seed1" / "results.json"
+    results = json.loads(path.read_text())
+    path.write_text(json.dumps({**results, "schedule_changed_at_epoch": 40}))
+    notes = table2.aggregate(runs)["notes"]
+    changed = [note for note in notes if "lr schedule changed" in note]
+    assert len(changed) == 1 and "2digits/uniform_scaling seed 1" in changed[0] and "after epoch 40" in changed[0]
