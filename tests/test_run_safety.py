@@ -112,6 +112,11 @@ def test_resume_on_other_data_is_refused(params, tmp_path, capsys, monkeypatch, 
     monkeypatch.setattr(trainer, "load_data", other_data)
     code, _, err = main(capsys, "--param_file", params, "--epochs", "1", "--subset", "300", "--out", out, "--resume")
     assert code == 2 and "was trained on other data (fingerprint " in one_error_line(err)
+    code, _, _ = main(capsys, "--param_file", params, "--epochs", "2", "--subset", "300", "--out", out, "--resume",
+                      "--force")
+    [change] = json.loads((out / "results.json").read_text())["forced_changes"]
+    assert code == 0 and change["epoch"] == 1 and change["changed"][0].startswith("--epochs (1 -> 2")
+    assert len(change["changed"]) == 2 and change["changed"][1].startswith("data (")
 
 
 def test_set_overrides_keys_checks_them_and_records_them(params, tmp_path, capsys, one_thread):

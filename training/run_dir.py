@@ -210,13 +210,21 @@ def check_same_epoch(seeds, states):
                                 f"step, resume them with one --seed each")
 
 
-def check_fingerprints(saved, outs, fingerprint, force):
-    """A resumed run continues on its own data: ParamError (one line) unless ``force``."""
-    for s, out in zip(saved, outs):
-        if s is not None and s.get("data_fingerprint", fingerprint) != fingerprint and not force:
+def check_fingerprints(saved, outs, states, fingerprint, force):
+    """A resumed run continues on its own data: ParamError (one line) unless ``force``, and then the change is one
+    of the run's ``forced_changes``."""
+    for s, out, state in zip(saved, outs, states):
+        if s is None or s.get("data_fingerprint", fingerprint) == fingerprint:
+            continue
+        if not force:
             raise config.ParamError(f"--resume: {out / 'checkpoint.pt'} was trained on other data (fingerprint "
                                     f"{s['data_fingerprint']}, now {fingerprint}: another --data_root or data "
                                     f"files); pass --force to resume anyway, or choose another --out")
+        change = f"data ({s['data_fingerprint']} -> {fingerprint})"
+        if state["forced_changes"] and state["forced_changes"][-1]["epoch"] == s["epoch"]:
+            state["forced_changes"][-1]["changed"].append(change)
+        else:
+            state["forced_changes"].append({"epoch": s["epoch"], "changed": [change]})
 
 
 def save_epoch(out, objects, params, args, seed, epochs, state, best):

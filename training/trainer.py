@@ -116,7 +116,7 @@ def train(args, params, device, outs, engine=None, summary_writer=None):
     group = Run(*runs[0], args.seeds[0], device) if engine is None else engine.group(runs)
     splits = distributed.local_main_first(load_data, params, args.subset, args.data_root or params["data_root"])
     fingerprint = data_fingerprint(splits)
-    run_dir.check_fingerprints(saved, outs, fingerprint, args.force)
+    run_dir.check_fingerprints(saved, outs, states, fingerprint, args.force)
     for state in states:
         state["data_fingerprint"] = fingerprint
     job = Job(args, params, epochs, device, outs, states, splits, group)
