@@ -22,8 +22,9 @@ with its embedding at initialisation ("before") and after phase 2, at its best-v
 Flags (no param file of its own): --param_file (a 9digits_byref controlnet file: optimiser, lr, batch, lr
 schedule of phase 1; phase 2 uses its optimiser and batch), --epochs (phase 1, default the param file's),
 --add_epochs (phase 2, default 20), --add_lr (phase 2's constant lr, default 1e-3), --phase1_model (skip phase 1
-and start from the phase1_model.pt of an earlier run), --seed, --subset, --device, --data_root, --out. A bad
-flag or param file is one line on stderr with the allowed values, exit code 2.
+and start from the phase1_model.pt of an earlier run), --seed, --subset, --device, --data_root, --out,
+--overwrite (an --out that holds a run is refused unless given; then its files move into <out>/replaced_<UTC
+time>/). A bad flag or param file is one line on stderr with the allowed values, exit code 2.
 
 Outputs in --out (default runs/add_task): results.json (command, commit, device, seed, both phases' epochs,
 subset, the four numbers and the paper's), metrics.jsonl (one line per epoch of either phase), phase1_model.pt
@@ -71,6 +72,8 @@ def parse_args(argv):
     parser.add_argument("--subset", type=positive_int, help="use only N training and N/5 val/test images")
     parser.add_argument("--data_root", help="data directory (default $MTL_DATA_ROOT or ./data)")
     parser.add_argument("--out", default=str(REPO / "runs" / "add_task"), help="output dir (default runs/add_task)")
+    parser.add_argument("--overwrite", action="store_true", help="start again in an --out that holds a run: its "
+                        "files move into <out>/replaced_<UTC time>/ (nothing is deleted)")
     return parser.parse_args(argv)
 
 
@@ -154,7 +157,7 @@ def run(args):
     device = resolve_device(args.device)
     saved = read_phase1_model(args.phase1_model) if args.phase1_model else None
     out = Path(args.out)
-    prepare_output_dir(out, False, args.command)
+    prepare_output_dir(out, False, args.command, args.overwrite, own_files=("phase1_model.pt", "extended_model.pt"))
     data = {split: (arrays[0].to(device), arrays[1].to(device))  # images, labels
             for split, arrays in load_data(params, args.subset, args.data_root).items()}
     log(f"add a task: {METHOD} on {SETTING}, {len(data['train'][0])} train images, {describe_device(device)}, "

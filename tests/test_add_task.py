@@ -115,6 +115,16 @@ def test_tiny_run_keeps_every_other_weight_and_learns_the_new_task(tmp_path):
     assert again["test_acc"] == results["test_acc"]
     assert again["phase1"]["model_file"].endswith("phase1_model.pt")
 
+    # A finished run is never overwritten: refused in one line, or moved aside whole with --overwrite.
+    proc = run_script("--phase1_model", tmp_path / "run" / "phase1_model.pt", *common, "--out", tmp_path / "again")
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr, proc.stderr[-3000:]
+    proc = run_script("--phase1_model", tmp_path / "run" / "phase1_model.pt", *common, "--out", tmp_path / "again",
+                      "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [aside] = (tmp_path / "again").glob("replaced_*")
+    assert {"results.json", "metrics.jsonl", "extended_model.pt"} <= {path.name for path in aside.iterdir()}
+    assert json.loads((aside / "results.json").read_text())["test_acc"] == results["test_acc"]
+
 
 @pytest.mark.parametrize("args, message", [
     (["--param_file", "params/mmnist_9digits_controlnet.json"], "allowed: setting 9digits_byref with model controlnet"),

@@ -78,11 +78,11 @@ RUN_FILES = ("results.json", "metrics.jsonl", "best_model.pt", "checkpoint.pt") 
 MOVED_ASIDE = RUN_FILES + ("train.log", "eval.json", "tensorboard")  # what --overwrite moves into replaced_<time>/
 
 
-def prepare_output_dir(out, resume, command, overwrite=None):
+def prepare_output_dir(out, resume, command, overwrite=None, own_files=()):
     """Fails at start, not after hours of training, when the output dir is unusable, in use or holds a run that this
     command would overwrite; locks it for this process (``run_lock``: a second run into it exits 2 naming the
-    holder), and releases it again when it refuses. ``overwrite`` True: the old run's files move into a dated
-    subfolder; None: not checked (a script without ``--overwrite``)."""
+    holder), and releases it again when it refuses. ``overwrite`` True: the old run's files (and a script's
+    ``own_files``) move into a dated subfolder; None: not checked (a script without ``--overwrite``)."""
     check_writable(out)
     stale = run_lock.acquire(out, command)
     if stale:
@@ -91,7 +91,7 @@ def prepare_output_dir(out, resume, command, overwrite=None):
         if overwrite is not None:
             check_run_files(out, resume, overwrite)
         if overwrite:
-            move_aside(out)
+            move_aside(out, own_files)
     except BaseException:
         run_lock.release(out)
         raise
@@ -115,9 +115,10 @@ def check_run_files(out, resume, overwrite):
                             f"or {aside}")
 
 
-def move_aside(out):
-    """Moves the files of the run in ``out`` (``MOVED_ASIDE``) into ``out/replaced_<UTC time>/``; nothing deleted."""
-    present = [name for name in MOVED_ASIDE if (out / name).exists()]
+def move_aside(out, own_files=()):
+    """Moves the files of the run in ``out`` (``MOVED_ASIDE`` and ``own_files``) into ``out/replaced_<UTC time>/``;
+    nothing deleted."""
+    present = [name for name in MOVED_ASIDE + tuple(own_files) if (out / name).exists()]
     if not present:
         return
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
