@@ -71,6 +71,12 @@ def test_tied_masks_share_conv2s_mask_and_count_it_once():
     tasks = torch.arange(6) % 9
     conv2_only = {s: tied.mask(s)[tasks][:, :, None, None] for s in ("conv1", "conv2")}
     torch.testing.assert_close(tied(images(), tasks), tied.bu(images(), conv2_only), rtol=0, atol=0)
+    # So at one seed tied masks are the model gated on conv1 and conv2 only: the same draws, the same outputs.
+    torch.manual_seed(0)
+    gated = build_model("task_routing", 9, gated="conv1,conv2")
+    assert all(torch.equal(gated.mask(s), tied.mask(s)) for s in ("conv1", "conv2"))
+    assert all(torch.equal(p, q) for p, q in zip(gated.parameters(), tied.parameters()))
+    torch.testing.assert_close(gated(images(), tasks), tied(images(), tasks), rtol=0, atol=0)
 
 
 class DataMulRouted(nn.Module):
