@@ -103,10 +103,10 @@ class ParamError(ValueError):
     """A user mistake in a param file or on the command line: printed as one line, exit code 2."""
 
 
-def load_params(path, overrides=()):
-    """Reads a param file, applies the ``--set KEY=VALUE`` ``overrides``, validates and completes it; raises
-    ParamError on any problem."""
-    raw = apply_overrides(read_param_file(path, required_keys()), overrides)
+def load_params(path, overrides=(), raw=None):
+    """Reads the param file at ``path`` (or takes its JSON object ``raw``, when the caller has read it), applies the
+    ``--set KEY=VALUE`` ``overrides``, validates and completes it; raises ParamError on any problem."""
+    raw = apply_overrides(read_param_file(path, required_keys()) if raw is None else raw, overrides)
     return validate(raw, str(Path(path)) + (" with --set " + " ".join(overrides) if overrides else ""))
 
 
