@@ -145,7 +145,7 @@ def start(args):
     """Evaluates (``--eval_only``) or reads the param file, once, and trains with the trainer it names."""
     if args.eval_only:
         return evaluate_only(args)
-    raw = config.read_param_file(args.param_file, config.required_keys())
+    raw = config.read_param_file(args.param_file)
     name = trainer_of(raw)
     check_flags(args, raw, name)
     return (round_robin.run if name == "round_robin" else trainer.run)(args, raw)
