@@ -23,6 +23,11 @@ made it; ``--set KEY=VALUE`` changes one param-file key from the command line (r
 --tensorboard also TensorBoard scalars in tensorboard/ (training/tensorboard_log.py). ``--eval_only --out RUN`` evaluates
 RUN's best_model.pt (or a given .pt) without training into RUN/eval.json.
 
+The arguments are checked first, then the param file is read, once: one with ``"dataset": "rotated_mnist"``
+(params/gumbel_mnist/) is trained by Maziarz et al.'s round-robin protocol (training/round_robin.py, with flags of
+its own: --steps, --threads), every other one by the Table 1 trainer above; a flag that only the other trainer takes
+is refused in one line (exit code 2).
+
 Started by torchrun (``torchrun --nproc_per_node=N train_multi_task_counter_stream.py ...``), it trains one model
 with DistributedDataParallel over N processes (one GPU each, or CPU processes) with the same global batches,
 task draws and gradients as one process (see runtime/distributed.py); rank 0 writes the outputs.
@@ -37,9 +42,11 @@ from training.cli import CUDA_GRAPHS, ArgumentParser, command_line, exit_code, f
 from training.evaluate import evaluate_only
 
 ROUND_ROBIN_DATASETS = round_robin.SCHEMA["dataset"][2]  # the param files the round-robin protocol trains
-GROUPS = {"trainer": "the Table 1 trainer only (training/trainer.py: every param file of docs/params.md)",
-          "round_robin": "Maziarz et al.'s round-robin protocol only (training/round_robin.py: param files with "
-                         f"\"dataset\": {' or '.join(map(json.dumps, ROUND_ROBIN_DATASETS))}; docs/experiments.md)"}
+TRAINERS = {  # name -> (the trainer, the param files it trains); --help shows a group of flags for each alone
+    "trainer": ("the Table 1 trainer", "training/trainer.py: every param file of docs/params.md"),
+    "round_robin": ("Maziarz et al.'s round-robin protocol", "training/round_robin.py: param files with \"dataset\": "
+                    f"{' or '.join(map(json.dumps, ROUND_ROBIN_DATASETS))}; docs/experiments.md"),
+}
 
 
 def parse_args(argv):
@@ -56,7 +63,7 @@ def parse_args(argv):
 
 
 def build_parser():
-    """The parser of both trainers: the flags they share, then a group of flags for each trainer alone (``GROUPS``)."""
+    """The parser of both trainers: the flags they share, then a group of flags for each trainer alone."""
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--param_file", help="JSON param file (see params/ and docs/params.md); required unless "
                         "--eval_only; its \"dataset\" picks the trainer (Table 1 or round robin)")
@@ -71,7 +78,7 @@ def build_parser():
                         "CLEVR-like and rotated MNIST $MTL_DATA_ROOT or ./data, for CLEVR, CELEB-A, CUB-200 "
                         "$MTL_CLEVR_ROOT, $MTL_CELEBA_ROOT, $MTL_CUB_ROOT)")
     parser.add_argument("--dry_run", action="store_true", help="build the model, print its parameter counts, exit")
-    groups = {name: parser.add_argument_group(title) for name, title in GROUPS.items()}
+    groups = {name: parser.add_argument_group(f"{who} only ({files})") for name, (who, files) in TRAINERS.items()}
     table1_arguments(groups["trainer"])
     round_robin.arguments(groups["round_robin"])
     return parser, groups
@@ -137,8 +144,8 @@ def check_flags(args, raw, name):
     the other trainer takes."""
     if args.refused[name]:
         dataset = json.dumps(raw.get("dataset", config.SCHEMA["dataset"][1]))
-        raise config.ParamError(f"{args.param_file}: key 'dataset' is {dataset} ({GROUPS[name].split(' only')[0]}), "
-                                f"which takes no {', '.join(args.refused[name])}; allowed: {', '.join(args.takes[name])}")
+        raise config.ParamError(f"{args.param_file}: key 'dataset' is {dataset} ({TRAINERS[name][0]}), which takes "
+                                f"no {', '.join(args.refused[name])}; allowed: {', '.join(args.takes[name])}")
 
 
 def start(args):
