@@ -193,16 +193,14 @@ def test_a_relative_link_points_at_a_file_and_heading_that_exist(page, target):
 
 
 def dry_runnable():
-    """The shown commands of the training script (not --eval_only, not a round-robin param file: those train) and
-    of the Table 2 sweep."""
-    from training import round_robin
+    """The shown commands of the training script (not --eval_only; round-robin param files too) and of the Table 2
+    sweep."""
     found = []
     for page, command in all_commands():
         if any(marker in command for marker in SKIPPED) or command.startswith("torchrun"):
             continue
         script, argv = script_and_arguments(command)
-        if script == "train_multi_task_counter_stream.py" and "--eval_only" not in argv and \
-                not round_robin.handles(argv):
+        if script == "train_multi_task_counter_stream.py" and "--eval_only" not in argv:
             found.append((page, command))
         elif script == "experiments.table2_sweep":
             found.append((page, command))

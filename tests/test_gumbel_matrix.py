@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import train_multi_task_counter_stream as train_script
 from training import round_robin
 from experiments.plots import allocation as plot_allocation
 from loaders.rotated_mnist import TASKS, load_rotated_mnist, make_tasks, rotate90
@@ -217,7 +218,7 @@ def write_params(tmp_path, **changes):
     ({"temperature_min": 60.0}, "temperature_min"),
 ])
 def test_param_file_errors_are_one_line_and_exit_2(tmp_path, capsys, changes, message):
-    assert round_robin.main(["--param_file", str(write_params(tmp_path, **changes))]) == 2
+    assert train_script.main(["--param_file", str(write_params(tmp_path, **changes))]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
@@ -225,8 +226,8 @@ def test_param_file_errors_are_one_line_and_exit_2(tmp_path, capsys, changes, me
 def test_malformed_and_missing_param_files_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{ not json")
-    assert round_robin.main(["--param_file", str(bad)]) == 2
-    assert round_robin.main(["--param_file", str(tmp_path / "absent.json")]) == 2
+    assert train_script.main(["--param_file", str(bad)]) == 2
+    assert train_script.main(["--param_file", str(tmp_path / "absent.json")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert "malformed JSON" in err[0] and "not found" in err[1]
 
@@ -249,7 +250,7 @@ def test_cli_writes_results_and_allocation(tmp_path, monkeypatch):
     monkeypatch.setattr(round_robin, "load_rotated_mnist", tiny_data)
     out = tmp_path / "run"
     params = "params/gumbel_mnist/gumbel_matrix_budget075.json"
-    assert round_robin.main(["--param_file", params, "--steps", "3", "--out", str(out)]) == 0
+    assert train_script.main(["--param_file", params, "--steps", "3", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     for key in ("command", "git_commit", "device", "seed", "steps", "epochs", "test_acc_per_task", "test_acc_mean",
                 "wall_time_s", "allocation"):

@@ -20,6 +20,27 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see --help\n")
 
 
+def flags(container):
+    """The long flags of a parser or of one of its argument groups (``--help`` aside), in the order they were added."""
+    actions = container._group_actions if isinstance(container, argparse._ArgumentGroup) else container._actions
+    return [option for action in actions for option in action.option_strings
+            if option.startswith("--") and option != "--help"]
+
+
+def given_flags(parser, argv):
+    """The flags of ``parser`` that ``argv`` gives, as ``parser`` reads them (``--flag=value`` and abbreviations
+    too), in the parser's order; ``argv`` must parse."""
+    defaults = {action: action.default for action in parser._actions}
+    try:
+        for action in defaults:
+            action.default = argparse.SUPPRESS  # a flag not given then leaves no attribute at all
+        given = vars(parser.parse_args(argv))
+    finally:
+        for action, default in defaults.items():
+            action.default = default
+    return [flag for action in parser._actions if action.dest in given for flag in action.option_strings[:1]]
+
+
 def positive_int(text):
     return _int_at_least(text, 1)
 

@@ -103,11 +103,15 @@ class ParamError(ValueError):
     """A user mistake in a param file or on the command line: printed as one line, exit code 2."""
 
 
-def load_params(path, overrides=()):
-    """Reads a param file, applies the ``--set KEY=VALUE`` ``overrides``, validates and completes it; raises
-    ParamError on any problem."""
-    raw = apply_overrides(read_param_file(path, required_keys()), overrides)
-    return validate(raw, str(Path(path)) + (" with --set " + " ".join(overrides) if overrides else ""))
+def load_params(path, overrides=(), raw=None, options=None):
+    """Reads the param file at ``path`` (or takes its JSON object ``raw``, when the caller has read it), applies the
+    ``--set KEY=VALUE`` ``overrides``, validates and completes it; raises ParamError on any problem, also when
+    ``overrides`` and a command-line option that sets a key (``options``: key -> value, None when not given) give
+    that key two values."""
+    raw = apply_overrides(read_param_file(path) if raw is None else raw, overrides)
+    params = validate(raw, str(Path(path)) + (" with --set " + " ".join(overrides) if overrides else ""))
+    check_option_overrides(overrides, options or {})
+    return params
 
 
 def apply_overrides(raw, overrides, schema=SCHEMA):
@@ -164,9 +168,11 @@ def load_checked(path, schema):
     return check_keys(read_param_file(path, required_keys(schema)), str(Path(path)), schema)
 
 
-def read_param_file(path, required=()):
-    """The JSON object of a param file (any script's); ParamError, one line naming the file, on any problem."""
+def read_param_file(path, required=None):
+    """The JSON object of a param file (any script's); ParamError, one line naming the file, on any problem (an empty
+    file: naming the ``required`` keys, by default this schema's)."""
     path = Path(path)
+    required = required_keys() if required is None else required
     if not path.is_file():
         raise ParamError(f"{path}: param file not found")
     try:

@@ -4,20 +4,19 @@ google-research/google-research@0c1bbe5f), the reference run of the Gumbel-Matri
 
     python train_multi_task_counter_stream.py --param_file params/gumbel_mnist/gumbel_matrix.json --out runs/gm
 
-The training script hands every param file with ``"dataset": "rotated_mnist"`` to this trainer (``handles``), with
-the command-line arguments of ``parse_args``.
+The training script reads the param file once and hands one with ``"dataset": "rotated_mnist"`` to this trainer's
+``run``; the flags only this protocol takes (``--steps``, ``--threads``) are its ``arguments``, and the script refuses
+the Table 1 trainer's flags for it.
 
 Four tasks (MNIST, MNIST-2, MNIST-Rot, MNIST-Rot-2, ``loaders.rotated_mnist``) on the small routed conv net
 (``models.gumbel_matrix.GumbelMatrixMNISTNet``). Training as the original: every step shuffles the task order and
 makes one separate update per task on a batch of that task; two Adams (weights, allocation logits); the Gumbel
 temperature follows max(min, init / sqrt(update + 1)) over task-updates; optional budget penalty. After the last step
 the greedy allocation is evaluated on the train and test split of every task. Writes ``results.json`` and
-``allocation.json`` (final allocation + probability snapshots) to ``--out``. Param-file or CLI mistakes: one line,
-exit code 2.
+``allocation.json`` (final allocation + probability snapshots) to ``--out``; ``--dry_run`` prints the parameter
+counts. Param-file or CLI mistakes: one line, exit code 2.
 """
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -56,24 +55,20 @@ SCHEMA = {
 }
 
 
-def parse_args(argv):
-    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--param_file", required=True, help="JSON param file, e.g. params/gumbel_mnist/*.json")
-    length = parser.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=cli.positive_int, help="passes over each task's training set (default: param file)")
-    length.add_argument("--steps", type=cli.positive_int, help="training steps (each = one update per task)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of init, dropout, Gumbel noise and data order")
-    parser.add_argument("--out", help="output dir (default runs/gumbel_mnist/<exp_id>/seed<k>)")
-    parser.add_argument("--subset", type=cli.positive_int, help="use only N training images (seeded); test stays full")
-    parser.add_argument("--data_root", help="data directory (default $MTL_DATA_ROOT or ./data)")
-    parser.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads (default 1)")
-    return parser.parse_args(argv)
+def arguments(group):
+    """The training script's flags that only this protocol takes (the shared ones: --param_file, --epochs, --seed,
+    --out, --subset, --data_root, --dry_run)."""
+    group.add_argument("--steps", type=cli.positive_int, help="training steps, each one update per task (instead of "
+                       "--epochs)")
+    group.add_argument("--threads", type=cli.positive_int, default=1, help="torch CPU threads (default 1)")
 
 
-def load_params(path):
-    """The param file at ``path``, checked against ``SCHEMA`` (``config.load_checked``) and ``check_allocation``;
-    ParamError (one line) otherwise."""
-    return check_allocation(config.load_checked(path, SCHEMA), path)
+def load_params(path, raw=None):
+    """The param file at ``path`` (its JSON object ``raw`` when already read), checked against ``SCHEMA``
+    (``config.check_keys``) and ``check_allocation``; ParamError (one line) otherwise."""
+    if raw is None:
+        return check_allocation(config.load_checked(path, SCHEMA), path)
+    return check_allocation(config.check_keys(raw, str(Path(path)), SCHEMA), path)
 
 
 def check_allocation(params, path):
@@ -166,8 +161,15 @@ def evaluate(model, tasks_data):
     return accuracies
 
 
-def run(args, command):
-    params = load_params(args.param_file)
+def run(args, raw):
+    """The training script's run of a round-robin param file (read by the script into ``raw``) with ``args``."""
+    params = load_params(args.param_file, raw)
+    if args.dry_run:
+        torch.manual_seed(args.seed)
+        model = build_model(params, len(TASKS))
+        print(json.dumps({"num_weights": sum(p.numel() for p in weight_parameters(model)),
+                          "num_logits": sum(p.numel() for p in router_parameters(model))}))
+        return 0
     torch.set_num_threads(args.threads)
     try:
         data = load_rotated_mnist(args.data_root, args.subset, args.seed)
@@ -191,7 +193,7 @@ def run(args, command):
     test, train_acc = evaluate(model, data["test"]), evaluate(model, data["train"])
     greedy = allocation_matrix(model)
     results = {
-        "command": command, "git_commit": git_commit(), "seed": args.seed,
+        "command": args.command, "git_commit": git_commit(), "seed": args.seed,
         "device": describe_device(),
         "torch": torch.__version__, "method": params["method"], "subset": args.subset, "steps": steps,
         "updates": steps * len(TASKS), "epochs": round(steps * params["batch_size"] / num_train, 4),
@@ -211,26 +213,3 @@ def run(args, command):
     print(f"test accuracy per task {[round(a, 2) for a in test]}, mean {results['test_acc_mean']:.2f}; "
           f"greedy allocation {greedy.int().tolist()}; results in {out / 'results.json'}", flush=True)
     return 0
-
-
-def handles(argv):
-    """True if ``argv``'s --param_file is a param file of this trainer (``"dataset": "rotated_mnist"``); any problem
-    reading it is left to the caller's own checks."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--param_file")
-    known, _ = parser.parse_known_args(argv)
-    try:
-        raw = json.loads(Path(known.param_file).read_text(encoding="utf-8"))
-    except (TypeError, OSError, ValueError):
-        return False
-    return isinstance(raw, dict) and raw.get("dataset") == "rotated_mnist"
-
-
-def main(argv=None, prog="train_multi_task_counter_stream.py"):
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    try:
-        return run(args, " ".join(["python", prog, *argv]))
-    except config.ParamError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2

@@ -24,10 +24,10 @@ from training.run_dir import log
 from weighting import build_weighting
 
 
-def run(args):
-    """The training script's run of ``args`` (parsed and checked by its ``parse_args``)."""
-    params = config.load_params(args.param_file, args.set)
-    config.check_option_overrides(args.set, {"epochs": args.epochs, "data_root": args.data_root})
+def run(args, raw=None):
+    """The training script's run of ``args`` (parsed and checked by its ``parse_args``); ``raw``: the param file's
+    JSON object, when the script has read it."""
+    params = config.load_params(args.param_file, args.set, raw, {"epochs": args.epochs, "data_root": args.data_root})
     if args.dry_run:
         with torch.device("meta"):  # counts only: no memory (uniform scaling on 1645 CLEVR tasks has 12G parameters)
             model = build_model(params["model"], NUM_TASKS[params["setting"]], **config.model_kwargs(params))
