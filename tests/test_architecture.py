@@ -126,6 +126,18 @@ def test_the_step_is_written_for_one_process():
     assert "training.ddp" in imported_modules((REPO / "training" / "trainer.py").read_text())  # the run's layer
 
 
+def test_the_engines_hold_no_method_of_a_model():
+    """The stacked engine calls the models' training hooks (models/hooks.py) on the stacked model, which runs them
+    per replica: no Gumbel-matrix temperature, budget or allocation code in training/engine.py or training/stacked.py
+    (stacked.py finds the routers only to draw each replica's Gumbel noise)."""
+    for name in ("engine", "loop", "step_graph"):
+        imported = imported_modules((REPO / "training" / f"{name}.py").read_text())
+        assert not {module for module in imported if module.startswith("models")}, (name, imported)
+    imported = imported_modules((REPO / "training" / "stacked.py").read_text())
+    assert {module for module in imported if module.startswith("models.gumbel")} == \
+        {"models.gumbel_matrix", "models.gumbel_matrix.GumbelMatrixRouter"}
+
+
 def test_the_check_of_the_step_can_fail():
     assert "runtime.distributed" in imported_modules("from runtime import distributed\n")
     assert "training.ddp" in imported_modules("def f():\n    from training import ddp\n")
