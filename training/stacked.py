@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch.func import functional_call, vmap
 
 from models.gumbel_matrix import GumbelMatrixRouter
+from models.hooks import TrainingHooks
 from models.lenet import SenerKoltunDropout
 from training.data import MEMORY_FORMATS
 from training import optim
@@ -83,6 +84,9 @@ class StackedModel(nn.Module):
         if mode == "vmap" and self.dropouts:
             raise ValueError("stacking mode 'vmap' cannot draw Sener-Koltun dropout masks per replica; use 'loop'")
         self.generators = None
+        # the training hooks that the template's class defines (those of models/hooks.py do nothing: not called)
+        self.hooked = {name for name in ("before_step", "penalty", "epoch_record")
+                       if getattr(type(template), name) is not getattr(TrainingHooks, name)}
         self.template.train(self.training)
 
     def train(self, mode=True):
@@ -173,17 +177,21 @@ class StackedModel(nn.Module):
     # calls its model's
 
     def before_step(self, update, options):
-        for r in range(self.num_replicas):
-            self.hook(r, "before_step", update, options)
+        if "before_step" in self.hooked:
+            for r in range(self.num_replicas):
+                self.hook(r, "before_step", update, options)
 
     def after_backward(self, options):
         """The gradient of every replica's ``penalty``: of their sum (each replica's slices get its own)."""
-        penalties = [self.hook(r, "penalty", options) for r in range(self.num_replicas)]
+        penalties = [self.hook(r, "penalty", options) for r in range(self.num_replicas)] \
+            if "penalty" in self.hooked else [None]
         if all(penalty is not None for penalty in penalties):
             torch.stack(penalties).sum().backward()
 
     def epoch_records(self):
         """Every replica's ``epoch_record()``."""
+        if "epoch_record" not in self.hooked:
+            return [{} for _ in range(self.num_replicas)]
         return [self.hook(r, "epoch_record") for r in range(self.num_replicas)]
 
     def _name_of(self, template_parameter):
