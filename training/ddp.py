@@ -9,8 +9,9 @@ the backward pass every gradient of the optimiser's parameters (the model's and 
 ranks in one all-reduce (``synchronize``): the single-process gradient, whatever the weighting wrote into ``.grad``
 (the rules on task gradients take them with ``autograd.grad`` and set ``.grad`` themselves, which DDP's gradient
 hooks would not see). The model's buffers (batch-norm statistics) are then rank 0's on every rank, as DDP's
-``broadcast_buffers`` makes them. A weighting whose rule reads statistics of the batch (task gradients, losses) gets the global batch's
-through its ``reduce`` hook, which this layer sets (``Weighting.reduce``: the identity in one process).
+``broadcast_buffers`` makes them. A weighting whose rule reads statistics of the batch (task gradients, losses) gets
+the global batch's through its ``reduce`` hook, which this layer sets (``Weighting.reduce``: the identity in one
+process).
 """
 import torch
 import torch.distributed as dist

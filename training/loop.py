@@ -7,8 +7,8 @@ depends only on (seed, epoch) and a resumed run continues exactly. What a model 
 The step is that of one process. What changes when several processes share each global batch (torchrun) is asked of
 ``processes``: this process's part of the batch (``shard``), the number of processes that divide the summed losses
 (``world_size``, see ``loss_divisor``), the average of the gradients after the backward pass (``synchronize``) and
-of the task losses for the record (``mean``). ``OneProcess`` answers for one process, where each does
-nothing; training/ddp.py answers under torchrun. Stacked seeds and CUDA graphs wrap this step in training/engine.py.
+of the task losses for the record (``mean``). ``OneProcess`` answers for one process, where each does nothing;
+training/ddp.py answers under torchrun. Stacked seeds and CUDA graphs wrap this step in training/engine.py.
 """
 from typing import NamedTuple, Optional
 
@@ -65,11 +65,11 @@ def draw_tasks(valid, generator):
 def train_epoch(model, weighting, optimizer, train, params, seed, epoch, stats=MNIST_STATS, locations=None,
                 progress=iter, processes=ONE_PROCESS):
     """One epoch of one run on ``train`` = (images, labels) on the device. ``weighting`` None: a single-branch model,
-    one task drawn per image; else a multi-branch model and its loss weighting. ``processes``: the processes that
-    share every global batch (``OneProcess``, or training/ddp.py's under torchrun). ``locations`` (float [N, T, 2]) adds the localisation loss (``losses.location_loss``), weighted
-    by ``spatial_loss_weight``. ``progress`` wraps the iteration over the batches (the training script's progress
-    bar: ``training.progress.batch_bar``). Returns ``Epoch(mean loss, first bad step)``; a non-finite loss does not
-    stop the epoch (the caller reports it)."""
+    one task drawn per image; else a multi-branch model and its loss weighting. ``locations`` (float [N, T, 2]) adds
+    the localisation loss (``losses.location_loss``), weighted by ``spatial_loss_weight``. ``progress`` wraps the
+    iteration over the batches (the training script's progress bar: ``training.progress.batch_bar``). ``processes``:
+    the processes that share every global batch (``OneProcess``, or training/ddp.py's under torchrun). Returns
+    ``Epoch(mean loss, first bad step)``; a non-finite loss does not stop the epoch (the caller reports it)."""
     images, labels = train
     generator = epoch_generator(seed, epoch)
     torch.manual_seed(epoch_seed(seed, epoch))  # the model's own draws
@@ -84,14 +84,13 @@ def train_epoch(model, weighting, optimizer, train, params, seed, epoch, stats=M
         batch = order[step * batch_size:(step + 1) * batch_size]  # the global batch, the same for any world size
         optimizer.zero_grad(set_to_none=True)
         model.before_step(epoch * steps + step, params.get("router_options"))
-        index = processes.shard(batch)  # this process's images of the global batch
         if weighting is None:
-            task_losses = single_branch_backward(model, images, labels, tasks, batch, index, params, stats, locations,
-                                                 processes.world_size)
+            task_losses = single_branch_backward(model, images, labels, tasks, batch, params, stats, locations,
+                                                 processes)
         else:
-            task_losses = weighted_backward(model, weighting, images, labels, batch, index, params, stats, locations,
-                                            processes.world_size)
-        processes.synchronize(parameters)
+            task_losses = weighted_backward(model, weighting, images, labels, batch, params, stats, locations,
+                                            processes)
+        processes.synchronize(parameters)  # the gradients of the global batch
         model.after_backward(params.get("router_options"))
         optimizer.step()
         if weighting is not None:
@@ -118,9 +117,10 @@ def inputs(model, images, index, params, stats):
     return normalize(images[index], MEMORY_FORMATS[params["memory_format"]], stats).to(dtype)
 
 
-def single_branch_backward(model, images, labels, tasks, batch, index, params, stats, locations, world_size):
-    """Forward and backward of a single-branch model on the images ``index`` of the global batch ``batch``, each
+def single_branch_backward(model, images, labels, tasks, batch, params, stats, locations, processes):
+    """Forward and backward of a single-branch model on this process's images of the global batch ``batch``, each
     image with its drawn task; its loss [1]."""
+    index, world_size = processes.shard(batch), processes.world_size
     x, t = inputs(model, images, index, params, stats), tasks[index]
     y, divisor = labels[index, t].long(), loss_divisor(labels[batch, tasks[batch]], world_size)
     if locations is None:
@@ -134,9 +134,10 @@ def single_branch_backward(model, images, labels, tasks, batch, index, params, s
     return loss.detach()[None]
 
 
-def weighted_backward(model, weighting, images, labels, batch, index, params, stats, locations, world_size):
-    """The weighting's backward of a multi-branch model on the images ``index`` of the global batch ``batch``; the
+def weighted_backward(model, weighting, images, labels, batch, params, stats, locations, processes):
+    """The weighting's backward of a multi-branch model on this process's images of the global batch ``batch``; the
     per-task losses [T]."""
+    index, world_size = processes.shard(batch), processes.world_size
     located = {} if locations is None else {"locations": losses.LocationTargets(
         locations[index], locations[batch], images.shape[-1], params["spatial_loss_weight"], world_size)}
     return weighting.backward(model, inputs(model, images, index, params, stats), labels[index].long(),
