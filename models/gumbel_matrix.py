@@ -244,21 +244,29 @@ class GumbelMatrixLeNet(TrainingHooks, nn.Module):
             RoutedLayer(bank, make_router(allocation, num_tasks, num_components, probs_init)) for bank in banks)
         self.fc1 = BatchedLinear(num_tasks, hidden, hidden)
         self.fc2 = BatchedLinear(num_tasks, hidden, NUM_CLASSES)
+        self.temperature = None  # the routers' temperature tensor, which ``before_step`` creates and overwrites
 
     # training hooks (models/hooks.py); ``options``: the param file's router_options, {} without learned allocation
 
     def before_step(self, update, options):
         """The Gumbel-softmax temperature of the ``update``-th step, counted in task-updates (every task trains on
-        every image) as Maziarz et al.'s mnist_train.py counts them."""
+        every image) as Maziarz et al.'s mnist_train.py counts them; one tensor of the weights' dtype and device, which
+        every step overwrites."""
         if options:
             value = temperature_schedule(update * self.num_tasks, options["temperature_init"],
                                          options["temperature_min"])
-            set_temperature(self, torch.tensor(value, dtype=self.fc2.weight.dtype, device=self.fc2.weight.device))
+            weight = self.fc2.weight
+            if self.temperature is None or (self.temperature.dtype, self.temperature.device) != (weight.dtype,
+                                                                                                   weight.device):
+                self.temperature = torch.empty((), dtype=weight.dtype, device=weight.device)
+                set_temperature(self, self.temperature)
+            self.temperature.fill_(value)
 
-    def after_backward(self, options):
-        """The budget penalty's gradient (``add_budget_gradient``), when the penalty is on."""
+    def penalty(self, options):
+        """The budget penalty (``budget_penalty``, averaged over the tasks as the task losses are), when it is on."""
         if options and options["budget_penalty"] > 0:
-            add_budget_gradient(self, options["budget"], options["budget_penalty"])
+            return budget_penalty(self, options["budget"], options["budget_penalty"]).mean()
+        return None
 
     def epoch_record(self):
         """The fraction of routed components that each task's greedy allocation uses (learned allocation only)."""

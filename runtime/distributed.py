@@ -1,18 +1,15 @@
-"""Data-parallel training over several processes started by torchrun (DistributedDataParallel).
+"""The processes of a run started by torchrun: joining and leaving the process group, ranks, and the calls that
+keep them together outside the training step (whose data parallelism is training/ddp.py's).
 
-How a run is split (train_multi_task_counter_stream.py): every rank holds the whole data set and draws the same
-epoch order and per-sample tasks as one process would; each global batch is cut into ``world_size`` contiguous
-parts (``shard``), one per rank. A rank divides its summed loss by the global batch's valid-label count divided
-by ``world_size``, so that the ranks' losses average to the global batch's loss and DDP's averaged gradient is
-the single-process gradient. Evaluation is sharded the same way, its counts summed. Only rank 0 touches the
-output dir (``on_main``). Every function works unchanged in a single process, where it does nothing.
+Evaluation is sharded by rank (``shard``), its counts summed (``sum_``). Only rank 0 touches the output dir
+(``on_main``); the data cache is filled by each node's first rank (``local_main_first``). Every function works
+unchanged in a single process, where it does nothing.
 """
 import os
 import sys
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 
@@ -68,31 +65,9 @@ def is_main():
     return rank() == 0
 
 
-def wrap(model, device):
-    """The DDP wrapper, whose forward makes the following backward average the gradients over the ranks (the
-    model itself in one process)."""
-    if not is_distributed():
-        return model
-    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-
-def unwrap(model):
-    """The model inside a DDP wrapper (for ``trunk``, ``heads``, ``last_shared_layer``, ...)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def shard(tensor):
     """This rank's part of ``tensor``: dim 0 cut into ``world_size`` contiguous parts of near-equal sizes."""
     return tensor.tensor_split(world_size())[rank()]
-
-
-def mean(tensor):
-    """The average of ``tensor`` over the ranks (a new tensor, outside autograd)."""
-    if not is_distributed():
-        return tensor
-    total = tensor.detach().clone()
-    dist.all_reduce(total)
-    return total / world_size()
 
 
 def sum_(tensor):
@@ -100,27 +75,6 @@ def sum_(tensor):
     if is_distributed():
         dist.all_reduce(tensor)
     return tensor
-
-
-def average_gradients(parameters):
-    """Averages ``.grad`` over the ranks, for parameters outside the DDP wrapper (the loss weightings')."""
-    for parameter in parameters:
-        if parameter.grad is not None:
-            parameter.grad.copy_(mean(parameter.grad))
-
-
-def cat(tensor):
-    """The ranks' ``tensor`` [..., D_r] concatenated along the last dimension in rank order, [..., sum of D_r] (D_r
-    may differ)."""
-    if not is_distributed():
-        return tensor
-    widths = [torch.zeros(1, dtype=torch.int64, device=tensor.device) for _ in range(world_size())]
-    dist.all_gather(widths, torch.tensor([tensor.shape[-1]], device=tensor.device))
-    widths = [int(width) for width in widths]
-    padded = torch.nn.functional.pad(tensor.detach(), (0, max(widths) - tensor.shape[-1])).contiguous()
-    parts = [torch.empty_like(padded) for _ in widths]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[..., :width] for part, width in zip(parts, widths)], dim=-1)
 
 
 def on_main(fn, *args):

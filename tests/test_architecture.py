@@ -1,6 +1,11 @@
 """The house holds (docs/architecture.md): every import of the code, read with ``ast``, goes only where the drawing
-allows, and the allowed imports between folders form no cycle."""
+allows, and the allowed imports between folders form no cycle; one run's step and the weightings are written for one
+process, and a single run on the CPU imports none of the engines around the step."""
 import ast
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +20,7 @@ ALLOWED = {
     "experiments": {"training"} | BELOW_TRAINING,
     "benchmarks": {"training"} | BELOW_TRAINING,
     "training": BELOW_TRAINING,
-    "weighting": {"losses", "models", "runtime"},
+    "weighting": {"losses", "models"},
     "loaders": {"runtime"},
     "models": set(),
     "losses": set(),
@@ -95,3 +100,62 @@ def test_the_allowed_imports_form_no_cycle():
         done.add(unit)
     for unit in ALLOWED:
         visit(unit, [])
+
+
+# the layers around one run's step, imported only when asked for (docs/architecture.md, "The training package")
+ENGINES = ("training.ddp", "training.engine", "training.stacked", "training.step_graph", "weighting.batched")
+
+
+def imported_modules(source):
+    """The dotted names of the modules ``source`` imports (``from a import b``: ``a`` and ``a.b``)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_the_step_is_written_for_one_process():
+    """training/loop.py imports neither the process group (runtime.distributed) nor an engine: what torchrun
+    changes comes in through its ``processes`` argument (training/ddp.py)."""
+    imported = imported_modules((REPO / "training" / "loop.py").read_text())
+    assert not {name for name in imported if name.startswith("runtime")} | (set(ENGINES) & imported), imported
+    assert "training.ddp" in imported_modules((REPO / "training" / "trainer.py").read_text())  # the run's layer
+
+
+def test_the_engines_hold_no_method_of_a_model():
+    """The stacked engine calls the models' training hooks (models/hooks.py) on the stacked model, which runs them
+    per replica: no Gumbel-matrix temperature, budget or allocation code in training/engine.py or training/stacked.py
+    (stacked.py finds the routers only to draw each replica's Gumbel noise)."""
+    for name in ("engine", "loop", "step_graph"):
+        imported = imported_modules((REPO / "training" / f"{name}.py").read_text())
+        assert not {module for module in imported if module.startswith("models")}, (name, imported)
+    imported = imported_modules((REPO / "training" / "stacked.py").read_text())
+    assert {module for module in imported if module.startswith("models.gumbel")} == \
+        {"models.gumbel_matrix", "models.gumbel_matrix.GumbelMatrixRouter"}
+
+
+def test_the_check_of_the_step_can_fail():
+    assert "runtime.distributed" in imported_modules("from runtime import distributed\n")
+    assert "training.ddp" in imported_modules("def f():\n    from training import ddp\n")
+
+
+def test_a_single_cpu_run_imports_no_engine(tmp_path):
+    """One seed of a weighting on task gradients (GradNorm), one short epoch on the CPU, in a fresh interpreter:
+    the DDP layer, the stacked engine, the CUDA graph and the stacked weightings stay unimported."""
+    params = tmp_path / "gradnorm.json"
+    params.write_text(json.dumps({"exp_id": "gradnorm", "method": "gradnorm", "setting": "2digits",
+                                  "batch_size": 128, "lr_schedule": "none"}))
+    code = ("import json, sys\nimport train_multi_task_counter_stream as script\n"
+            f"code = script.main(['--param_file', {str(params)!r}, '--epochs', '1', '--subset', '300', "
+            f"'--device', 'cpu', '--out', {str(tmp_path / 'run')!r}])\n"
+            "print(json.dumps([code, sorted(sys.modules)]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, modules = json.loads(proc.stdout.splitlines()[-1])
+    assert code == 0 and "training.loop" in modules and "weighting.gradnorm" in modules
+    assert not set(ENGINES) & set(modules), sorted(set(ENGINES) & set(modules))

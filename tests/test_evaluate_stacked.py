@@ -136,7 +136,7 @@ def test_group_active_fractions_are_each_replicas(float64, mode):
     fractions = [record["active_fraction_per_task"] for record in
                  engine.StackedGroup(runs, params, list(SEEDS), mode).records()]
     assert fractions == expected
-    assert trainer.Run(*runs[0], 0, torch.device("cpu")).records()[0]["active_fraction_per_task"] == expected[0]
+    assert trainer.Run(*runs[0], 0).records()[0]["active_fraction_per_task"] == expected[0]
     plain = config.load_params("params/mmnist_9digits_uniform_scaling.json", [])
-    plain_run = trainer.Run(*separate_run(plain, 0, 9), 0, torch.device("cpu"))
+    plain_run = trainer.Run(*separate_run(plain, 0, 9), 0)
     assert "active_fraction_per_task" not in plain_run.records()[0]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from models.gumbel_matrix import (
-    GumbelMatrixLeNet, add_budget_gradient, budget_penalty, router_parameters, temperature_schedule)
+    GumbelMatrixLeNet, add_budget_gradient, budget_penalty, router_parameters, routers, temperature_schedule)
 from training import config, loop, optim
 from weighting import build_weighting
 from run_files import TIMING
@@ -69,6 +69,25 @@ def test_budget_gradient_is_the_task_mean_penalty_gradient():
         expected = 2.0 / 6 / 2 * 0.9 * 0.1
         torch.testing.assert_close(logits.grad[0], torch.tensor([[expected, -expected]] * 2))
         torch.testing.assert_close(logits.grad[1], torch.zeros(2, 2))
+
+
+def test_the_hooks_give_the_temperature_in_place_and_the_budget_gradient():
+    """``before_step`` writes each step's temperature into the one tensor that every router reads (a CUDA graph of
+    the step replays with it); ``after_backward`` adds the gradient of ``penalty``, as ``add_budget_gradient``."""
+    options = {"lr": 0.01, "temperature_init": 50.0, "temperature_min": 0.5, "budget": 0.5, "budget_penalty": 2.0}
+    model = GumbelMatrixLeNet(2, num_components=2)
+    model.before_step(0, options)
+    first = model.temperature
+    assert all(router.temperature is first for router in routers(model)) and float(first) == 50.0
+    model.before_step(12, options)  # 12 steps of 2 tasks: 24 task-updates
+    assert model.temperature is first and float(first) == pytest.approx(50.0 / 5.0)
+    assert model.penalty({**options, "budget_penalty": 0.0}) is None
+    model.after_backward(options)
+    expected = GumbelMatrixLeNet(2, num_components=2)
+    expected.load_state_dict(model.state_dict())
+    add_budget_gradient(expected, budget=0.5, penalty=2.0)
+    for got, want in zip(router_parameters(model), router_parameters(expected)):
+        assert torch.equal(got.grad, want.grad)
 
 
 def test_router_options_are_checked_and_completed(tmp_path):

@@ -70,6 +70,29 @@ def assert_grads_close(actual, expected):
         assert torch.allclose(a, e, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["gradnorm", "mgda", "pcgrad", "imtl", "famo", "dwa"])
+def test_the_statistics_of_a_rule_go_through_reduce(name):
+    """What a rule computes from the batch (task gradients, losses) passes through ``Weighting.reduce`` (the
+    identity in one process; training/ddp.py's average or gather over the ranks under torchrun): gradients with
+    respect to the shared representation [T, B * D] as per-image columns, every other statistic as it is."""
+    model, images, labels = make_problem(3, seed=0)
+    weighting = build_weighting(name, 3).to(DTYPE)
+    calls = []
+
+    def reduce(statistic, per_image=False):
+        calls.append((tuple(statistic.shape), per_image))
+        return statistic
+    weighting.reduce = reduce
+    weighting.backward(model, images, labels)
+    weighting.after_step()
+    weighting.after_epoch()
+    columns = (3, 8 * 5)  # T tasks x (B images x 5 features of z)
+    expected = {"gradnorm": [((3, 5, 6), False), ((3,), False)], "mgda": [(columns, True), ((3,), False)],
+                "pcgrad": [((3, 5 * 6 + 5), False)], "imtl": [(columns, True)], "famo": [((3,), False)] * 2,
+                "dwa": [((3,), False)]}
+    assert calls == expected[name]
+
+
 # ---------------------------------------------------------------- per_task_cross_entropy
 
 

@@ -5,15 +5,16 @@ of one). Both train in one process; torchrun's data parallelism is the single ru
 
 The stacked step is the single run's step (``training.loop.train_epoch``) over a leading replica dimension [R, ...],
 written from device tensors only, so that a CUDA graph can replay it: the batch is picked by a step index tensor
-that the step advances, the Gumbel-softmax temperatures of the epoch are one tensor, and the losses and the first
-non-finite step of every run are kept on the device. Run r's data order, task draws and model noise depend only on
+that the step advances, and the losses and the first non-finite step of every run are kept on the device. The model's
+training hooks (models/hooks.py) are those of one run, called on the stacked model, which runs them for every replica:
+``before_step`` eagerly before every step (it writes in place what the forward pass reads), ``after_backward`` inside
+the step. Run r's data order, task draws and model noise depend only on
 (seeds[r], epoch), as its separate run's, so a stacked run is its separate run and resuming it is exact.
 """
 import torch
 
 import losses
 from loaders import NUM_TASKS
-from models.gumbel_matrix import temperature_schedule
 from runtime import distributed
 from training import config, loop, step_graph
 from training.data import MEMORY_FORMATS, MNIST_STATS, normalize
@@ -96,10 +97,7 @@ class StackedGroup:
         if self.weighting is not None:
             for record, weights in zip(records, self.weighting.weights().detach().cpu().tolist()):
                 record["task_weights"] = weights
-        if self.stack.routers:
-            for record, matrix in zip(records, self.stack.allocation_matrix().mean(dim=-1).cpu().tolist()):
-                record["active_fraction_per_task"] = matrix
-        return records
+        return [{**record, **own} for record, own in zip(records, self.stack.epoch_records())]
 
     def name(self, r):
         """How a log line names run r: its seed (nothing for a single run replayed as a CUDA graph)."""
@@ -116,7 +114,7 @@ def train_stacked_epoch(model, weighting, optimizer, train, params, seeds, epoch
     images, labels = train
     n, batch_size, replicas = len(images), params["batch_size"], len(seeds)
     steps, full = -(-n // batch_size), n // batch_size
-    live = epoch_tensors(model, weighting, labels, params, seeds, epoch, steps)
+    live = epoch_tensors(model, weighting, labels, seeds, epoch)
     if graphs is not None:
         live = graphs.stage(live, (images.data_ptr(), labels.data_ptr(), n, batch_size, id(model), id(weighting),
                                    id(optimizer), tuple(map(id, model.noise_generators()))))
@@ -137,6 +135,7 @@ def train_stacked_epoch(model, weighting, optimizer, train, params, seeds, epoch
 
     model.train()
     for step in progress(range(steps)):
+        model.before_step(epoch * steps + step, params.get("router_options"))
         if step == full:
             gradients(live["orders"][:, full * batch_size:])  # the partial batch
             update()
@@ -153,10 +152,10 @@ def train_stacked_epoch(model, weighting, optimizer, train, params, seeds, epoch
                                                                     live["orders"]))]
 
 
-def epoch_tensors(model, weighting, labels, params, seeds, epoch, steps):
+def epoch_tensors(model, weighting, labels, seeds, epoch):
     """The device tensors that the stacked step reads and updates this epoch: every run's data order and task
-    draws [R, N] (``loop.epoch_generator``), the temperatures of the epoch's steps, the step index, the loss sums,
-    first non-finite steps and their losses; seeds the replicas' own noise (``loop.epoch_seed``)."""
+    draws [R, N] (``loop.epoch_generator``), the step index, the loss sums, first non-finite steps and their losses;
+    seeds the replicas' own noise (``loop.epoch_seed``)."""
     device, replicas = labels.device, len(seeds)
     generators = [loop.epoch_generator(seed, epoch) for seed in seeds]
     model.seed_noise([loop.epoch_seed(seed, epoch) for seed in seeds])  # the model's own draws (Gumbel, dropout)
@@ -165,12 +164,7 @@ def epoch_tensors(model, weighting, labels, params, seeds, epoch, steps):
     if weighting is None:
         valid = (labels >= 0).cpu()
         tasks = torch.stack([loop.draw_tasks(valid, g) for g in generators]).to(device)  # [R, N]
-    routing, temperatures = params.get("router_options"), None
-    if routing:  # the Gumbel-matrix model's before_step, as one tensor (models/gumbel_matrix.py)
-        temperatures = torch.tensor([temperature_schedule((epoch * steps + step) * labels.shape[1],
-                                                          routing["temperature_init"], routing["temperature_min"])
-                                     for step in range(steps)], dtype=model.dtype, device=device)
-    return {"orders": orders, "tasks": tasks, "temperatures": temperatures,
+    return {"orders": orders, "tasks": tasks,
             "step": torch.zeros(1, dtype=torch.int64, device=device),
             "loss_sum": torch.zeros(replicas, device=device),
             "first_bad": torch.full((replicas,), -1, dtype=torch.int64, device=device),
@@ -184,9 +178,6 @@ def stacked_step(model, weighting, optimizer, images, labels, params, stats, liv
     x = normalize(images[batch.flatten()], MEMORY_FORMATS[params["memory_format"]], stats).to(model.dtype) \
         .unflatten(0, batch.shape)
     optimizer.zero_grad(set_to_none=True)
-    routing = params.get("router_options")
-    if routing:
-        model.set_temperature(live["temperatures"].index_select(0, live["step"])[0])
     if weighting is None:
         t = live["tasks"].gather(1, batch)
         divisors = model.per_replica(loop.loss_divisor, labels[batch, t])
@@ -196,8 +187,7 @@ def stacked_step(model, weighting, optimizer, images, labels, params, stats, liv
     else:
         divisors = model.per_replica(loop.loss_divisor, labels[batch])
         task_losses = weighting.backward(model, x, labels[batch].long(), divisors)
-    if routing and routing["budget_penalty"] > 0:
-        model.add_budget_gradient(routing["budget"], routing["budget_penalty"])
+    model.after_backward(params.get("router_options"))
     step_loss = task_losses.mean(dim=1)
     live["loss_sum"].add_(step_loss)
     newly_bad = (live["first_bad"] < 0) & ~torch.isfinite(step_loss)

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, vmap
 
-from models.gumbel_matrix import GumbelMatrixRouter, allocation_matrix, budget_penalty, router_parameters, \
-    set_temperature
+from models.gumbel_matrix import GumbelMatrixRouter
+from models.hooks import TrainingHooks
 from models.lenet import SenerKoltunDropout
 from training.data import MEMORY_FORMATS
 from training import optim
@@ -84,6 +84,9 @@ class StackedModel(nn.Module):
         if mode == "vmap" and self.dropouts:
             raise ValueError("stacking mode 'vmap' cannot draw Sener-Koltun dropout masks per replica; use 'loop'")
         self.generators = None
+        # the training hooks that the template's class defines (those of models/hooks.py do nothing: not called)
+        self.hooked = {name for name in ("before_step", "penalty", "epoch_record")
+                       if getattr(type(template), name) is not getattr(TrainingHooks, name)}
         self.template.train(self.training)
 
     def train(self, mode=True):
@@ -164,6 +167,33 @@ class StackedModel(nn.Module):
         """Replica r as the model of one run (``Replica``), for a weighting's ``backward``."""
         return Replica(self, r)
 
+    def hook(self, r, name, *args):
+        """The template's training hook ``name`` (models/hooks.py) of replica r: with its tensors, drawing no noise."""
+        self._apply_fn.fn = lambda model, *values: getattr(model, name)(*values)
+        tensors = {f"model.{key}": tensor[r] for key, tensor in self.tensors().items()}
+        return functional_call(self._apply_fn, tensors, args)
+
+    # the training hooks of models/hooks.py, for every replica: the stacked engine calls them as the step of one run
+    # calls its model's
+
+    def before_step(self, update, options):
+        if "before_step" in self.hooked:
+            for r in range(self.num_replicas):
+                self.hook(r, "before_step", update, options)
+
+    def after_backward(self, options):
+        """The gradient of every replica's ``penalty``: of their sum (each replica's slices get its own)."""
+        penalties = [self.hook(r, "penalty", options) for r in range(self.num_replicas)] \
+            if "penalty" in self.hooked else [None]
+        if all(penalty is not None for penalty in penalties):
+            torch.stack(penalties).sum().backward()
+
+    def epoch_records(self):
+        """Every replica's ``epoch_record()``."""
+        if "epoch_record" not in self.hooked:
+            return [{} for _ in range(self.num_replicas)]
+        return [self.hook(r, "epoch_record") for r in range(self.num_replicas)]
+
     def _name_of(self, template_parameter):
         return next(name for name, p in self.template.named_parameters() if p is template_parameter)
 
@@ -171,11 +201,6 @@ class StackedModel(nn.Module):
         if self.paradigm == "single_branch":
             return self.call(lambda model, x, t: model(x, t), images, tasks)
         return self.call(lambda model, x: model(x), images)
-
-    def budget_penalty(self, budget, penalty):
-        """[R]: every replica's task-averaged budget penalty (``models.gumbel_matrix.budget_penalty``)."""
-        zero = torch.zeros(self.num_replicas, device=self.stacked[0].device)
-        return self.call(lambda model, _: budget_penalty(model, budget, penalty).mean(), zero, draws=False)
 
     @property
     def dtype(self):
@@ -187,23 +212,6 @@ class StackedModel(nn.Module):
         if self.mode == "vmap":
             return vmap(fn)(*args)
         return torch.stack([fn(*(arg[r] for arg in args)) for r in range(self.num_replicas)])
-
-    def set_temperature(self, temperature):
-        """The Gumbel-softmax temperature of every replica (they train in step)."""
-        set_temperature(self.template, temperature)
-
-    def allocation_matrix(self):
-        """[R, T, L*K]: every replica's greedy allocation (``models.gumbel_matrix.allocation_matrix``)."""
-        zero = torch.zeros(self.num_replicas, device=self.stacked[0].device)
-        return self.call(lambda model, _: allocation_matrix(model), zero, draws=False)
-
-    def add_budget_gradient(self, budget, penalty):
-        """``models.gumbel_matrix.add_budget_gradient`` for every replica: the gradient of its budget penalty added
-        to its allocation logits' ``.grad``."""
-        logits = [self.parameter(self._name_of(p)) for p in router_parameters(self.template)]
-        values = self.budget_penalty(budget, penalty)
-        for parameter, grad in zip(logits, torch.autograd.grad(values.sum(), logits)):
-            parameter.grad = grad if parameter.grad is None else parameter.grad + grad
 
     def replica_state_dict(self, r):
         """Replica r's ``state_dict()``: the same keys and values as its separate run's model."""

@@ -1,11 +1,12 @@
 """The training step as a CUDA graph: on a GPU a LeNet-sized step is bound by kernel launches,
-so the gradient part of every full batch (zero_grad, forward, the weighting's backward, the Gumbel budget gradient,
-the loss bookkeeping) is captured once into a ``torch.cuda.CUDAGraph`` and replayed; the optimiser step and the
-weighting's ``after_step`` run eagerly after each replay (a handful of foreach kernels), so that the optimiser, its
+so the gradient part of every full batch (zero_grad, forward, the weighting's backward, the model's ``after_backward``,
+the loss bookkeeping) is captured once into a ``torch.cuda.CUDAGraph`` and replayed; the model's ``before_step`` runs
+eagerly before each replay (writing in place what the forward pass reads), the optimiser step and the weighting's
+``after_step`` eagerly after it (a handful of foreach kernels), so that the optimiser, its
 learning-rate schedule and its checkpoints are those of an eager run.
 
 The captured function reads only device tensors that keep their storage from epoch to epoch (``StepGraph.stage``
-copies each epoch's data order, task draws, temperatures and loss counters into them; the batch position is a step
+copies each epoch's data order, task draws and loss counters into them; the batch position is a step
 index tensor that the step itself advances) and returns the gradients it wrote, which become the parameters'
 ``.grad`` after every replay. The model's own noise comes from generators registered with the graph (the stacked
 replicas' generators, torch's default one for a single run), which a replay advances as the eager step would. The

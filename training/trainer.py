@@ -71,18 +71,22 @@ def build(params, seed, device):
 
 
 class Run:
-    """One run: its model (trained through its DDP wrapper under torchrun), weighting and optimiser."""
+    """One run: its model, weighting and optimiser, and the processes that share its batches (under torchrun
+    training/ddp.py's ranks, imported only there)."""
 
     mode = None
 
-    def __init__(self, model, weighting, optimizer, seed, device):
+    def __init__(self, model, weighting, optimizer, seed):
         self.model, self.weighting, self.optimizer, self.seeds = model, weighting, optimizer, [seed]
-        self.trained = distributed.wrap(model, device)  # DDP's forward averages the gradients over the ranks
+        self.processes = loop.ONE_PROCESS
+        if distributed.is_distributed():
+            from training import ddp
+            self.processes = ddp.DataParallel(model, weighting)
 
     def train_epoch(self, train, params, epoch, stats, locations, bar=iter):
         """[loop.Epoch] of the run's epoch ``epoch``; ``bar`` wraps its batch iteration (``progress.batch_bar``)."""
-        return [loop.train_epoch(self.trained, self.weighting, self.optimizer, train, params, self.seeds[0], epoch,
-                                 stats, locations, bar)]
+        return [loop.train_epoch(self.model, self.weighting, self.optimizer, train, params, self.seeds[0], epoch,
+                                 stats, locations, bar, self.processes)]
 
     def evaluate(self, evaluation, images, labels):
         """[(accuracy [T], loss)] of ``evaluation`` (``training.evaluate.evaluate`` with its settings)."""
@@ -113,7 +117,7 @@ def train(args, params, device, outs, engine=None, summary_writer=None):
     distributed.on_main(run_dir.open_log, *outs)
     states = [run_dir.start_state(s, out, params, objects, args.command) for s, out, objects in zip(saved, outs, runs)]
     run_dir.check_same_epoch(args.seeds, states)
-    group = Run(*runs[0], args.seeds[0], device) if engine is None else engine.group(runs)
+    group = Run(*runs[0], args.seeds[0]) if engine is None else engine.group(runs)
     splits = distributed.local_main_first(load_data, params, args.subset, args.data_root or params["data_root"])
     fingerprint = data_fingerprint(splits)
     run_dir.check_fingerprints(saved, outs, states, fingerprint, args.force)

@@ -15,10 +15,10 @@ class Weighting(nn.Module):
     ``backward`` of its own (task gradients). Either is written once, for one run; stacked seeds run it over their
     replicas (weighting/batched.py).
 
-    Under DDP (see runtime/distributed.py) ``model`` is the DDP wrapper and each rank's task losses average to the global
-    batch's, so a rule linear in the losses (uniform, sum, kendall) is exact with DDP's averaged gradients; the
-    caller averages the weighting's own gradients. Rules that use task gradients (GradNorm, MGDA) take them with
-    ``autograd.grad``, which DDP does not synchronise, and combine them over the ranks themselves.
+    A rule is written for one process. Where several processes share each global batch (torchrun, training/ddp.py),
+    each runs the rule on its part of the batch, and their gradients are averaged after ``backward``; a rule that
+    computes from statistics of the batch (task gradients, losses) first makes them the global batch's with
+    ``reduce``, which that layer sets (in one process it returns its argument).
     """
 
     combines_losses = True  # the rule is ``combine`` of the task losses (False: a ``backward`` of its own)
@@ -47,6 +47,12 @@ class Weighting(nn.Module):
             losses = per_task_cross_entropy(logits, labels, num_valid) + locations.loss(where)
         self.combine(losses).backward()
         return losses.detach()
+
+    def reduce(self, statistic, per_image=False):
+        """The global batch's value of ``statistic``, which this process computed from its part of the batch: the
+        statistic itself in one process (training/ddp.py sets the ranks' average; ``per_image``: a statistic with one
+        column per image of the part along its last dimension, whose columns are gathered)."""
+        return statistic
 
     def check_stackable(self):
         """ValueError (one line) where this rule's stacked form cannot serve its setting (default: nothing)."""

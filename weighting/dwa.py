@@ -2,8 +2,6 @@
 Sec. 3.3: task weights from the rate of change of each task's average training loss over the last two epochs."""
 import torch
 
-from runtime import distributed
-
 from .base import Weighting
 
 
@@ -13,9 +11,8 @@ class DWA(Weighting):
     paper's), lambda_k = 1 in the first two epochs (sum_k lambda_k = K, the paper's normalisation: K times uniform
     scaling's 1/K). A task with no loss in epoch t-2 (no valid label) gets w = 1.
 
-    Works on the losses only, so the localisation loss is supported (added to L_k before weighting). Under DDP each
-    rank's epoch means are averaged at the epoch's end (``after_epoch``): the global epoch's, the same lambda on
-    every rank, and the weighted loss is linear in the losses (exact with DDP's averaged gradients)."""
+    Works on the losses only, so the localisation loss is supported (added to L_k before weighting). The epoch means
+    are the global batches' (``reduce`` at the epoch's end), the same lambda in every process that shares them."""
 
     def __init__(self, num_tasks, temperature=2.0):
         super().__init__(num_tasks)
@@ -36,7 +33,7 @@ class DWA(Weighting):
     def after_epoch(self):
         if int(self.steps) == 0:
             return
-        mean = distributed.mean(self.loss_sum / self.steps)
+        mean = self.reduce(self.loss_sum / self.steps)
         self.epoch_losses.copy_(torch.stack([mean, self.epoch_losses[0]]))
         self.epochs += 1
         self.loss_sum.zero_()

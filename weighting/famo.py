@@ -5,7 +5,6 @@ LibMTL's): logits' learning rate 0.025, weight decay gamma = 1e-5, minimum losse
 import torch
 
 from losses import per_task_cross_entropy
-from runtime import distributed
 
 from .base import Weighting
 
@@ -21,8 +20,8 @@ class FAMO(Weighting):
     delta_t = log L_t(before) - log L_t(after) (Alg. 1). xi and the Adam moments are buffers (part of the
     checkpoint), not parameters of the model's optimiser.
 
-    Under DDP the losses of the weights and of delta are the global batch's (averaged over the ranks), so every rank
-    has the same weights and logits; the weighted loss goes through the DDP wrapper. A task without a valid label
+    The losses of the weights and of delta are the global batch's (``reduce``), so that every process that shares
+    the batch has the same weights and logits. A task without a valid label
     in the batch (loss 0) gets weight 0 and delta 0. The localisation loss is refused (the second evaluation would
     need it too)."""
 
@@ -41,7 +40,7 @@ class FAMO(Weighting):
 
     def backward(self, model, images, labels, num_valid=None):
         losses = per_task_cross_entropy(model(images), labels, num_valid)
-        before = distributed.mean(losses.detach())
+        before = self.reduce(losses.detach())
         z = torch.softmax(self.logits, dim=0).to(before)
         present = before > 0
         inverse = torch.where(present, z / (before + _EPS), torch.zeros_like(z))  # z_t / L_t
@@ -55,7 +54,7 @@ class FAMO(Weighting):
         model, images, labels, num_valid, before = self._pending
         self._pending = None
         with torch.no_grad():
-            after = distributed.mean(per_task_cross_entropy(distributed.unwrap(model)(images), labels, num_valid))
+            after = self.reduce(per_task_cross_entropy(model(images), labels, num_valid))
         present = (before > 0) & (after > 0)
         delta = torch.where(present, torch.log(before + _EPS) - torch.log(after + _EPS), torch.zeros_like(before))
         self.update_logits(delta.to(self.logits))

@@ -3,7 +3,6 @@ import torch
 import torch.nn as nn
 
 from losses import per_task_cross_entropy
-from runtime import distributed
 
 from .base import Weighting
 
@@ -24,17 +23,16 @@ class GradNorm(Weighting):
         self.register_buffer("initial_losses", torch.zeros(num_tasks))
 
     def backward(self, model, images, labels, num_valid=None):
-        """Network grads from sum_i w_i L_i (w constant); w.grad from L_grad = sum_i |G_i - target_i| only. Under DDP
-        grad_W L_i and L_i are averaged over the ranks first, so that every rank has the global batch's G, targets
-        and w.grad."""
+        """Network grads from sum_i w_i L_i (w constant); w.grad from L_grad = sum_i |G_i - target_i| only; G and the
+        targets from the global batch's grad_W L_i and L_i (``reduce``)."""
         losses = per_task_cross_entropy(model(images), labels, num_valid)  # [T]
-        W = distributed.unwrap(model).last_shared_layer.weight
+        W = model.last_shared_layer.weight
         # grad_W L_i of the global batch, constants: L_grad must not reach the network
-        grads = distributed.mean(torch.stack([torch.autograd.grad(loss, W, retain_graph=True)[0] for loss in losses]))
+        grads = self.reduce(torch.stack([torch.autograd.grad(loss, W, retain_graph=True)[0] for loss in losses]))
         G = self.task_weights * grads.flatten(1).norm(dim=1)  # G_i = ||grad_W (w_i L_i)||, linear in w_i (w_i > 0)
 
         with torch.no_grad():
-            global_losses = distributed.mean(losses)
+            global_losses = self.reduce(losses)
             self.initial_losses.copy_(torch.where(self.initial_losses > 0, self.initial_losses, global_losses))
             loss_ratios = global_losses / self.initial_losses.clamp(min=_EPS)  # L~_i(t) = L_i(t) / L_i(0)
             inverse_rates = loss_ratios / loss_ratios.mean().clamp(min=_EPS)  # r_i(t)

@@ -4,7 +4,6 @@ import torch
 
 from losses import per_task_cross_entropy
 from models.lenet import held_dropout_masks
-from runtime import distributed
 
 from .min_norm_solvers import MAX_BATCHED_TASKS, NORMALIZATIONS, batched_min_norm_element, find_min_norm_element, \
     gradient_normalizers
@@ -27,17 +26,14 @@ class MGDA(Weighting):
 
     def backward(self, model, images, labels, num_valid=None):
         """alpha from the gradients w.r.t. z = trunk(x) (SK Eq. 6 upper bound), then backward of sum_t alpha_t L_t.
-        Under DDP the ranks' gradients (their images' columns) are gathered: every rank solves for the global
-        batch."""
-        net = distributed.unwrap(model)
-        with held_dropout_masks(net):  # Sener & Koltun's dropout: the final pass reuses the masks of the others
+        alpha is solved for the global batch (``reduce``: its images' gradient columns and its losses)."""
+        with held_dropout_masks(model):  # Sener & Koltun's dropout: the final pass reuses the masks of the others
             with torch.no_grad():
-                z = net.trunk(images)
+                z = model.trunk(images)
             z = z.detach().requires_grad_()  # detached leaf: the task gradients stop at the shared representation
-            losses = per_task_cross_entropy(net.heads(z), labels, num_valid)  # [T]
+            losses = per_task_cross_entropy(model.heads(z), labels, num_valid)  # [T]
             grads = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].flatten() for loss in losses])
-            # a rank's losses are world_size x its share of the global batch's losses, and so are their gradients
-            grads, losses = distributed.cat(grads) / distributed.world_size(), distributed.mean(losses)
+            grads, losses = self.reduce(grads, per_image=True), self.reduce(losses)
             grads = grads / gradient_normalizers(grads, losses, self.normalization)[..., None]
             alpha = self.min_norm_element(grads)
             self.alpha.copy_(alpha)

@@ -7,15 +7,12 @@ the shared parameters, the trunk's (``space = "parameters"``), or of the shared 
 task-specific parameters (the heads) get the gradient of sum_t h_t L_t with h_t = 1 (each head its own task's
 gradient, as in Yu et al. 2020, Sec. 3, and LibMTL) unless a rule says otherwise (``head_coefficients``).
 
-Under DDP the task gradients are averaged (parameters) or gathered (representation, as MGDA) over the ranks before
-the rule sees them, so every rank computes the same beta from the global batch, and the gradients written into
-``.grad`` are averaged over the ranks as DDP's are. Only ``autograd.grad`` is used and the DDP wrapper's forward is
-not, so DDP's own gradient hooks never fire.
+The rule sees the global batch's task gradients (``reduce``: averaged for parameters, gathered for the
+representation, as MGDA), so that every process that shares the batch computes the same beta.
 """
 import torch
 
 from losses import per_task_cross_entropy
-from runtime import distributed
 
 from .base import Weighting
 
@@ -43,31 +40,28 @@ class GradientWeighting(Weighting):
         return torch.ones_like(beta)
 
     def backward(self, model, images, labels, num_valid=None):
-        net = distributed.unwrap(model)
-        z = net.trunk(images)
-        shared, specific = self._split(net, z)
+        z = model.trunk(images)
+        shared, specific = self._split(model, z)
         if self.space == "representation":
             rep = z.detach().requires_grad_()
-            losses = per_task_cross_entropy(net.heads(rep), labels, num_valid)
+            losses = per_task_cross_entropy(model.heads(rep), labels, num_valid)
             local = torch.stack([torch.autograd.grad(loss, rep, retain_graph=True)[0].flatten() for loss in losses])
-            grads = distributed.cat(local) / distributed.world_size()  # the global batch's (see MGDA)
+            grads = self.reduce(local, per_image=True)
         else:
-            losses = per_task_cross_entropy(net.heads(z), labels, num_valid)
+            losses = per_task_cross_entropy(model.heads(z), labels, num_valid)
             local = torch.stack([flatten(torch.autograd.grad(loss, shared, retain_graph=True)) for loss in losses])
-            grads = distributed.mean(local)
+            grads = self.reduce(local)
         beta = self.coefficients(grads.double())
         self.beta.copy_(beta)
         beta = beta.to(grads.dtype)
         if self.space == "representation":
             trunk_grads = torch.autograd.grad(z, shared, grad_outputs=(beta @ local).view_as(z), retain_graph=True)
-            trunk_grads = [distributed.mean(grad) for grad in trunk_grads]
         else:
             update = beta @ grads
             parts = update.split([p.numel() for p in shared])
             trunk_grads = [part.view_as(p).clone() for part, p in zip(parts, shared)]
         head_loss = (self.head_coefficients(beta.double()).to(losses.dtype) * losses).sum()
-        head_grads = [None if grad is None else distributed.mean(grad)
-                      for grad in torch.autograd.grad(head_loss, specific, allow_unused=True)]
+        head_grads = torch.autograd.grad(head_loss, specific, allow_unused=True)
         for p, grad in [*zip(shared, trunk_grads), *zip(specific, head_grads)]:
             if grad is not None:
                 p.grad = grad if p.grad is None else p.grad + grad
