@@ -401,8 +401,9 @@ def counted(counts):
 
 
 def summary_lines(table):
-    """The summary table: one figure per cell (n = 1: the run's; else mean ± std) beside the paper's value and Δ;
-    every row of the paper, and our other rows only where they have a run."""
+    """The summary table: one figure per cell (n = 1: the run's; else mean ± std) beside the paper's value and Δ,
+    or for a row the paper did not run, beside its Δm% against single task; every row of the paper, and our other
+    rows only where they have a run."""
     lines = ["| Method | " + " | ".join(TITLES[s] for s in SETTINGS) + " |", "|" + "---|" * (len(SETTINGS) + 1)]
     for method, row in table["rows"].items():
         if method not in PAPER_METHODS and not any(cell["n"] for cell in row.values()):
@@ -414,8 +415,12 @@ def summary_lines(table):
                 values.append(f"– ({paper})" if paper else "–")
                 continue
             ours = f"**{cell['acc_mean']:.2f}**" + ("" if cell["acc_std"] is None else f" ± {cell['acc_std']:.2f}")
-            values.append(f"{ours} ({paper}, {cell['diff']:+.2f})" if paper else f"{ours} (not in the paper)")
-        lines.append(f"| {method} | " + " | ".join(values) + " |")
+            beside = f"{paper}, {cell['diff']:+.2f}" if paper else \
+                "Δm% –" if cell["delta_m"] is None else f"Δm% {cell['delta_m']:+.2f}"
+            values.append(f"{ours} ({beside})")
+        name = f"{method} (ours)" if method in EXTRA_METHODS else \
+            f"{method} (beyond the paper)" if method in BEYOND_METHODS else method
+        lines.append(f"| {name} | " + " | ".join(values) + " |")
     return lines
 
 
@@ -452,11 +457,13 @@ def delta_m_lines(table):
 
 
 def render_summary(table, source):
-    """The summary table with its legend, which links the full table at ``source``, then the Δm% table."""
+    """The summary table with its legend, which links the full table at ``source`` (and its Δm% table)."""
     return "\n".join(summary_lines(table)) + "\n\n" + summary_legend(table) + (
-        " Made from the committed runs by the table maker; the full table, the last-epoch and best-test-epoch "
-        "figures, the wall times, the commits and one line of reason for every cell more than 2 points from the "
-        f"paper: [{source}]({source}).\n\n**Δm% against single task** (ours):\n\n") + "\n".join(delta_m_lines(table)) + "\n"
+        " Rows the paper did not run: in brackets their Δm% against single task instead (the mean over tasks of the "
+        "relative accuracy change from the single_task row, in %; higher is better). Made from the committed runs by "
+        "the table maker; the full table, the Δm% of every cell, the last-epoch and best-test-epoch figures, the wall "
+        "times, the commits and one line of reason for every cell more than 2 points from the paper: "
+        f"[{source}]({source}).\n")
 
 
 def render_markdown(table, command):

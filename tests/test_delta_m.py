@@ -68,7 +68,7 @@ def test_tables_and_readme_show_delta_m_and_the_median_epoch_time(runs, tmp_path
     assert rows["uniform_scaling"] == "| uniform_scaling | +7.50 | – | – | – |"
     assert rows["controlnet"] == "| controlnet | – | – | – | – |"
     assert "Maninis et al. 2019; Navon et al. 2022" in section
-    assert rows["uniform_scaling"] in readme.read_text()
+    assert "| uniform_scaling | **91.50** ± 7.78 (95.30, -3.80) |" in readme.read_text()  # a paper row: vs the paper
     saved = json.loads((out / "table2.json").read_text())["rows"]["uniform_scaling"]["2digits"]
     assert saved["delta_m"] == pytest.approx(7.5) and saved["acc_per_task"] == [84.0, 99.0]
     assert saved["epoch_time_s"] == 20.0  # the median of 30, 10 and 20 s, the same for both seeds
@@ -80,6 +80,12 @@ def test_without_any_single_task_run_the_table_says_so_in_one_line(tmp_path):
     lines = table2.delta_m_lines(table2.aggregate(tmp_path))
     assert lines == ["Δm% against single task: none, since no single_task run of this protocol has per-task "
                      "accuracies."]
+
+
+def test_summary_gives_rows_beyond_the_paper_their_delta_m(runs, tmp_path):
+    write_run(runs, "dwa", "2digits", 0, [88.0, 99.0])  # +10 % on both tasks against single task's [80, 90]
+    rows = {line.split(" | ")[0].strip("| "): line for line in table2.summary_lines(table2.aggregate(runs))}
+    assert rows["dwa (beyond the paper)"] == "| dwa (beyond the paper) | **93.50** (Δm% +10.00) | – | – | – |"
 
 
 def test_a_run_whose_lr_schedule_changed_is_named_in_the_notes(runs):

@@ -294,10 +294,10 @@ def test_summary_opens_the_table_and_readme_gets_it_between_its_markers(runs, tm
     assert table2.main(["--runs_dir", str(runs), "--out_dir", str(out_dir), "--readme", str(readme)]) == 0
     summary = (out_dir / "table2.md").read_text().split("## Summary")[1].split("## Every figure")[0]
     rows = {line.split(" | ")[0].strip("| "): line for line in summary.splitlines() if line.startswith("| ")}
-    assert list(rows) == ["Method", *table2.PAPER_METHODS, "gumbel_matrix"]  # beyond-the-paper rows: no runs, no row
+    assert list(rows) == ["Method", *table2.PAPER_METHODS, "gumbel_matrix (ours)"]  # beyond the paper: no runs, no row
     assert rows["ch_mod"] == "| ch_mod | **96.00** ± 1.00 (95.87, +0.13) | – (91.38) | – (76.56) | – (32.69) |"
     assert rows["controlnet"].split(" | ")[2] == "**94.00** (94.64, -0.64)"
-    assert rows["gumbel_matrix"].split(" | ")[3] == "**80.00** (not in the paper)"
+    assert rows["gumbel_matrix (ours)"].split(" | ")[3] == "**80.00** (Δm% –)"  # no single-task run to compare
     text = readme.read_text()
     assert text.startswith("# Title\n\n<!-- table2 summary begin -->\n| Method | 2 digits |")
     assert text.endswith("<!-- table2 summary end -->\n\nrest\n") and "old numbers" not in text
