@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import train_multi_task_counter_stream as train_script
+from tiny_rotated_mnist import use_tiny_rotated_mnist
 from training import cli, config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,20 +147,7 @@ def test_a_round_robin_dry_run_reads_no_data(monkeypatch, capsys):
 
 
 def test_a_round_robin_run_reads_the_param_file_once(tmp_path, monkeypatch):
-    import torch
-
-    from loaders.rotated_mnist import make_tasks
-    from training import round_robin
-
-    generator = torch.Generator().manual_seed(0)
-
-    def tiny_data(root, subset, seed):
-        def split(n):
-            return make_tasks(torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=generator),
-                              torch.randint(0, 10, (n,), generator=generator))
-        return {"train": split(32), "test": split(16)}
-
-    monkeypatch.setattr(round_robin, "load_rotated_mnist", tiny_data)
+    use_tiny_rotated_mnist(monkeypatch, train=32, test=16)
     param_file = "params/gumbel_mnist/no_sharing.json"
     opens = Opens(monkeypatch, param_file)
     assert train_script.main(["--param_file", param_file, "--steps", "2", "--out", str(tmp_path / "run")]) == 0

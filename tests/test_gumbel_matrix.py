@@ -12,6 +12,7 @@ import train_multi_task_counter_stream as train_script
 from training import round_robin
 from experiments.plots import allocation as plot_allocation
 from loaders.rotated_mnist import TASKS, load_rotated_mnist, make_tasks, rotate90
+from tiny_rotated_mnist import use_tiny_rotated_mnist
 from models.gumbel_matrix import (
     FixedRouter, GumbelMatrixLeNet, GumbelMatrixMNISTNet, GumbelMatrixRouter, RoutedLayer, allocation_matrix,
     budget_penalty, linear_components, make_router, router_parameters, temperature_schedule, weight_parameters)
@@ -239,15 +240,7 @@ def test_shipped_param_files_are_valid(variant):
 
 
 def test_cli_writes_results_and_allocation(tmp_path, monkeypatch):
-    generator = torch.Generator().manual_seed(0)
-
-    def tiny_data(root, subset, seed):
-        def split(n):
-            return make_tasks(torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=generator),
-                              torch.randint(0, 10, (n,), generator=generator))
-        return {"train": split(64), "test": split(32)}
-
-    monkeypatch.setattr(round_robin, "load_rotated_mnist", tiny_data)
+    use_tiny_rotated_mnist(monkeypatch, train=64, test=32)
     out = tmp_path / "run"
     params = "params/gumbel_mnist/gumbel_matrix_budget075.json"
     assert train_script.main(["--param_file", params, "--steps", "3", "--out", str(out)]) == 0
