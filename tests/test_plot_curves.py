@@ -163,3 +163,17 @@ def test_labels_name_the_params_that_differ_between_the_runs_and_only_those(tmp_
     lines = fig.axes[2].get_lines()  # test accuracy: one marker shape per line
     assert len({line.get_marker() for line in lines}) == 2
     plt.close(fig)
+
+
+def test_labels_name_the_method_options_that_differ_where_a_run_sets_them(tmp_path):
+    options = {"a": {"sigma": 0.5}, "b": {"sigma": 0.25}, "c": {"sigma": 0.5, "gated": "conv1,conv2"}, "d": None}
+    for name, model_options in options.items():
+        run = fake_run(tmp_path / name, 0, [2.0, 1.0], [20.0, 40.0], method="task_routing" if model_options else "ch_mod")
+        info = json.loads((run / "results.json").read_text())
+        info["params"]["model_options"] = model_options or {}
+        (run / "results.json").write_text(json.dumps(info))
+    loaded = [plot_curves.load_run(tmp_path / name) for name in options]
+    shared, labels = plot_curves.split_names(plot_curves.group_runs(loaded, by_seeds=False))
+    assert shared == "2 digits, 2 epochs, seed 0"
+    assert labels == ["task_routing, model_options.sigma=0.5", "task_routing, model_options.sigma=0.25",
+                      "task_routing, model_options.gated=conv1,conv2, model_options.sigma=0.5", "ch_mod"]

@@ -101,14 +101,20 @@ def describe(info, directory):
     return parts + ([f"subset of {info['subset']} training images"] if info.get("subset") else [])
 
 
+OPTION_KEYS = ("model_options", "weighting_options", "router_options")  # a method's own options, one key each
+
+
 def run_params(info):
     """The run's params as the training script used them (a key its results.json lacks, from a run older than the
     key, reads as the default filled in today), without the method's own keys and those that do not change the
-    numbers."""
+    numbers; the method's options each as a dotted key (``model_options.sigma``), where the run sets them."""
     params = info.get("params", {})
     defaults = completed_defaults(params.get("dataset", "multi_mnist"), info.get("setting"))
-    return {key: params.get(key, defaults.get(key)) for key in {*params, *defaults}
+    flat = {key: params.get(key, defaults.get(key)) for key in {*params, *defaults}
             if key not in METHOD_KEYS + NEUTRAL_KEYS + ("epochs",)}
+    for key in OPTION_KEYS:
+        flat.update({f"{key}.{name}": value for name, value in (params.get(key) or {}).items()})
+    return flat
 
 
 def differing_params(runs):
@@ -139,7 +145,7 @@ def group_runs(runs, by_seeds):
         parts = describe(members[0]["info"], members[0]["dir"])
         if members[0]["info"]:
             params = run_params(members[0]["info"])
-            parts += [f"{key}={shown(params.get(key))}" for key in differing]
+            parts += [f"{key}={shown(params[key])}" for key in differing if key in params]  # options: where set
         if len(members) > 1:
             parts.append(f"mean ± std over seeds {', '.join(map(str, sorted(seeds)))}")
         elif seeds:
