@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_multi_task_counter_stream as train_script
+from in_process import run_main, write_params
 from training import checkpoint, config, data, run_lock, trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,18 +20,15 @@ COMMITTED = REPO / "results" / "table2_full" / "9digits" / "controlnet" / "seed0
 
 @pytest.fixture
 def params(tmp_path):
-    path = tmp_path / "params.json"
-    path.write_text(json.dumps(PARAMS))
-    return path
+    return write_params(tmp_path, PARAMS)
 
 
 def main(capsys, *args):
     """``main`` in this process: (exit code, stdout, the one stderr line or "")."""
-    code = train_script.main([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert len(lines) <= 1 and "Traceback" not in captured.err, captured.err
-    return code, captured.out, lines[0] if lines else ""
+    code, out, err = run_main(capsys, *args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) <= 1 and "Traceback" not in err, err
+    return code, out, lines[0] if lines else ""
 
 
 def snapshot(directory):

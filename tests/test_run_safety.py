@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import models
-import train_multi_task_counter_stream as train_script
+from in_process import run_main, write_params
 from loaders.mnist import load_mnist
 from training import checkpoint, data, evaluate, optim, progress, run_lock, trainer
 
@@ -25,16 +25,10 @@ RUN = ["--epochs", "2", "--subset", "300", "--device", "cpu"]
 
 @pytest.fixture
 def params(tmp_path):
-    path = tmp_path / "params.json"
-    path.write_text(json.dumps(PARAMS))
-    return path
+    return write_params(tmp_path, PARAMS)
 
 
-def main(capsys, *args):
-    """``main`` in this process: (exit code, stdout, stderr)."""
-    code = train_script.main([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+main = run_main
 
 
 def one_error_line(err):
