@@ -17,7 +17,10 @@ by (method, setting) and by protocol: epochs, subset and every param that is not
 schedule, data, the param ``protocol`` held_out or authors, ...).
 The table shows one protocol, the same in every cell, and names it: the one --protocol K names, else the one with
 the most runs (among those of --epochs/--subset if given); runs under other protocols are never mixed in, each
-other protocol is listed in one line below the table. A seed is counted once per cell.
+other protocol is listed in one line below the table. Nor does a cell mix variants of its method (its model,
+weighting and their options, ``method_variant``): it shows the runs of the shipped param file's variant
+(params/mmnist_<setting>_<method>.json), else those of the variant with the most runs, and names the others in a
+note. A seed is counted once per cell.
 """
 import functools
 import json
@@ -49,6 +52,8 @@ MARK = "†"
 METHOD_KEYS = ("exp_id", "method", "setting", "model", "weighting", "model_options", "weighting_options",
                "router_options")
 NEUTRAL_KEYS = ("memory_format", "eval_batch_size", "data_root")
+OPTION_KEYS = ("model_options", "weighting_options", "router_options")  # a method's own options, one dict each
+PARAMS_DIR = REPO / "params"  # the shipped param files, mmnist_<setting>_<method>.json
 # how each --select is named in the table, and the results.json key of its figure
 SELECTED = {"best_val": "at the best-validation epoch",
             "best_test": "at the best test epoch (the authors' selection; optimistic: the test split picks the epoch)",
@@ -260,21 +265,56 @@ def aggregate(runs_dir, protocol=None, choice=None, select="best_val"):
     of_protocol = [run for run in runs if protocol_of(run) == chosen]
     shown = [run for run in of_protocol if figure(run, select) is not None]
 
-    groups, duplicates = defaultdict(list), []
-    for run in shown:
-        cell = groups[run["method"], run["setting"]]
-        twin = next((other for other in cell if other["seed"] == run["seed"]), None)
-        if twin is None:
-            cell.append(run)
-        else:
-            duplicates.append(f"{run['setting']}/{run['method']}: seed {run['seed']} of {run['path']} already counted "
-                              f"from {twin['path']}; counted once")
+    groups, notes = cells_of(shown, select)
+    counted = [run for cell in groups.values() for run in cell]
     others = defaultdict(lambda: defaultdict(list))  # (method, setting) -> protocol -> accuracies
     for run in runs:
         if protocol_of(run) != chosen and figure(run, select) is not None:
             others[run["method"], run["setting"]][protocol_of(run)].append(figure(run, select))
 
-    rows, notes = {}, []
+    rows = make_rows(groups, others, ordered, select)
+    notes += run_notes(counted, select)
+    notes += [f"unreadable, skipped: {path}" for path in unreadable]
+    if len(found) > len(runs):
+        notes.append(f"{len(found) - len(runs)} results.json of another method or setting than Table 2's, skipped")
+    if len(of_protocol) > len(shown):
+        notes.append(f"{len(of_protocol) - len(shown)} run(s) of this protocol without a test figure "
+                     f"{SELECTED[select]} (no validation split, or no metrics.jsonl), left out")
+
+    sweep = Path(runs_dir) / "sweep.json"
+    invocations = json.loads(sweep.read_text())["invocations"] if sweep.exists() else []
+    if invocations:
+        wall = {"seconds": sum(i["wall_s"] for i in invocations),
+                "source": f"sweep.json ({len(invocations)} invocation(s) of experiments/table2_sweep.py into {runs_dir})"}
+    else:
+        wall = {"seconds": sum(run["wall_time_s"] for run in counted),
+                "source": "sum of the shown runs' wall_time_s (training + evaluation only; no sweep.json)"}
+    optim = Counter(f"{r['params']['optimizer']}, lr {r['params']['lr']}, batch {r['params']['batch_size']}, "
+                    f"lr schedule {r['params']['lr_schedule']}" for r in counted)
+    return {
+        "runs_dir": str(runs_dir),
+        "protocol": None if chosen is None else {**json.loads(chosen), "index": ordered.index(chosen) + 1},
+        "selection": select,
+        "protocols_found": [{**json.loads(key), "runs": counts[key], "shown": key == chosen,
+                             "description": describe_protocol(key, chosen)} for key in ordered],
+        "num_runs": len(counted),
+        "seeds": sorted({run["seed"] for run in counted}),
+        "optimisation": dict(optim),
+        "devices": dict(Counter(run["device"] for run in counted)),
+        "git_commits": dict(Counter(run["git_commit"] for run in counted)),
+        "wall_time": wall,
+        "sweep_commands": list(dict.fromkeys(i["command"] for i in invocations)),
+        "settings": {setting: SETTINGS[setting] for setting in SETTINGS},
+        "methods": list(METHODS),
+        "rows": rows,
+        "notes": notes,
+    }
+
+
+def make_rows(groups, others, ordered, select):
+    """{method: {setting: cell}}: each cell's figures (make_cell), the other protocols' accuracies (``others``,
+    numbered by their place in ``ordered``) and its Δm% against the single-task row."""
+    rows = {}
     for method in METHODS:
         rows[method] = {}
         for index, setting in enumerate(SETTINGS):
@@ -289,49 +329,93 @@ def aggregate(runs_dir, protocol=None, choice=None, select="best_val"):
         single = rows[REFERENCE][setting]["acc_per_task"]
         for method in METHODS:
             rows[method][setting]["delta_m"] = delta_m(rows[method][setting]["acc_per_task"], single)
-    notes += duplicates
-    notes += [f"{run['setting']}/{run['method']} seed {run['seed']} ({run['path']}): its lr schedule changed after "
-              f"epoch {run['schedule_changed_at_epoch']} (a --force'd resume), not the protocol's schedule"
-              for run in shown if run.get("schedule_changed_at_epoch") is not None]
-    notes += [f"unreadable, skipped: {path}" for path in unreadable]
-    if len(found) > len(runs):
-        notes.append(f"{len(found) - len(runs)} results.json of another method or setting than Table 2's, skipped")
-    if len(of_protocol) > len(shown):
-        notes.append(f"{len(of_protocol) - len(shown)} run(s) of this protocol without a test figure "
-                     f"{SELECTED[select]} (no validation split, or no metrics.jsonl), left out")
-    derived = sum(run.get("best_test_from") == "metrics.jsonl" for run in shown)
+    return rows
+
+
+def cells_of(runs, select):
+    """{(method, setting): the runs the cell counts} (one_variant) and the notes on those left out."""
+    by_cell = defaultdict(list)
+    for run in runs:
+        by_cell[run["method"], run["setting"]].append(run)
+    cells, notes = defaultdict(list), []
+    for (method, setting), runs_of_cell in by_cell.items():
+        cells[method, setting], left_out = one_variant(method, setting, runs_of_cell, select)
+        notes += left_out
+    return cells, notes
+
+
+def run_notes(runs, select):
+    """What a reader of the table must know about the counted runs: a changed lr schedule, a --set, a best-test
+    figure read off metrics.jsonl."""
+    notes = [f"{run['setting']}/{run['method']} seed {run['seed']} ({run['path']}): its lr schedule changed after "
+             f"epoch {run['schedule_changed_at_epoch']} (a --force'd resume), not the protocol's schedule"
+             for run in runs if run.get("schedule_changed_at_epoch") is not None]
+    notes += [f"{run['setting']}/{run['method']} seed {run['seed']} ({run['path']}) was made with --set "
+              + " --set ".join(run["overrides"]) for run in runs if run.get("overrides")]
+    derived = sum(run.get("best_test_from") == "metrics.jsonl" for run in runs)
     if derived and select == "best_test":
         notes.append(f"{derived} run(s) predate the best-test figure in results.json: it was read off their "
                      f"metrics.jsonl")
+    return notes
 
-    sweep = Path(runs_dir) / "sweep.json"
-    invocations = json.loads(sweep.read_text())["invocations"] if sweep.exists() else []
-    if invocations:
-        wall = {"seconds": sum(i["wall_s"] for i in invocations),
-                "source": f"sweep.json ({len(invocations)} invocation(s) of experiments/table2_sweep.py into {runs_dir})"}
-    else:
-        wall = {"seconds": sum(run["wall_time_s"] for run in shown),
-                "source": "sum of the shown runs' wall_time_s (training + evaluation only; no sweep.json)"}
-    optim = Counter(f"{r['params']['optimizer']}, lr {r['params']['lr']}, batch {r['params']['batch_size']}, "
-                    f"lr schedule {r['params']['lr_schedule']}" for r in shown)
-    return {
-        "runs_dir": str(runs_dir),
-        "protocol": None if chosen is None else {**json.loads(chosen), "index": ordered.index(chosen) + 1},
-        "selection": select,
-        "protocols_found": [{**json.loads(key), "runs": counts[key], "shown": key == chosen,
-                             "description": describe_protocol(key, chosen)} for key in ordered],
-        "num_runs": len(shown),
-        "seeds": sorted({run["seed"] for run in shown}),
-        "optimisation": dict(optim),
-        "devices": dict(Counter(run["device"] for run in shown)),
-        "git_commits": dict(Counter(run["git_commit"] for run in shown)),
-        "wall_time": wall,
-        "sweep_commands": list(dict.fromkeys(i["command"] for i in invocations)),
-        "settings": {setting: SETTINGS[setting] for setting in SETTINGS},
-        "methods": list(METHODS),
-        "rows": rows,
-        "notes": notes,
-    }
+
+def method_variant(params):
+    """What tells two runs of one method apart: its model and weighting, and each of its options as a dotted key
+    (``model_options.sigma``)."""
+    variant = {"model": params.get("model"), "weighting": params.get("weighting")}
+    for key in OPTION_KEYS:
+        variant.update({f"{key}.{name}": value for name, value in (params.get(key) or {}).items()})
+    return variant
+
+
+def shipped_param_file(method, setting):
+    return PARAMS_DIR / f"mmnist_{setting}_{method}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def shipped_variant(method, setting):
+    """method_variant of the shipped param file of the cell (JSON), None when there is none or it does not load."""
+    try:
+        return json.dumps(method_variant(config.load_params(shipped_param_file(method, setting))), sort_keys=True)
+    except (OSError, config.ParamError):
+        return None
+
+
+def variant_difference(variant, shown):
+    """'model_options.sigma 0.25 where the runs shown have 0.5', one clause per key in which two method_variant
+    JSONs differ."""
+    variant, shown = json.loads(variant), json.loads(shown)
+    return ", ".join(f"{key} {json.dumps(variant.get(key))} where the runs shown have {json.dumps(shown.get(key))}"
+                     for key in sorted({*variant, *shown}) if variant.get(key) != shown.get(key))
+
+
+def one_variant(method, setting, runs, select):
+    """The runs of one cell that the table shows, and a note for each one left out. A cell never mixes variants of
+    its method (method_variant): it shows the variant of the shipped param file, else the one with the most runs
+    (said in a note), and each seed once."""
+    by_variant = defaultdict(list)
+    for run in runs:
+        by_variant[json.dumps(method_variant(run.get("params", {})), sort_keys=True)].append(run)
+    shipped = shipped_variant(method, setting)
+    chosen = shipped if shipped in by_variant else max(by_variant, key=lambda key: len(by_variant[key]))
+    where = f"{setting}/{method}"
+    notes = [] if shipped in (None, chosen) else [
+        f"{where}: the shipped {shipped_param_file(method, setting).relative_to(REPO)} has "
+        f"{variant_difference(shipped, chosen)}"]
+    for key, others in by_variant.items():
+        if key != chosen:
+            accs = ", ".join(f"{figure(run, select):.2f}" for run in others)
+            notes.append(f"{where}: {len(others)} run(s) of another variant left out ({variant_difference(key, chosen)}): "
+                         f"{accs}; " + ", ".join(run["path"] for run in others))
+    kept = []
+    for run in by_variant[chosen]:
+        twin = next((other for other in kept if other["seed"] == run["seed"]), None)
+        if twin is None:
+            kept.append(run)
+        else:
+            notes.append(f"{where}: seed {run['seed']} of {run['path']} already counted from {twin['path']}; "
+                         f"counted once")
+    return kept, notes
 
 
 def make_cell(runs, paper_acc, paper_params_x, select="best_val"):

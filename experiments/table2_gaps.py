@@ -15,13 +15,13 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from experiments.table2 import PAPER, SETTINGS, TITLES, figure, load_runs, mean_std, protocol_of
+from experiments.table2 import PAPER, SETTINGS, TITLES, figure, load_runs, mean_std, method_variant, protocol_of
 from runtime import files
 from training import cli
 
 DEFAULT = "default"
 COLUMNS = ("variant", "setting", "method", "seeds", "test acc (best val)", "last epoch", "best test epoch",
-           "paper", "Δ paper", "committed seed 0", "Δ committed", "hours per run", "overrides")
+           "paper", "Δ paper", "committed seed 0", "Δ committed", "hours per run", "method options", "overrides")
 
 
 def parse_args(argv):
@@ -85,7 +85,14 @@ def row(variant, setting, method, runs, committed):
             "best_test": mean_std([figure(run, "best_test") for run in runs])[0],
             "paper": paper_acc, "committed": None if committed is None else figure(committed, "best_val"),
             "hours": mean_std([run.get("wall_time_s", 0.0) / 3600 for run in runs])[0],
-            "overrides": sorted(runs[-1].get("overrides") or ())}
+            "options": method_options(runs[-1]), "overrides": sorted(runs[-1].get("overrides") or ())}
+
+
+def method_options(run):
+    """The run's method options as ``model_options.sigma=0.25`` (method_variant without model and weighting)."""
+    variant = method_variant(run.get("params", {}))
+    return [f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in sorted(variant.items())
+            if key not in ("model", "weighting")]
 
 
 def render(table, answers, command):
@@ -111,7 +118,7 @@ def render_row(row):
              f"{row['last']:.2f}", f"{row['best_test']:.2f}",
              number(row["paper"]), number(row["paper"] and mean - row["paper"], sign=True),
              number(row["committed"]), number(row["committed"] and mean - row["committed"], sign=True),
-             number(row["hours"]),
+             number(row["hours"]), ", ".join(f"`{item}`" for item in row["options"]) or "none",
              ", ".join(f"`{item}`" for item in row["overrides"]) or "none"]
     return "| " + " | ".join(cells) + " |"
 

@@ -41,7 +41,7 @@ from experiments.sweep_progress import Progress, cell_progress
 from runtime.files import REPO
 
 SCRIPT = REPO / "train_multi_task_counter_stream.py"
-PARAMS_DIR = REPO / "params"
+PARAMS_DIR = table2.PARAMS_DIR
 METHODS = table2.METHODS
 SETTINGS = tuple(table2.SETTINGS)
 GPU_WORKERS = 4  # default concurrent runs on one GPU (LeNet-sized models leave it mostly idle one at a time)

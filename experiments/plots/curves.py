@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.table2 import METHOD_KEYS, NEUTRAL_KEYS, completed_defaults
+from experiments.table2 import METHOD_KEYS, NEUTRAL_KEYS, OPTION_KEYS, completed_defaults
 from experiments.plots import pyplot, save_figure
 from training import cli
 
@@ -99,9 +99,6 @@ def describe(info, directory):
         return [f"{directory} (no results.json)"]
     parts = [info["method"], SETTING_TITLES.get(info["setting"], info["setting"]), f"{info['epochs']} epochs"]
     return parts + ([f"subset of {info['subset']} training images"] if info.get("subset") else [])
-
-
-OPTION_KEYS = ("model_options", "weighting_options", "router_options")  # a method's own options, one key each
 
 
 def run_params(info):
