@@ -177,3 +177,21 @@ def test_labels_name_the_method_options_that_differ_where_a_run_sets_them(tmp_pa
     assert shared == "2 digits, 2 epochs, seed 0"
     assert labels == ["task_routing, model_options.sigma=0.5", "task_routing, model_options.sigma=0.25",
                       "task_routing, model_options.gated=conv1,conv2, model_options.sigma=0.5", "ch_mod"]
+
+
+def test_from_epoch_leaves_out_the_first_epochs_and_says_so(runs, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    loaded = plot_curves.from_epoch([plot_curves.load_run(d) for d in plot_curves.find_runs([runs])], 2)
+    groups = plot_curves.group_runs(loaded, by_seeds=False)
+    fig = plot_curves.plot(plt, groups, False, [runs], first=2)
+    assert [line.get_xdata().tolist() for line in fig.axes[0].get_lines()] == [[2, 3, 4], [2, 3], [2, 3]]
+    assert [line.get_xdata().tolist() for line in fig.axes[2].get_lines()][0] == [2, 4]  # ch_mod: every 2nd epoch
+    assert "(epochs 2 on)" in fig._suptitle.get_text().splitlines()[0]
+    plt.close(fig)
+    for first, expected in ((4, "has no epoch from 4 on"), (0, "give an epoch, 1 or more")):
+        assert plot_curves.main([str(runs), "--from_epoch", str(first), "--out", str(tmp_path / "x.png")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --from_epoch {first}: ") and expected in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()

@@ -14,7 +14,8 @@ every k-th epoch (on every evaluated epoch for runs evaluated every few epochs) 
 that a line lying under another still shows.
 Lines are named from results.json (method, setting, epochs, subset and every param, as set by the param file or
 ``--set``, that differs between the plotted runs: lr, batch_size, protocol, ...); what every line shares goes into
-the title; a run without results.json yet is named by its folder. Epoch ticks are integers.
+the title; a run without results.json yet is named by its folder. Epoch ticks are integers. ``--from_epoch N``
+leaves out the epochs before N (said in the title), so that runs ending close together can be told apart.
 Writes a PNG (default runs/curves.png). Mistakes: one line, exit code 2.
 """
 import json
@@ -50,6 +51,8 @@ def parse_args(argv):
     parser.add_argument("--per_task", action="store_true", help="add one accuracy panel per task")
     parser.add_argument("--colors", choices=("run", "method"), default="run",
                         help="run: a color per line; method: a hue per method, dark then light for its lines")
+    parser.add_argument("--from_epoch", type=int, default=1, metavar="N",
+                        help="draw the epochs from N on, so that where the runs end fills the axes (default 1: all)")
     parser.add_argument("--out", default="runs/curves.png", help="output PNG (default runs/curves.png)")
     return parser.parse_args(argv)
 
@@ -91,6 +94,17 @@ def load_run(directory):
         except json.JSONDecodeError as err:
             raise CurveError(f"{directory / 'results.json'} is not JSON ({err.msg})") from None
     return {"dir": directory, "records": records, "info": info}
+
+
+def from_epoch(runs, first):
+    """The runs with their records before epoch ``first`` left out; CurveError when a run keeps none."""
+    if first < 1:
+        raise CurveError(f"--from_epoch {first}: give an epoch, 1 or more")
+    for run in runs:
+        run["records"] = [record for record in run["records"] if record["epoch"] >= first]
+        if not run["records"]:
+            raise CurveError(f"--from_epoch {first}: {run['dir']} has no epoch from {first} on")
+    return runs
 
 
 def describe(info, directory):
@@ -205,8 +219,9 @@ def per_task(split, task):
     return lambda record: record[key][task] if key in record and task < len(record[key]) else None
 
 
-def plot(plt, groups, with_tasks, sources, by_method=False):
-    """The figure: training loss, validation and test accuracy (mean over tasks), and one panel per task."""
+def plot(plt, groups, with_tasks, sources, by_method=False, first=1):
+    """The figure: training loss, validation and test accuracy (mean over tasks), and one panel per task; its title
+    says when the epochs before ``first`` are left out."""
     num_tasks = max((len(r.get("test_acc_per_task", [])) for _, members in groups for run in members
                      for r in run["records"]), default=0) if with_tasks else 0
     task_rows = -(-num_tasks // 3)
@@ -242,7 +257,8 @@ def plot(plt, groups, with_tasks, sources, by_method=False):
                title="run" + (" (band: ± 1 sample std over seeds)" if bands else ""))
     origin = textwrap.fill(f"(from {', '.join(map(str, sources))})", TITLE_WIDTH, break_long_words=False,
                            break_on_hyphens=False)
-    fig.suptitle(f"Training curves{': ' + shared if shared else ''}\n{origin}", fontsize=11)
+    cut = f" (epochs {first} on)" if first > 1 else ""
+    fig.suptitle(f"Training curves{': ' + shared if shared else ''}{cut}\n{origin}", fontsize=11)
     return fig
 
 
@@ -252,11 +268,12 @@ def main(argv=None):
     if plt is None:
         return 2
     try:
-        runs = [load_run(directory) for directory in find_runs(args.runs)]
+        runs = from_epoch([load_run(directory) for directory in find_runs(args.runs)], args.from_epoch)
     except (CurveError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    fig = plot(plt, group_runs(runs, args.group == "seeds"), args.per_task, args.runs, args.colors == "method")
+    fig = plot(plt, group_runs(runs, args.group == "seeds"), args.per_task, args.runs, args.colors == "method",
+               args.from_epoch)
     out = Path(args.out)
     save_figure(plt, fig, out, dpi=120)
     print(f"wrote {out} ({len(runs)} run(s))")
