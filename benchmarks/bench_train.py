@@ -360,49 +360,25 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    """Times our training path against the reference pipeline on the same model, then the opt-in variants of
+    ours and one epoch per Table 2 method; prints each table and writes every figure to the result JSON."""
     args = parse_args(argv)
     device = cli.resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.workers is None:
         args.workers = 2 if device.type == "cpu" else 4
-    sizes = {"train": 5000, "val": 1000, "test": 1000} if args.quick else {"train": None, "val": None, "test": None}
-    method_sizes = {"train": 2000, "val": 500, "test": 500} if args.quick else dict(sizes)
-    if args.train_images:
-        sizes["train"] = method_sizes["train"] = args.train_images
-    if args.eval_images:
-        sizes["val"] = sizes["test"] = method_sizes["val"] = method_sizes["test"] = args.eval_images
+    sizes, method_sizes = image_counts(args)
     params = config.load_params(PARAM_FILE)
     data = load_split_data(params, sizes, device)
-    num_tasks = data["num_tasks"]
     n = {split: len(data[split][0]) for split in ("train", "val", "test")}
     print(f"ControlNet, 9 digits, {provenance.describe_device(device)}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; images: {n}; reference workers: {args.workers}", flush=True)
     mem_method = memory_method(device)
 
-    model, _, optimizer = build(params, num_tasks, device, args.seed)
-    initial = copy.deepcopy(model)
-    ref_model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
-    ref_optimizer = optim.make_optimizer(params, ref_model.parameters())
-    ref_warmup_s = warm_up_reference(ref_model, ref_optimizer, params, data, args, device)
-    warmup_s = warm_up_ours(model, None, optimizer, params, data, args, device, nullcontext)
-    best_ref, best = {}, {}
-    for epoch in range(args.repeats):  # alternating, so that both see the same load on a shared machine
-        phases, ref_accuracy = reference_epoch(ref_model, ref_optimizer, params, data, args, device, epoch)
-        keep_best(best_ref, phases)
-        phases, accuracy = our_epoch(model, None, optimizer, params, data, args, device, epoch)
-        keep_best(best, phases)
-    ref, ours = rates(best_ref, ref_accuracy, data), rates(best, accuracy, data)
+    initial, ref, ours = time_reference_and_ours(params, data, args, device)
     ref_workers_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-
-    print(f"\n{'':28s}{'reference':>12s}{'ours':>12s}{'speedup':>9s}")
-    for key, label in [("train_imgs_per_s", "train images/s"), ("eval_pairs_per_s", "eval image-task pairs/s"),
-                       ("epoch_s", "epoch s (train + val + test)"), ("train_peak_mb", "train peak memory MiB"),
-                       ("eval_peak_mb", "eval peak memory MiB"), ("test_acc_mean", "test accuracy after (%)")]:
-        ratio = ""
-        if key in ("train_imgs_per_s", "eval_pairs_per_s", "epoch_s"):
-            ratio = f"{(ref[key] / ours[key] if key == 'epoch_s' else ours[key] / ref[key]):8.2f}x"
-        print(f"{label:28s}{ref[key]:12.2f}{ours[key]:12.2f} {ratio}")
+    print_comparison(ref, ours)
     print(f"memory: {mem_method}; reference worker processes: peak RSS {ref_workers_mb:.0f} MiB", flush=True)
 
     variants = variant_rows(args, params, initial, data, device, ours)
@@ -423,18 +399,7 @@ def main(argv=None):
         "reference_eval_batch": REF_EVAL_BATCH, "train_batch": params["batch_size"],
         "eval_rows": evaluate.eval_rows(params, device), "n_images": n,
         "n_images_methods": {split: method_sizes[split] or n[split] for split in n},
-        "train_imgs_per_s_ref": ref["train_imgs_per_s"], "train_imgs_per_s": ours["train_imgs_per_s"],
-        "train_speedup": ours["train_imgs_per_s"] / ref["train_imgs_per_s"],
-        "eval_pairs_per_s_ref": ref["eval_pairs_per_s"], "eval_pairs_per_s": ours["eval_pairs_per_s"],
-        "eval_speedup": ours["eval_pairs_per_s"] / ref["eval_pairs_per_s"],
-        "epoch_s_ref": ref["epoch_s"], "epoch_s": ours["epoch_s"], "epoch_speedup": ref["epoch_s"] / ours["epoch_s"],
-        "train_s_ref": ref["train_s"], "train_s": ours["train_s"],
-        "eval_s_ref": ref["eval_s"], "eval_s": ours["eval_s"],
-        "warmup_s": warmup_s, "warmup_s_ref": ref_warmup_s,
-        "peak_memory_mb": {"train_ref": ref["train_peak_mb"], "train": ours["train_peak_mb"],
-                           "eval_ref": ref["eval_peak_mb"], "eval": ours["eval_peak_mb"],
-                           "ref_worker_processes_rss": ref_workers_mb, "method": mem_method},
-        "test_acc_mean_ref": ref["test_acc_mean"], "test_acc_mean": ours["test_acc_mean"],
+        **comparison_figures(ref, ours, {"ref_worker_processes_rss": ref_workers_mb, "method": mem_method}),
         "variants": variants, "methods_epoch": methods,
     }
     out = Path(args.out) if args.out else \
@@ -443,6 +408,69 @@ def main(argv=None):
     files.write_json(result, out)
     print(f"\nwrote {out}")
     return 0
+
+
+def image_counts(args):
+    """The images per split of the comparison and of the methods' rows ({split: N}, None = all): all of them, or
+    with --quick 5k / 1k / 1k and 2k / 500 / 500; --train_images and --eval_images override both."""
+    sizes = {"train": 5000, "val": 1000, "test": 1000} if args.quick else {"train": None, "val": None, "test": None}
+    method_sizes = {"train": 2000, "val": 500, "test": 500} if args.quick else dict(sizes)
+    if args.train_images:
+        sizes["train"] = method_sizes["train"] = args.train_images
+    if args.eval_images:
+        sizes["val"] = sizes["test"] = method_sizes["val"] = method_sizes["test"] = args.eval_images
+    return sizes, method_sizes
+
+
+def time_reference_and_ours(params, data, args, device):
+    """The untrained model, and the reference pipeline's and our path's figures (``rates``, with the warm-up
+    time ``warmup_s``): two copies of that model, warmed up, then trained and evaluated an epoch each in turn,
+    --repeats times, so that both see the same load on a shared machine; each phase's fastest time kept."""
+    model, _, optimizer = build(params, data["num_tasks"], device, args.seed)
+    initial = copy.deepcopy(model)
+    ref_model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    ref_optimizer = optim.make_optimizer(params, ref_model.parameters())
+    ref_warmup_s = warm_up_reference(ref_model, ref_optimizer, params, data, args, device)
+    warmup_s = warm_up_ours(model, None, optimizer, params, data, args, device, nullcontext)
+    best_ref, best = {}, {}
+    for epoch in range(args.repeats):
+        phases, ref_accuracy = reference_epoch(ref_model, ref_optimizer, params, data, args, device, epoch)
+        keep_best(best_ref, phases)
+        phases, accuracy = our_epoch(model, None, optimizer, params, data, args, device, epoch)
+        keep_best(best, phases)
+    return (initial, {**rates(best_ref, ref_accuracy, data), "warmup_s": ref_warmup_s},
+            {**rates(best, accuracy, data), "warmup_s": warmup_s})
+
+
+def print_comparison(ref, ours):
+    """The table of the reference's and our figures side by side, with our speed-up where it is a speed."""
+    print(f"\n{'':28s}{'reference':>12s}{'ours':>12s}{'speedup':>9s}")
+    for key, label in [("train_imgs_per_s", "train images/s"), ("eval_pairs_per_s", "eval image-task pairs/s"),
+                       ("epoch_s", "epoch s (train + val + test)"), ("train_peak_mb", "train peak memory MiB"),
+                       ("eval_peak_mb", "eval peak memory MiB"), ("test_acc_mean", "test accuracy after (%)")]:
+        ratio = ""
+        if key in ("train_imgs_per_s", "eval_pairs_per_s", "epoch_s"):
+            ratio = f"{(ref[key] / ours[key] if key == 'epoch_s' else ours[key] / ref[key]):8.2f}x"
+        print(f"{label:28s}{ref[key]:12.2f}{ours[key]:12.2f} {ratio}")
+
+
+def comparison_figures(ref, ours, memory):
+    """The result JSON's figures of the comparison: each of ours beside the reference's (``_ref``), the speed-ups,
+    warm-up times, peak memory (with ``memory``: the reference workers' peak RSS and how memory was measured) and
+    test accuracies."""
+    return {
+        "train_imgs_per_s_ref": ref["train_imgs_per_s"], "train_imgs_per_s": ours["train_imgs_per_s"],
+        "train_speedup": ours["train_imgs_per_s"] / ref["train_imgs_per_s"],
+        "eval_pairs_per_s_ref": ref["eval_pairs_per_s"], "eval_pairs_per_s": ours["eval_pairs_per_s"],
+        "eval_speedup": ours["eval_pairs_per_s"] / ref["eval_pairs_per_s"],
+        "epoch_s_ref": ref["epoch_s"], "epoch_s": ours["epoch_s"], "epoch_speedup": ref["epoch_s"] / ours["epoch_s"],
+        "train_s_ref": ref["train_s"], "train_s": ours["train_s"],
+        "eval_s_ref": ref["eval_s"], "eval_s": ours["eval_s"],
+        "warmup_s": ours["warmup_s"], "warmup_s_ref": ref["warmup_s"],
+        "peak_memory_mb": {"train_ref": ref["train_peak_mb"], "train": ours["train_peak_mb"],
+                           "eval_ref": ref["eval_peak_mb"], "eval": ours["eval_peak_mb"], **memory},
+        "test_acc_mean_ref": ref["test_acc_mean"], "test_acc_mean": ours["test_acc_mean"],
+    }
 
 
 if __name__ == "__main__":

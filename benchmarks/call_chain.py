@@ -99,11 +99,23 @@ def measure(root, run):
             opens[0] += 1
         return opener(file, *args, **kwargs)
 
+    run_to_step(root, ["--param_file", param_file, *arguments], profile, counting_open)
+    if not chain:
+        raise SystemExit(f"{root}: {run} ended before its step")
+    return figures(chain, calls, module, opens[0])
+
+
+def run_to_step(root, arguments, profile, counting_open):
+    """Runs the ``main`` of the training script of the project in ``root`` (which becomes the working directory
+    and the first entry of sys.path) on ``arguments`` and an --out in a temporary folder, under ``profile`` and
+    with ``counting_open`` as ``builtins.open`` and ``io.open``, until the end or StepReached; both are restored
+    whatever happens."""
+    opener = io.open
     os.chdir(root)
     sys.path.insert(0, str(root))
     script = runpy.run_path(str(root / SCRIPT), run_name="call_chain")
     with tempfile.TemporaryDirectory() as out:
-        argv = ["--param_file", param_file, *arguments, "--out", str(Path(out) / "run")]
+        argv = [*arguments, "--out", str(Path(out) / "run")]
         io.open = builtins.open = counting_open
         sys.setprofile(profile)
         try:
@@ -113,8 +125,13 @@ def measure(root, run):
         finally:
             sys.setprofile(None)
             io.open = builtins.open = opener
-    if not chain:
-        raise SystemExit(f"{root}: {run} ended before its step")
+
+
+def figures(chain, calls, module, opens):
+    """The figures of a measured run from the code objects on the stack at the step (``chain``, innermost first),
+    the project-to-project calls (``calls``: (caller, callee) -> count), ``module`` (a code object's module, None
+    outside the project) and the param file's opens: the chain, the entries its functions make into other modules
+    (in all, per module, per caller -> callee), the modules entered and the opens."""
     chain_codes = set(chain)
     entries, entered_by = collections.Counter(), {}
     for (caller, callee), n in calls.items():
@@ -126,7 +143,7 @@ def measure(root, run):
             "modules_entered": len(entered), "modules": sorted(entered),
             "entries": sum(entries.values()), "entries_per_module": dict(entries.most_common()),
             **{f"{name}_entries": entries[name] for name in WATCHED},
-            "param_file_opens": opens[0], "calls": entered_by}
+            "param_file_opens": opens, "calls": entered_by}
 
 
 def revision_folder(revision, folder):

@@ -219,15 +219,13 @@ def main(argv=None):
 
 
 def run(args):
+    """The readout matrix and selectivity index of the checkpoint's model on its data set, written with the run's
+    record to selectivity_<readout>.json and drawn in selectivity_<readout>.png in --out."""
     model, saved = load_model(args.checkpoint)
     params = saved["params"]
     setting, method = params["setting"], params["method"]
     device = resolve_device(args.device)
-    out = Path(args.out or REPO / "runs" / "selectivity" / f"{setting}_{method}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise RunError(f"output dir {out} is not writable: {err.strerror or err}; choose another with --out") from None
+    out = make_output_dir(Path(args.out or REPO / "runs" / "selectivity" / f"{setting}_{method}"))
     memory_format = MEMORY_FORMATS[params["memory_format"]]
     model = model.to(device, memory_format=memory_format)
     for parameter in model.parameters():
@@ -240,11 +238,8 @@ def run(args):
         f"test images, {args.readout} readouts, {describe_device(device)}, out {out}")
 
     start = time.perf_counter()
-    model_acc = evaluate(model, test_images, test_labels, model.num_tasks, rows, memory_format)
-    train_rep = bu2_representation(model, train_images, rows, memory_format)
-    test_rep = bu2_representation(model, test_images, rows, memory_format)
-    heads, mean, std = train_readouts(train_rep, train_labels, args)
-    matrix = readout_accuracy(heads, mean, std, test_rep, test_labels)
+    model_acc, matrix, rep_size = readout_matrix(model, (train_images, train_labels), (test_images, test_labels),
+                                                 rows, memory_format, args)
     index, per_task = selectivity_index(matrix)
     wall_time = time.perf_counter() - start
 
@@ -256,7 +251,7 @@ def run(args):
         "checkpoint": str(args.checkpoint), "checkpoint_epoch": saved.get("epoch"), "training": trained,
         "setting": setting, "method": method, "model": params["model"], "subset": args.subset,
         "train_images": len(train_images), "test_images": len(test_images),
-        "representation": f"BU2 rep = ReLU(fc), {train_rep.shape[2]}-d, the input of fc1",
+        "representation": f"BU2 rep = ReLU(fc), {rep_size}-d, the input of fc1",
         "readout": {"kind": args.readout, "epochs": args.readout_epochs, "lr": args.readout_lr,
                     "optimizer": "Adam", "batch_size": args.batch_size, "seed": args.seed,
                     "features": "standardised with the training split's mean and std"},
@@ -278,6 +273,26 @@ def run(args):
     log(f"selected {results['selected_acc_mean']:.2f}%, non-selected {results['non_selected_acc_mean']:.2f}%, "
         f"selectivity index {index:.2f}{paper_text}; {out / f'selectivity_{args.readout}.json'}")
     return 0
+
+
+def make_output_dir(out):
+    """``out``, created if needed; RunError (one line) when it cannot be."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunError(f"output dir {out} is not writable: {err.strerror or err}; choose another with --out") from None
+    return out
+
+
+def readout_matrix(model, train, test, rows, memory_format, args):
+    """The model's own test accuracy per task; the readout matrix, test accuracy (%) [readout location, selected
+    task] of readouts trained on the BU2 representation of the ``train`` images (train_readouts); and the size of
+    that representation. ``train`` and ``test`` are (images, labels)."""
+    model_acc = evaluate(model, test[0], test[1], model.num_tasks, rows, memory_format)
+    train_rep = bu2_representation(model, train[0], rows, memory_format)
+    test_rep = bu2_representation(model, test[0], rows, memory_format)
+    heads, mean, std = train_readouts(train_rep, train[1], args)
+    return model_acc, readout_accuracy(heads, mean, std, test_rep, test[1]), train_rep.shape[2]
 
 
 def read_training_results(path):

@@ -251,28 +251,13 @@ def aggregate(runs_dir, protocol=None, choice=None, select="best_val"):
     found, unreadable = load_runs(runs_dir)
     runs = [run for run in found if run.get("method") in METHODS and run.get("setting") in SETTINGS]
     counts = Counter(protocol_of(run) for run in runs)
-
-    def rank(key):
-        values = json.loads(key)
-        matches = protocol is None or (values["epochs"], values["subset"]) == protocol
-        return (matches, counts[key], values["epochs"], values["subset"] is None, values["subset"] or 0)
-    ordered = sorted(counts, key=rank, reverse=True)
-    candidates = [key for key in ordered if rank(key)[0]]
-    if choice is not None and not 1 <= choice <= len(candidates):
-        raise ValueError(f"--protocol {choice}: {runs_dir} holds {len(candidates)} protocol(s) of these epochs and "
-                         f"subset; allowed: 1 to {len(candidates)}")
-    chosen = candidates[(choice or 1) - 1] if candidates else None
+    ordered, chosen = pick_protocol(counts, protocol, choice, runs_dir)
     of_protocol = [run for run in runs if protocol_of(run) == chosen]
     shown = [run for run in of_protocol if figure(run, select) is not None]
 
     groups, notes = cells_of(shown, select)
     counted = [run for cell in groups.values() for run in cell]
-    others = defaultdict(lambda: defaultdict(list))  # (method, setting) -> protocol -> accuracies
-    for run in runs:
-        if protocol_of(run) != chosen and figure(run, select) is not None:
-            others[run["method"], run["setting"]][protocol_of(run)].append(figure(run, select))
-
-    rows = make_rows(groups, others, ordered, select)
+    rows = make_rows(groups, other_protocol_accuracies(runs, chosen, select), ordered, select)
     notes += run_notes(counted, select)
     notes += [f"unreadable, skipped: {path}" for path in unreadable]
     if len(found) > len(runs):
@@ -283,12 +268,6 @@ def aggregate(runs_dir, protocol=None, choice=None, select="best_val"):
 
     sweep = Path(runs_dir) / "sweep.json"
     invocations = json.loads(sweep.read_text())["invocations"] if sweep.exists() else []
-    if invocations:
-        wall = {"seconds": sum(i["wall_s"] for i in invocations),
-                "source": f"sweep.json ({len(invocations)} invocation(s) of experiments/table2_sweep.py into {runs_dir})"}
-    else:
-        wall = {"seconds": sum(run["wall_time_s"] for run in counted),
-                "source": "sum of the shown runs' wall_time_s (training + evaluation only; no sweep.json)"}
     optim = Counter(f"{r['params']['optimizer']}, lr {r['params']['lr']}, batch {r['params']['batch_size']}, "
                     f"lr schedule {r['params']['lr_schedule']}" for r in counted)
     return {
@@ -302,13 +281,50 @@ def aggregate(runs_dir, protocol=None, choice=None, select="best_val"):
         "optimisation": dict(optim),
         "devices": dict(Counter(run["device"] for run in counted)),
         "git_commits": dict(Counter(run["git_commit"] for run in counted)),
-        "wall_time": wall,
+        "wall_time": total_wall_time(runs_dir, invocations, counted),
         "sweep_commands": list(dict.fromkeys(i["command"] for i in invocations)),
         "settings": {setting: SETTINGS[setting] for setting in SETTINGS},
         "methods": list(METHODS),
         "rows": rows,
         "notes": notes,
     }
+
+
+def pick_protocol(counts, protocol, choice, runs_dir):
+    """The protocols of ``counts`` (protocol_of -> number of runs) in the order of the list printed: those of
+    ``protocol`` (epochs, subset; None: every one) first, then by number of runs, more epochs, full data, larger
+    subset; and the one to show: the ``choice``-th (1-based, default 1) of those of ``protocol``, None when there is
+    none. ValueError naming the allowed range for a choice outside it."""
+    def rank(key):
+        values = json.loads(key)
+        matches = protocol is None or (values["epochs"], values["subset"]) == protocol
+        return (matches, counts[key], values["epochs"], values["subset"] is None, values["subset"] or 0)
+    ordered = sorted(counts, key=rank, reverse=True)
+    candidates = [key for key in ordered if rank(key)[0]]
+    if choice is not None and not 1 <= choice <= len(candidates):
+        raise ValueError(f"--protocol {choice}: {runs_dir} holds {len(candidates)} protocol(s) of these epochs and "
+                         f"subset; allowed: 1 to {len(candidates)}")
+    return ordered, (candidates[(choice or 1) - 1] if candidates else None)
+
+
+def other_protocol_accuracies(runs, chosen, select):
+    """{(method, setting): {protocol: [test accuracy under ``select`` of each run]}} for the runs of every protocol
+    but ``chosen`` that have that figure."""
+    others = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        if protocol_of(run) != chosen and figure(run, select) is not None:
+            others[run["method"], run["setting"]][protocol_of(run)].append(figure(run, select))
+    return others
+
+
+def total_wall_time(runs_dir, invocations, counted):
+    """The table's total wall time in seconds and where it comes from: the sweep's invocations (its sweep.json)
+    when there are any, else the sum of the counted runs' own wall times."""
+    if invocations:
+        return {"seconds": sum(i["wall_s"] for i in invocations),
+                "source": f"sweep.json ({len(invocations)} invocation(s) of experiments/table2_sweep.py into {runs_dir})"}
+    return {"seconds": sum(run["wall_time_s"] for run in counted),
+            "source": "sum of the shown runs' wall_time_s (training + evaluation only; no sweep.json)"}
 
 
 def make_rows(groups, others, ordered, select):
@@ -551,28 +567,12 @@ def render_summary(table, source):
 
 
 def render_markdown(table, command):
-    protocol = table["protocol"]
-    cells = [cell for row in table["rows"].values() for cell in row.values()]
-    usual_n = max(cell["n"] for cell in cells)  # cells with fewer runs are marked [n=k]
-    seeds = ", ".join(map(str, table["seeds"])) or "none"
-    if protocol is None:
-        shown = "no runs found"
-    else:
-        data = "full data" if protocol["subset"] is None else f"subset {protocol['subset']} training images (smoke run)"
-        shown = f"{protocol['epochs']} epochs, {data}, seeds {seeds} ({usual_n} per cell unless marked [n=k])"
-    seconds = table["wall_time"]["seconds"]
+    """The Markdown file of the table: its header, the summary, the Δm% table, every figure of every cell, the
+    last-epoch, best-test and wall-time tables, then the cells far from the paper with their reasons, the other
+    protocols and the notes."""
+    usual_n = max(cell["n"] for row in table["rows"].values() for cell in row.values())  # fewer runs: marked [n=k]
     lines = [
-        "# Table 2: Multi-MNIST, ours vs the paper",
-        "",
-        f"- Protocol: {shown}.",
-        "- Training protocol (param `protocol`): " +
-        ("–" if protocol is None else TRAINING_PROTOCOLS[protocol.get("protocol", "held_out")]) + ".",
-        f"- Optimisation (from the runs' param files): {counted(table['optimisation'])}.",
-        f"- Device(s): {counted(table['devices'])}.",
-        f"- Total wall time: {seconds / 3600:.2f} h ({seconds:.0f} s), from {table['wall_time']['source']}.",
-        f"- Git commit(s) of the runs: {counted({f'`{k}`': n for k, n in table['git_commits'].items()})}.",
-        "- Sweep command(s): " + ("; ".join(f"`{c}`" for c in table["sweep_commands"]) or "–") + ".",
-        f"- Generated by: `{command}`.",
+        *header_lines(table, command, usual_n),
         "",
         "## Summary",
         "",
@@ -584,6 +584,47 @@ def render_markdown(table, command):
         "",
         *delta_m_lines(table),
         "",
+        *every_figure_lines(table, usual_n),
+        *secondary_lines(table),
+        *wall_time_lines(table),
+        *far_from_paper_lines(table),
+        *other_protocol_lines(table),
+    ]
+    if table["notes"]:
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in table["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def header_lines(table, command, usual_n):
+    """The title and the list of how the table was made: the protocol shown, the training protocol, the
+    optimisation, devices, total wall time, commits, the sweep's commands and the command that wrote it."""
+    protocol = table["protocol"]
+    seeds = ", ".join(map(str, table["seeds"])) or "none"
+    if protocol is None:
+        shown = "no runs found"
+    else:
+        data = "full data" if protocol["subset"] is None else f"subset {protocol['subset']} training images (smoke run)"
+        shown = f"{protocol['epochs']} epochs, {data}, seeds {seeds} ({usual_n} per cell unless marked [n=k])"
+    seconds = table["wall_time"]["seconds"]
+    return [
+        "# Table 2: Multi-MNIST, ours vs the paper",
+        "",
+        f"- Protocol: {shown}.",
+        "- Training protocol (param `protocol`): " +
+        ("–" if protocol is None else TRAINING_PROTOCOLS[protocol.get("protocol", "held_out")]) + ".",
+        f"- Optimisation (from the runs' param files): {counted(table['optimisation'])}.",
+        f"- Device(s): {counted(table['devices'])}.",
+        f"- Total wall time: {seconds / 3600:.2f} h ({seconds:.0f} s), from {table['wall_time']['source']}.",
+        f"- Git commit(s) of the runs: {counted({f'`{k}`': n for k, n in table['git_commits'].items()})}.",
+        "- Sweep command(s): " + ("; ".join(f"`{c}`" for c in table["sweep_commands"]) or "–") + ".",
+        f"- Generated by: `{command}`.",
+    ]
+
+
+def every_figure_lines(table, usual_n):
+    """The full table with its legend: per setting, a cell's parameter multiple and its accuracy (mean ± std
+    beside the paper's value and Δ, format_acc)."""
+    lines = [
         "## Every figure",
         "",
         f"Acc: test accuracy (%) {SELECTED[table.get('selection', 'best_val')]}, mean over tasks, then mean ± "
@@ -600,7 +641,13 @@ def render_markdown(table, command):
             f"{method} (beyond the paper)" if method in BEYOND_METHODS else method
         values = [name] + [text for s in SETTINGS for text in (format_params(row[s]), format_acc(row[s], usual_n))]
         lines.append("| " + " | ".join(values) + " |")
+    return lines
 
+
+def secondary_lines(table):
+    """The two tables of the other selections: test accuracy at the last epoch and at the best test epoch, each
+    with its Δ to the paper."""
+    lines = []
     for key, title in (("acc_last_mean", "at the last epoch"),
                        ("acc_best_test_mean", "at the best test epoch (the authors' released script keeps that model: "
                                               "optimistic, the test split picks the epoch)")):
@@ -609,29 +656,41 @@ def render_markdown(table, command):
         for method, row in table["rows"].items():
             values = [secondary(row[s], key) for s in SETTINGS]
             lines.append(f"| {method} | " + " | ".join(values) + " |")
+    return lines
 
-    lines += ["", f"Wall time (h) of the shown runs, sum over a cell's seeds (training + evaluation, from results.json), "
-              "and in brackets the median epoch time (s, training + evaluation, from metrics.jsonl; mean over seeds); "
-              f"device(s): {', '.join(table['devices']) or '–'}:", "",
-              "| Method | " + " | ".join(TITLES[s] for s in SETTINGS) + " |", "|" + "---|" * (len(SETTINGS) + 1)]
+
+def wall_time_lines(table):
+    """The table of each cell's wall time (h, summed over its seeds) and median epoch time (s)."""
+    lines = ["", f"Wall time (h) of the shown runs, sum over a cell's seeds (training + evaluation, from results.json), "
+             "and in brackets the median epoch time (s, training + evaluation, from metrics.jsonl; mean over seeds); "
+             f"device(s): {', '.join(table['devices']) or '–'}:", "",
+             "| Method | " + " | ".join(TITLES[s] for s in SETTINGS) + " |", "|" + "---|" * (len(SETTINGS) + 1)]
     for method, row in table["rows"].items():
         lines.append(f"| {method} | " + " | ".join(format_time(row[s]) for s in SETTINGS) + " |")
+    return lines
 
+
+def far_from_paper_lines(table):
+    """One line per cell more than 2 points from the paper, with its Δ and the reason given for it (``reasons``
+    of the table); none when no cell is."""
     far = [(setting, method, cell) for method, row in table["rows"].items() for setting, cell in row.items()
            if cell["diff"] is not None and abs(cell["diff"]) > 2]
-    if far:
-        reasons = table.get("reasons", {})
-        lines += ["", "Cells more than 2 points from the paper (Acc above), and why we think they differ:", ""]
-        lines += [f"- {TITLES[setting]}, {method} ({cell['diff']:+.2f}): "
-                  f"{reasons.get(f'{setting}/{method}', 'no reason recorded yet')}" for setting, method, cell in far]
+    if not far:
+        return []
+    reasons = table.get("reasons", {})
+    return ["", "Cells more than 2 points from the paper (Acc above), and why we think they differ:", ""] + [
+        f"- {TITLES[setting]}, {method} ({cell['diff']:+.2f}): "
+        f"{reasons.get(f'{setting}/{method}', 'no reason recorded yet')}" for setting, method, cell in far]
 
+
+def other_protocol_lines(table):
+    """One line per protocol found but not shown (its number for --protocol, its runs, how it differs); none
+    when every run is of the protocol shown."""
     other = [f"- protocol {index}: {found['runs']} runs, {found['description']}"
              for index, found in enumerate(table["protocols_found"], 1) if not found["shown"]]
-    if other:
-        lines += ["", "Runs under other protocols in this runs dir, kept apart (`--protocol K` shows one):", ""] + other
-    if table["notes"]:
-        lines += ["", "Notes:", ""] + [f"- {note}" for note in table["notes"]]
-    return "\n".join(lines) + "\n"
+    if not other:
+        return []
+    return ["", "Runs under other protocols in this runs dir, kept apart (`--protocol K` shows one):", ""] + other
 
 
 def write_tables(table, out_dir, name="table2", reasons=None):

@@ -146,14 +146,10 @@ def main(argv=None):
 
 
 def run(args):
+    """Both phases (phase 1 read from --phase1_model when given), the test accuracies of the existing tasks and of
+    the added one before and after phase 2, written with the run's record to results.json and metrics.jsonl."""
     params = config.load_params(args.param_file)
-    if params["setting"] != SETTING or params["model"] != METHOD:
-        raise config.ParamError(f"--param_file: {args.param_file} has setting '{params['setting']}' and model "
-                                f"'{params['model']}'; allowed: setting {SETTING} with model {METHOD} "
-                                f"(e.g. params/mmnist_9digits_byref_controlnet.json)")
-    if params["protocol"] != "held_out":
-        raise config.ParamError(f"{args.param_file}: key 'protocol': experiments/table4_add_task.py picks both phases' epochs on the "
-                                f"validation split; allowed: held_out")
+    check_params(params, args.param_file)
     device = resolve_device(args.device)
     saved = read_phase1_model(args.phase1_model) if args.phase1_model else None
     out = Path(args.out)
@@ -168,30 +164,7 @@ def run(args):
     else:
         model, phase1 = load_phase1(saved, args.phase1_model, device, params)
     existing_before = accuracy(model, EXISTING, data["test"], params, device)
-
-    # Phase 2: one more task; only its embedding column is trained, on the images where it is valid.
-    start = time.perf_counter()
-    model = add_task(model, args.seed)
-    new_before = accuracy(model, [NEW_TASK], data["test"], params, device)
-    valid = data["train"][1][:, NEW_TASK] >= 0
-    train = (data["train"][0][valid], data["train"][1][valid][:, [NEW_TASK]])
-    optimizer = make_optimizer({**params, "lr": args.add_lr}, [model.emb.new_weight])
-    best = None
-    for epoch in range(args.add_epochs):
-        loss = checked(train_epoch(SelectedTasks(model, [NEW_TASK]), None, optimizer, train, params, args.seed,
-                                   phase1["epochs"] + epoch), phase1["epochs"] + epoch, params, out)
-        val = accuracy(model, [NEW_TASK], data["val"], params, device)
-        metrics.append({"phase": 2, "epoch": epoch + 1, "lr": args.add_lr, "train_loss": loss,
-                        "val_acc_new_task": float(val[0])})
-        if best is None or metrics[-1]["val_acc_new_task"] > best["val_acc_new_task"]:
-            best = {**metrics[-1], "new_weight": model.emb.new_weight.detach().clone()}
-        log(f"phase 2 epoch {epoch + 1}/{args.add_epochs}  loss {loss:.4f}  val (task {NEW_TASK}) "
-            f"{metrics[-1]['val_acc_new_task']:.2f}  (best {best['val_acc_new_task']:.2f} at epoch {best['epoch']})")
-    with torch.no_grad():
-        model.emb.new_weight.copy_(best.pop("new_weight"))
-    write(checkpoint.save, {"epoch": best["epoch"], "model": plain_state_dict(model), "params": params},
-          out / "extended_model.pt")
-    phase2_time = time.perf_counter() - start
+    model, new_before, phase2 = train_phase2(model, params, args, data, device, out, metrics, phase1["epochs"])
 
     existing_after = accuracy(model, EXISTING, data["test"], params, device)
     new_after = accuracy(model, [NEW_TASK], data["test"], params, device)
@@ -201,10 +174,7 @@ def run(args):
         "setting": SETTING, "method": METHOD, "new_task": NEW_TASK, "subset": args.subset,
         "train_images": len(data["train"][0]), "test_images": len(data["test"][0]),
         "phase1": phase1,
-        "phase2": {"epochs": args.add_epochs, "best_epoch": best["epoch"], "optimizer": params["optimizer"],
-                   "lr": args.add_lr, "lr_schedule": "none", "batch_size": params["batch_size"],
-                   "train_images": int(valid.sum()), "trained_parameters": model.emb.new_weight.numel(),
-                   "val_acc_new_task": best["val_acc_new_task"], "wall_time_s": round(phase2_time, 2)},
+        "phase2": phase2,
         "test_acc": {"existing_tasks": {"before": float(existing_before.nanmean()),
                                         "after": float(existing_after.nanmean())},
                      "added_task_digit_9": {"before": float(new_before[0]), "after": float(new_after[0])}},
@@ -221,6 +191,52 @@ def run(args):
         f"{acc['added_task_digit_9']['before']:.2f} -> {acc['added_task_digit_9']['after']:.2f} (paper "
         f"{paper['added_task_digit_9']['before']} -> {paper['added_task_digit_9']['after']}); {out / 'results.json'}")
     return 0
+
+
+def check_params(params, path):
+    """ParamError (one line, the allowed values) unless the param file at ``path`` is a held_out ControlNet file
+    of 9 digits by reference."""
+    if params["setting"] != SETTING or params["model"] != METHOD:
+        raise config.ParamError(f"--param_file: {path} has setting '{params['setting']}' and model "
+                                f"'{params['model']}'; allowed: setting {SETTING} with model {METHOD} "
+                                f"(e.g. params/mmnist_9digits_byref_controlnet.json)")
+    if params["protocol"] != "held_out":
+        raise config.ParamError(f"{path}: key 'protocol': experiments/table4_add_task.py picks both phases' epochs on the "
+                                f"validation split; allowed: held_out")
+
+
+def train_phase2(model, params, args, data, device, out, metrics, first_epoch):
+    """Phase 2: ``model`` extended by task 9 (add_task), whose embedding column alone is trained at the constant
+    --add_lr on the training images where task 9 is valid (epochs numbered on from ``first_epoch`` for the data
+    order); the column of the best validation epoch is kept and the model saved as extended_model.pt. Returns the
+    model, task 9's test accuracy with its column at initialisation, and phase 2's record."""
+    start = time.perf_counter()
+    model = add_task(model, args.seed)
+    new_before = accuracy(model, [NEW_TASK], data["test"], params, device)
+    valid = data["train"][1][:, NEW_TASK] >= 0
+    train = (data["train"][0][valid], data["train"][1][valid][:, [NEW_TASK]])
+    optimizer = make_optimizer({**params, "lr": args.add_lr}, [model.emb.new_weight])
+    best = None
+    for epoch in range(args.add_epochs):
+        loss = checked(train_epoch(SelectedTasks(model, [NEW_TASK]), None, optimizer, train, params, args.seed,
+                                   first_epoch + epoch), first_epoch + epoch, params, out)
+        val = accuracy(model, [NEW_TASK], data["val"], params, device)
+        metrics.append({"phase": 2, "epoch": epoch + 1, "lr": args.add_lr, "train_loss": loss,
+                        "val_acc_new_task": float(val[0])})
+        if best is None or metrics[-1]["val_acc_new_task"] > best["val_acc_new_task"]:
+            best = {**metrics[-1], "new_weight": model.emb.new_weight.detach().clone()}
+        log(f"phase 2 epoch {epoch + 1}/{args.add_epochs}  loss {loss:.4f}  val (task {NEW_TASK}) "
+            f"{metrics[-1]['val_acc_new_task']:.2f}  (best {best['val_acc_new_task']:.2f} at epoch {best['epoch']})")
+    with torch.no_grad():
+        model.emb.new_weight.copy_(best.pop("new_weight"))
+    write(checkpoint.save, {"epoch": best["epoch"], "model": plain_state_dict(model), "params": params},
+          out / "extended_model.pt")
+    wall_time = time.perf_counter() - start
+    return model, new_before, {
+        "epochs": args.add_epochs, "best_epoch": best["epoch"], "optimizer": params["optimizer"], "lr": args.add_lr,
+        "lr_schedule": "none", "batch_size": params["batch_size"], "train_images": int(valid.sum()),
+        "trained_parameters": model.emb.new_weight.numel(), "val_acc_new_task": best["val_acc_new_task"],
+        "wall_time_s": round(wall_time, 2)}
 
 
 def train_phase1(params, args, data, device, out, metrics):

@@ -148,9 +148,10 @@ def parameter_counts(model):
 
 
 def run(args):
+    """Trains the param file's variant (with --dry_run only prints its parameter counts), keeps its best epoch on
+    validation and writes results.json, metrics.jsonl and best_model.pt into --out."""
     params = load_params(args.param_file)
     epochs = args.epochs or params["epochs"]
-    num_tasks = NUM_TASKS[params["setting"]]
     if args.dry_run:
         print(json.dumps({"variant": params["variant"], "setting": params["setting"], **parameter_counts(build(params))}))
         return 0
@@ -164,33 +165,47 @@ def run(args):
     optimizer = optim.make_optimizer(params, [{"params": list(model.parameters()), "lr": params["lr"]}])
     splits = load_data(params, args.subset, args.data_root or params["data_root"], args.eval_subset)
     data = {split: tuple(array.to(device) for array in arrays) for split, arrays in splits.items()}
-    per_pass = params["eval_batch_size"] or (512 if device.type == "cpu" else 8192)
-    info = {"command": args.command, "git_commit": provenance.git_commit(), "device": provenance.describe_device(device),
-            "torch": torch.__version__, "seed": args.seed, "epochs": epochs, "subset": args.subset,
-            "eval_subset": args.eval_subset,
-            "variant": params["variant"], "table5_row": TABLE5_ROWS[params["variant"]], "setting": params["setting"],
-            "instructed": bool(getattr(model, "instructed", False)), "num_tasks": num_tasks,
-            "sizes": {split: len(arrays[0]) for split, arrays in splits.items()}, **parameter_counts(model)}
+    info = run_info(args, params, epochs, model, splits, device)
     print(f"{params['exp_id']}: {params['variant']} on {params['setting']}, {info['num_params']} params "
           f"(x{info['params_x']:.3f}), {info['sizes']['train']} train images, {info['device']}, out {out}", flush=True)
 
+    history, best, wall = fit(model, optimizer, data, params, args, epochs, device, out)
+    results = {**info, "best_epoch": best["epoch"],
+               **{key: best[key] for key in best if key.startswith(("val_", "test_"))},
+               "test_acc_mean_last": history[-1]["test_acc_mean"], "test_iou_mean_last": history[-1]["test_iou_mean"],
+               "test_acc_per_task_last": history[-1]["test_acc_per_task"],
+               "test_iou_per_task_last": history[-1]["test_iou_per_task"],
+               "wall_time_s": round(wall, 2), "params": params}
+    run_dir.write(files.write_json, results, out / "results.json")
+    print(f"test at the best-validation epoch {best['epoch']}: accuracy {results['test_acc_mean']:.2f}, IoU "
+          f"{results['test_iou_mean']:.2f}; results in {out / 'results.json'}", flush=True)
+    return 0
+
+
+def run_info(args, params, epochs, model, splits, device):
+    """What results.json records of the run besides its scores: command, commit, device, seed, protocol, variant,
+    split sizes and parameter counts."""
+    return {"command": args.command, "git_commit": provenance.git_commit(), "device": provenance.describe_device(device),
+            "torch": torch.__version__, "seed": args.seed, "epochs": epochs, "subset": args.subset,
+            "eval_subset": args.eval_subset,
+            "variant": params["variant"], "table5_row": TABLE5_ROWS[params["variant"]], "setting": params["setting"],
+            "instructed": bool(getattr(model, "instructed", False)), "num_tasks": NUM_TASKS[params["setting"]],
+            "sizes": {split: len(arrays[0]) for split, arrays in splits.items()}, **parameter_counts(model)}
+
+
+def fit(model, optimizer, data, params, args, epochs, device, out):
+    """The run's epochs (epoch_record): each one's record printed and metrics.jsonl rewritten after it, the best
+    evaluated epoch by val_score saved as best_model.pt (unless --no_model_file). Returns (the records, the best
+    one, the wall time of training and evaluation in seconds)."""
+    per_pass = params["eval_batch_size"] or (512 if device.type == "cpu" else 8192)
     history, best, wall = [], None, 0.0
     for epoch in range(epochs):
         start = time.perf_counter()
-        lr = params["lr"] * optim.lr_factor(params, epoch, epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        train_losses = train_epoch(model, optimizer, data["train"], params, args.seed, epoch)
-        record = {"epoch": epoch + 1, "lr": lr, **train_losses}
-        evaluated = (epoch + 1) % params["eval_every"] == 0 or epoch + 1 == epochs
-        if evaluated:
-            for split in ("val", "test"):
-                scores = evaluate(model, *data[split], num_tasks, per_pass, memory_format)
-                record.update({f"{split}_{name}": value for name, value in scores.items()})
-            record["val_score"] = (record["val_acc_mean"] + record["val_iou_mean"]) / 2
+        record = epoch_record(model, optimizer, data, params, args.seed, epoch, epochs, per_pass)
         record["epoch_time_s"] = round(time.perf_counter() - start, 2)
         wall += time.perf_counter() - start
         history.append(record)
+        evaluated = "val_score" in record
         is_best = evaluated and (best is None or record["val_score"] > best["val_score"])
         if is_best:
             best = record
@@ -202,17 +217,24 @@ def run(args):
                   f"{record['test_acc_mean']:.2f} iou {record['test_iou_mean']:.2f}") if evaluated else ""
         print(f"epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.4f} (cls {record['train_cls_loss']:.4f}, seg "
               f"{record['train_seg_loss']:.4f})  {scores}  {record['epoch_time_s']:.1f}s", flush=True)
+    return history, best, wall
 
-    results = {**info, "best_epoch": best["epoch"],
-               **{key: best[key] for key in best if key.startswith(("val_", "test_"))},
-               "test_acc_mean_last": history[-1]["test_acc_mean"], "test_iou_mean_last": history[-1]["test_iou_mean"],
-               "test_acc_per_task_last": history[-1]["test_acc_per_task"],
-               "test_iou_per_task_last": history[-1]["test_iou_per_task"],
-               "wall_time_s": round(wall, 2), "params": params}
-    run_dir.write(files.write_json, results, out / "results.json")
-    print(f"test at the best-validation epoch {best['epoch']}: accuracy {results['test_acc_mean']:.2f}, IoU "
-          f"{results['test_iou_mean']:.2f}; results in {out / 'results.json'}", flush=True)
-    return 0
+
+def epoch_record(model, optimizer, data, params, seed, epoch, epochs, per_pass):
+    """One epoch at the lr of the schedule, then, on an evaluation epoch (every eval_every-th and the last),
+    accuracy and IoU on val and test and val_score = (val accuracy + val IoU) / 2; returns the epoch's record."""
+    lr = params["lr"] * optim.lr_factor(params, epoch, epochs)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    train_losses = train_epoch(model, optimizer, data["train"], params, seed, epoch)
+    record = {"epoch": epoch + 1, "lr": lr, **train_losses}
+    if (epoch + 1) % params["eval_every"] == 0 or epoch + 1 == epochs:
+        for split in ("val", "test"):
+            scores = evaluate(model, *data[split], NUM_TASKS[params["setting"]], per_pass,
+                              MEMORY_FORMATS[params["memory_format"]])
+            record.update({f"{split}_{name}": value for name, value in scores.items()})
+        record["val_score"] = (record["val_acc_mean"] + record["val_iou_mean"]) / 2
+    return record
 
 
 def prepare_output_dir(out, force):
@@ -391,60 +413,94 @@ def _mean_std(values):
 def write_table(runs_dir):
     """``runs_dir/table5.md``: our Table 5 (``runs_dir/<setting>/<variant>/results.json``, seed runs under
     ``seed<k>/`` averaged) next to the paper's; returns the Markdown."""
-    paper = json.loads(PAPER_TABLES.read_text())["table5_heterogeneous_cls_seg"]
-    columns, rows = paper["columns"], paper["rows"]
-    paper_key = {"multi_branch": "multi_branched", "controlnet_no_instruction": "controlnet_no_cls_seg_inst",
-                 "ch_mod": "ch_mod", "controlnet": "controlnet"}
+    found = read_runs(runs_dir)
+    settings = [s for s in SETTING_COLUMNS if any(key[0] == s for key in found)]
+    lines = ["# Table 5 (classification and segmentation), Multi-MNIST", "",
+             "Ours: test accuracy (%) and IoU (%) at the best-validation epoch, mean over tasks (mean over seeds when "
+             "there are several, ± sample std); in brackets the paper's value. #br: output branches. "
+             "#P: parameters (x one LeNet, 24,390).", ""]
+    lines += comparison_lines(found, settings)
+    lines += unselected_lines(found)
+    lines += protocol_lines([r for runs in found.values() for r in runs])
+    text = "\n".join(lines) + "\n"
+    files.write_text(text, runs_dir / "table5.md")
+    return text
+
+
+def read_runs(runs_dir):
+    """{(setting, variant): [results.json of each seed]} from ``runs_dir/<setting>/<variant>/results.json`` and
+    ``runs_dir/<setting>/<variant>/seed<k>/results.json``; RunError when there is none."""
     found = {}
     for path in sorted(runs_dir.glob("*/*/results.json")) + sorted(runs_dir.glob("*/*/seed*/results.json")):
         result = json.loads(path.read_text())
         found.setdefault((result["setting"], result["variant"]), []).append(result)
     if not found:
         raise cli.RunError(f"no results.json under {runs_dir}/<setting>/<variant>/; run experiments/table5_cls_seg.py with --out there first")
-    settings = [s for s in SETTING_COLUMNS if any(key[0] == s for key in found)]
-    lines = ["# Table 5 (classification and segmentation), Multi-MNIST", "",
-             "Ours: test accuracy (%) and IoU (%) at the best-validation epoch, mean over tasks (mean over seeds when "
-             "there are several, ± sample std); in brackets the paper's value. #br: output branches. "
-             "#P: parameters (x one LeNet, 24,390).", ""]
+    return found
+
+
+def comparison_lines(found, settings):
+    """The table beside the paper's: one row per variant in the paper's order, and per setting of ``settings``
+    its number of branches, parameter multiple, accuracy and IoU (mean ± std over seeds), each with the paper's."""
+    paper = json.loads(PAPER_TABLES.read_text())["table5_heterogeneous_cls_seg"]
+    columns, rows = paper["columns"], paper["rows"]
+    paper_key = {"multi_branch": "multi_branched", "controlnet_no_instruction": "controlnet_no_cls_seg_inst",
+                 "ch_mod": "ch_mod", "controlnet": "controlnet"}
     header = "| Row | loc inst. | cls/seg inst. |"
     rule = "|---|---|---|"
     for setting in settings:
         name = "by loc" if setting == "9digits" else "by ref"
         header += f" {name} #br | {name} #P | {name} CLS acc | {name} SEG IoU |"
         rule += "---|---|---|---|"
-    lines += [header, rule]
+    lines = [header, rule]
     for variant in ("multi_branch", "controlnet_no_instruction", "ch_mod", "controlnet"):
         paper_row = dict(zip(columns, rows[paper_key[variant]]))
         cells = [TABLE5_ROWS[variant], "✓" if paper_row["loc_instruction"] else "✗",
                  "✓" if paper_row["cls_seg_instruction"] else "✗"]
         for setting in settings:
-            prefix = SETTING_COLUMNS[setting]
-            runs = found.get((setting, variant), [])
-            branches = 2 * NUM_TASKS[setting] if variant == "multi_branch" else 2
-            if not runs:
-                cells += [f"{branches} ({paper_row[prefix + '_branches']})", "–",
-                          f"– ({paper_row[prefix + '_cls_acc']:.2f})", f"– ({paper_row[prefix + '_seg_iou']:.2f})"]
-                continue
-            acc, iou = (_mean_std([r[key] for r in runs]) for key in ("test_acc_mean", "test_iou_mean"))
-            seeds = f" [n={len(runs)}]" if len(runs) > 1 else ""
-            cells += [f"{branches} ({paper_row[prefix + '_branches']})", f"{runs[0]['params_x']:.2f}",
-                      f"{acc} ({paper_row[prefix + '_cls_acc']:.2f}){seeds}",
-                      f"{iou} ({paper_row[prefix + '_seg_iou']:.2f}){seeds}"]
+            cells += setting_cells(variant, setting, paper_row, found.get((setting, variant), []))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Instructed rows, the unselected branch (class branch under the *segment* instruction, segmentation "
-              "branch under the *recognise* instruction), test:", "",
-              "| Row | setting | CLS acc, selected | CLS acc, unselected | SEG IoU, selected | SEG IoU, unselected |",
-              "|---|---|---|---|---|---|"]
+    return lines
+
+
+def setting_cells(variant, setting, paper_row, runs):
+    """The four cells of one variant in one setting: branches, parameter multiple, accuracy and IoU over ``runs``
+    (with [n=k] for several seeds), each beside the paper's value; dashes for ours when there is no run."""
+    prefix = SETTING_COLUMNS[setting]
+    branches = 2 * NUM_TASKS[setting] if variant == "multi_branch" else 2
+    if not runs:
+        return [f"{branches} ({paper_row[prefix + '_branches']})", "–",
+                f"– ({paper_row[prefix + '_cls_acc']:.2f})", f"– ({paper_row[prefix + '_seg_iou']:.2f})"]
+    acc, iou = (_mean_std([r[key] for r in runs]) for key in ("test_acc_mean", "test_iou_mean"))
+    seeds = f" [n={len(runs)}]" if len(runs) > 1 else ""
+    return [f"{branches} ({paper_row[prefix + '_branches']})", f"{runs[0]['params_x']:.2f}",
+            f"{acc} ({paper_row[prefix + '_cls_acc']:.2f}){seeds}",
+            f"{iou} ({paper_row[prefix + '_seg_iou']:.2f}){seeds}"]
+
+
+def unselected_lines(found):
+    """The table of the instructed rows' unselected branches (the class branch under the segment instruction and
+    vice versa) beside their selected ones, test, mean over seeds."""
+    lines = ["", "Instructed rows, the unselected branch (class branch under the *segment* instruction, segmentation "
+             "branch under the *recognise* instruction), test:", "",
+             "| Row | setting | CLS acc, selected | CLS acc, unselected | SEG IoU, selected | SEG IoU, unselected |",
+             "|---|---|---|---|---|---|"]
     for (setting, variant), runs in sorted(found.items()):
         if "test_acc_unselected_mean" in runs[0]:
             mean = lambda key: float(np.mean([r[key] for r in runs]))  # noqa: E731
             lines.append(f"| {TABLE5_ROWS[variant]} | {setting} | {mean('test_acc_mean'):.2f} | "
                          f"{mean('test_acc_unselected_mean'):.2f} | {mean('test_iou_mean'):.2f} | "
                          f"{mean('test_iou_unselected_mean'):.2f} |")
-    all_runs = [r for runs in found.values() for r in runs]
+    return lines
+
+
+def protocol_lines(all_runs):
+    """How the runs shown were made: epochs and data sizes, optimisation and best epochs, training samples seen
+    against the paper's budget, whether every run was still improving, devices, seeds, wall time, commits and
+    commands."""
     protocol = sorted({(r["epochs"], r["subset"], r["sizes"]["train"], r["sizes"]["val"], r["sizes"]["test"])
                        for r in all_runs})
-    lines += ["", "Protocol of the runs shown:", ""]
+    lines = ["", "Protocol of the runs shown:", ""]
     for epochs, subset, train, val, test in protocol:
         lines.append(f"- {epochs} epochs on {train} training images ({val} val / {test} test)"
                      f"{' (--subset ' + str(subset) + ')' if subset else ''}")
@@ -466,9 +522,7 @@ def write_table(runs_dir):
                  f"{sum(r['wall_time_s'] for r in all_runs) / 60:.1f} min (training + evaluation)")
     lines.append(f"- commits: {', '.join(sorted({r['git_commit'] for r in all_runs}))}")
     lines.append("- commands: " + "; ".join(f"`{r['command']}`" for r in all_runs))
-    text = "\n".join(lines) + "\n"
-    files.write_text(text, runs_dir / "table5.md")
-    return text
+    return lines
 
 
 if __name__ == "__main__":
