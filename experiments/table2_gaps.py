@@ -77,13 +77,17 @@ def check_same_protocol(runs, where):
 
 
 def row(variant, setting, method, runs, committed):
-    acc = mean_std([figure(run, "best_val") for run in runs])
+    """One variant's figures in one cell. Its accuracy is the test accuracy at the best-validation epoch; runs
+    without a validation split (``protocol`` authors) have none, so theirs is the best test epoch's
+    (``selection``), and so is the committed cell's figure beside it."""
+    selection = "best_val" if all(figure(run, "best_val") is not None for run in runs) else "best_test"
     paper = PAPER["rows"].get(method, {}).get("acc")
     paper_acc = paper[list(SETTINGS).index(setting)] if paper else None
     return {"variant": variant, "setting": setting, "method": method, "seeds": sorted(run["seed"] for run in runs),
-            "acc": acc, "last": mean_std([figure(run, "last") for run in runs])[0],
+            "acc": mean_std([figure(run, selection) for run in runs]), "selection": selection,
+            "last": mean_std([figure(run, "last") for run in runs])[0],
             "best_test": mean_std([figure(run, "best_test") for run in runs])[0],
-            "paper": paper_acc, "committed": None if committed is None else figure(committed, "best_val"),
+            "paper": paper_acc, "committed": None if committed is None else figure(committed, selection),
             "hours": mean_std([run.get("wall_time_s", 0.0) / 3600 for run in runs])[0],
             "options": method_options(runs[-1]), "overrides": sorted(runs[-1].get("overrides") or ())}
 
@@ -100,7 +104,9 @@ def render(table, answers, command):
              "Each question's variants beside the committed cell (results/table2_full, seed 0) and the paper. Test "
              "accuracy (%), mean over tasks, 100 epochs on the full data unless the overrides say otherwise; "
              "mean ± std over the seeds shown; the variant `default` is the committed protocol (its seed 0 is the "
-             "committed run). How the runs were made: docs/fidelity.md; the questions: README, Table 2.", "",
+             "committed run). A variant trained without a validation split (`protocol=authors`) shows its best "
+             "test epoch's figure, beside the committed cell's at its best test epoch. How the runs were made: "
+             "docs/fidelity.md; the questions: README, Table 2.", "",
              f"Made by `{command}`.", ""]
     for question in sorted(set(table) | set(answers)):
         lines += [f"## {question}", "", f"**Answer.** {answers.get(question, 'runs in progress.')}", ""]
@@ -113,7 +119,8 @@ def render(table, answers, command):
 
 def render_row(row):
     mean, std = row["acc"]
-    acc = f"**{mean:.2f}**" + (f" ± {std:.2f}" if std is not None else "")
+    acc = f"**{mean:.2f}**" + (f" ± {std:.2f}" if std is not None else "") + \
+        (" (best test epoch: no validation split)" if row["selection"] == "best_test" else "")
     cells = [row["variant"], TITLES[row["setting"]], row["method"], ",".join(map(str, row["seeds"])), acc,
              f"{row['last']:.2f}", f"{row['best_test']:.2f}",
              number(row["paper"]), number(row["paper"] and mean - row["paper"], sign=True),

@@ -65,3 +65,17 @@ def test_runs_of_one_row_with_other_overrides_are_refused(tmp_path, capsys):
 def test_missing_runs_dir_is_one_line(tmp_path, capsys):
     assert table2_gaps.main(["--runs_dir", str(tmp_path / "none"), "--out", str(tmp_path / "x.md")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_a_variant_without_validation_split_shows_its_best_test_epoch_beside_the_committed_ones(tmp_path):
+    baseline(tmp_path)
+    committed = json.loads((COMMITTED / "results.json").read_text())["test_acc_mean_best_test"]
+    run = fake_run(tmp_path / "gaps" / "q" / "authors" / "9digits" / "controlnet" / "seed0", 0, 0.0,
+                   ["protocol=authors"])
+    run.update({"test_acc_mean": None, "best_epoch": None, "test_acc_mean_best_test": 89.0})
+    (tmp_path / "gaps" / "q" / "authors" / "9digits" / "controlnet" / "seed0" / "results.json").write_text(
+        json.dumps(run))
+    row = table2_gaps.collect(tmp_path / "gaps", tmp_path / "full")["q"][0]
+    assert row["selection"] == "best_test" and row["acc"] == (89.0, None) and row["committed"] == committed
+    line = table2_gaps.render_row(row)
+    assert "**89.00** (best test epoch: no validation split)" in line and f"| {89.0 - committed:+.2f} |" in line
