@@ -70,7 +70,11 @@ def allocation_weights(masks):
 
 
 class GumbelMatrixRouter(nn.Module):
-    """Learned allocation of one routed layer: logits ``[T, K, 2]`` (one parameter per layer, as in lpa/)."""
+    """Learned allocation of one routed layer: logits ``[T, K, 2]`` (one parameter per layer, as in lpa/). Its
+    Gumbel noise comes from a U(0, 1) tensor of the logits' shape, which a stacked run feeds per replica
+    (``random_draws``, models/hooks.py)."""
+
+    random_draws = "uniform"
 
     def __init__(self, num_tasks, num_components, probs_init=0.5, temperature=50.0):
         super().__init__()
@@ -80,6 +84,10 @@ class GumbelMatrixRouter(nn.Module):
         self.logits = nn.Parameter(init.repeat(num_tasks, num_components, 1))
         self.temperature = temperature  # set by the trainer every update (temperature_schedule)
         self.noise = None  # U(0, 1) [T, K, 2] for the next sample instead of torch's generator (stacked runs)
+
+    def noise_shape(self):
+        """The shape of the U(0, 1) tensor of one sample: the logits' ``[T, K, 2]``."""
+        return self.logits.shape
 
     def probabilities(self):
         """Connection probabilities P ``[T, K]``."""

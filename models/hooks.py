@@ -15,7 +15,25 @@ model, which runs them for every replica with that replica's tensors (training/s
   same on every rank.
 - ``epoch_record()``: entries the model adds to every epoch's record in metrics.jsonl (and to results.json).
 - ``parameter_groups(lr, options)``: the optimiser's parameter groups (one group at ``lr`` by default).
+
+A module of the model that draws random numbers in training (the Gumbel noise of a learned allocation, dropout
+masks) declares it with the class attribute ``random_draws``, which says how the stacked engine feeds every replica
+the draws of its separate run (a generator seeded as that run seeds torch's, training/stacked.py); with nothing fed,
+the module draws from torch's global generator, as in a separate run:
+
+- ``"uniform"``: the module draws one U(0, 1) tensor per forward pass, of the shape that its ``noise_shape()``
+  returns, and takes it instead through its attribute ``noise`` (None: draw it). A stacked replica draws these
+  tensors before its forward pass, every such module in module order, so in a separate run they must be drawn in
+  that order and before any draw of a module fed ``"generator"``. Batchable: such a model stacks in either mode,
+  ``loop`` or ``vmap``.
+- ``"generator"``: the module draws through its attribute ``generator`` (a ``torch.Generator``, None: torch's
+  global one), which a replica sets to its own; stacking mode ``loop`` only. ``random_draws_label`` names what it
+  draws, for the message that refuses ``vmap``.
+
+A module that draws without declaring it draws from torch's global generator in a stacked run too, which no replica's
+separate run does.
 """
+RANDOM_DRAWS = ("uniform", "generator")
 
 
 class TrainingHooks:

@@ -37,6 +37,9 @@ class SenerKoltunDropout(nn.Module):
     masks of its gradient passes in its final pass (``multi_task/train_multi_task.py``). Under DDP each rank draws
     the masks of its own part of the batch."""
 
+    random_draws = "generator"  # models/hooks.py
+    random_draws_label = "Sener-Koltun dropout masks"
+
     def __init__(self):
         super().__init__()
         self.held = None

@@ -126,16 +126,58 @@ def test_the_step_is_written_for_one_process():
     assert "training.ddp" in imported_modules((REPO / "training" / "trainer.py").read_text())  # the run's layer
 
 
+def model_modules(source):
+    """The modules of models/ that ``source`` imports (``from models import lenet`` imports ``models.lenet``)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        if isinstance(node, ast.ImportFrom) and node.module == "models":
+            names += [f"models.{alias.name}" for alias in node.names
+                      if (REPO / "models" / f"{alias.name}.py").exists()]
+        found.update(name for name in names if name.split(".")[0] == "models")
+    return found
+
+
+# What training/ takes from models/: anywhere the registry (``models``: build_model, the model names, parameter
+# counts) and the training hooks (models/hooks.py); a model's own module only where the param file's schema reads its
+# options (config.py: backbones, router options, dropouts) and in the round-robin protocol of the Gumbel-matrix MNIST
+# net (round_robin.py). Everything else about a model reaches training/ through its hooks and capabilities.
+MODELS_FOR_TRAINING = {"models", "models.hooks"}
+MODEL_MODULES_IN_TRAINING = {
+    "config": {"models.backbones", "models.gumbel_matrix", "models.lenet"},
+    "round_robin": {"models.gumbel_matrix"},
+}
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "training").rglob("*.py")), ids=lambda p: p.name)
+def test_training_takes_from_models_only_the_registry_and_the_hooks(path):
+    allowed = MODELS_FOR_TRAINING | MODEL_MODULES_IN_TRAINING.get(path.stem, set())
+    assert model_modules(path.read_text()) <= allowed, \
+        f"training/{path.name} imports {sorted(model_modules(path.read_text()) - allowed)}; allowed: {sorted(allowed)}"
+
+
+def test_the_check_of_models_in_training_can_fail():
+    assert model_modules("from models.gumbel_matrix import GumbelMatrixRouter\n") == {"models.gumbel_matrix"}
+    assert model_modules("def f():\n    from models import lenet, build_model\n") == {"models", "models.lenet"}
+    assert model_modules("import models.lenet as lenet\nfrom training import optim\n") == {"models.lenet"}
+
+
 def test_the_engines_hold_no_method_of_a_model():
     """The stacked engine calls the models' training hooks (models/hooks.py) on the stacked model, which runs them
-    per replica: no Gumbel-matrix temperature, budget or allocation code in training/engine.py or training/stacked.py
-    (stacked.py finds the routers only to draw each replica's Gumbel noise)."""
+    per replica: no Gumbel-matrix temperature, budget or allocation code in training/engine.py or training/stacked.py,
+    and stacked.py finds the modules with random draws of their own by their ``random_draws`` (models/hooks.py):
+    it imports no model and names no model class."""
     for name in ("engine", "loop", "step_graph"):
         imported = imported_modules((REPO / "training" / f"{name}.py").read_text())
         assert not {module for module in imported if module.startswith("models")}, (name, imported)
-    imported = imported_modules((REPO / "training" / "stacked.py").read_text())
-    assert {module for module in imported if module.startswith("models.gumbel")} == \
-        {"models.gumbel_matrix", "models.gumbel_matrix.GumbelMatrixRouter"}
+    source = (REPO / "training" / "stacked.py").read_text()
+    assert model_modules(source) == {"models.hooks"}
+    classes = {node.name for path in (REPO / "models").rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.ClassDef)}
+    names = {node.id for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Name)} | \
+        {node.attr for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Attribute)}
+    assert {"GumbelMatrixRouter", "SenerKoltunDropout"} <= classes and not names & (classes - {"TrainingHooks"})
 
 
 def test_the_check_of_the_step_can_fail():

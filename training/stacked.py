@@ -3,9 +3,11 @@ Table 2 cell) trained in one process as one model.
 
 Replica r is the run of the training script with ``--seed seeds[r]``, exactly: its initial weights are the model
 built after ``torch.manual_seed(seeds[r])``; its data order and task draws come from
-``epoch_generator(seeds[r], epoch)``; the model's own noise (the Gumbel samples of models/gumbel_matrix.py, the
-Sener-Koltun dropout masks of models/lenet.py) comes from a generator seeded with ``epoch_seed(seeds[r], epoch)``,
-the seed that the separate run gives torch's global generator, drawn in the same order. Parameters and buffers are
+``epoch_generator(seeds[r], epoch)``; the model's own random draws (those of every module that declares
+``random_draws``, models/hooks.py: Gumbel noise, dropout masks) come from a generator seeded with
+``epoch_seed(seeds[r], epoch)``, the seed that the separate run gives torch's global generator, drawn in the same
+order: a module fed ``"uniform"`` takes the U(0, 1) tensor drawn for it before the forward pass, one fed
+``"generator"`` draws from the replica's generator (``loop`` mode only). Parameters and buffers are
 stacked along a leading replica dimension [R, ...] (``torch.func.stack_module_state``); a forward pass is
 ``torch.func.functional_call`` of the template model with replica r's tensors, either replica after replica
 (``loop``: the kernels of a separate run) or all at once under ``torch.func.vmap`` (``vmap``: one grouped
@@ -26,9 +28,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, vmap
 
-from models.gumbel_matrix import GumbelMatrixRouter
-from models.hooks import TrainingHooks
-from models.lenet import SenerKoltunDropout
+from models.hooks import RANDOM_DRAWS, TrainingHooks
 from training.data import MEMORY_FORMATS
 from training import optim
 from training.optim import make_optimizer
@@ -79,10 +79,11 @@ class StackedModel(nn.Module):
         named = [dict(m.named_buffers()) for m in models]
         for index, name in enumerate(self.buffer_names):
             self.register_buffer(f"buffer{index}", _stack([n[name] for n in named], memory_format))
-        self.routers = [m for m in self.template.modules() if isinstance(m, GumbelMatrixRouter)]
-        self.dropouts = [m for m in self.template.modules() if isinstance(m, SenerKoltunDropout)]
-        if mode == "vmap" and self.dropouts:
-            raise ValueError("stacking mode 'vmap' cannot draw Sener-Koltun dropout masks per replica; use 'loop'")
+        self.uniform_fed, self.generator_fed = _random_modules(self.template)
+        if mode == "vmap" and self.generator_fed:
+            raise ValueError(f"stacking mode 'vmap' cannot draw {_label(self.generator_fed[0])} per replica; "
+                             f"use 'loop'")
+        self.random = bool(self.uniform_fed or self.generator_fed)
         self.generators = None
         # the training hooks that the template's class defines (those of models/hooks.py do nothing: not called)
         self.hooked = {name for name in ("before_step", "penalty", "epoch_record")
@@ -114,7 +115,7 @@ class StackedModel(nn.Module):
 
     def noise_generators(self):
         """The generators of the model's own draws that a CUDA graph of the step must register."""
-        return list(self.generators or []) if self.routers or self.dropouts else []
+        return list(self.generators or []) if self.random else []
 
     def call(self, fn, *args, draws=True):
         """``fn(model, *args)`` for every replica, replica r with its own tensors and ``arg[r]`` of each [R, ...]
@@ -122,18 +123,17 @@ class StackedModel(nn.Module):
         mode each replica draws its model noise from its generator, unless ``draws`` is False (for an ``fn`` that
         samples nothing)."""
         self._apply_fn.fn = fn
-        noisy = draws and self.training and bool(self.routers or self.dropouts)
+        noisy = draws and self.training and self.random
         if noisy and self.generators is None:
             raise RuntimeError("a stacked model with random modules needs seed_noise(seeds) before training")
         tensors = {f"model.{name}": tensor for name, tensor in self.tensors().items()}
-        noise = self._router_noise() if noisy else []
+        noise = self._uniform_draws() if noisy else []
         try:
             if self.mode == "vmap":
                 return vmap(self._replica_call)(tensors, noise, *args)
             outputs = []
             for r in range(self.num_replicas):
-                for dropout in self.dropouts:
-                    dropout.generator = self.generators[r] if noisy else None
+                self._feed_generators(r if noisy else None)
                 outputs.append(self._replica_call({name: t[r] for name, t in tensors.items()},
                                                   [n[r] for n in noise],
                                                   *(arg[r] for arg in args)))
@@ -141,27 +141,35 @@ class StackedModel(nn.Module):
                 return tuple(torch.stack(parts) for parts in zip(*outputs))
             return torch.stack(outputs)
         finally:
-            for router in self.routers:
-                router.noise = None
-            for dropout in self.dropouts:
-                dropout.generator = None
+            self._unfeed()
 
     def _replica_call(self, tensors, noise, *args):
-        for router, uniform in zip(self.routers, noise):
-            router.noise = uniform
+        for module, uniform in zip(self.uniform_fed, noise):
+            module.noise = uniform
         return functional_call(self._apply_fn, tensors, args)
 
-    def _router_noise(self):
-        """Per router (in module order, the order of a forward pass), the U(0, 1) draws [R, T, K, 2] of every
-        replica from its own generator: what ``torch.rand_like(logits)`` draws in its separate run."""
+    def _uniform_draws(self):
+        """Per module fed ``"uniform"`` (in module order, the order of a forward pass), the U(0, 1) draws
+        [R, *noise_shape()] of every replica from its own generator: what the module draws in its separate run."""
         per_replica = [self._replica_noise(r) for r in range(self.num_replicas)]
         return [torch.stack(draws) for draws in zip(*per_replica)]
 
     def _replica_noise(self, r):
-        """Replica r's U(0, 1) draws of every router, from its generator."""
-        shapes = [self.parameter(self._name_of(router.logits)).shape[1:] for router in self.routers]
+        """Replica r's U(0, 1) draws of every module fed ``"uniform"``, from its generator."""
         dtype, device = self.stacked[0].dtype, self.stacked[0].device
-        return [torch.rand(shape, generator=self.generators[r], dtype=dtype, device=device) for shape in shapes]
+        return [torch.rand(module.noise_shape(), generator=self.generators[r], dtype=dtype, device=device)
+                for module in self.uniform_fed]
+
+    def _feed_generators(self, r):
+        """Replica r's generator to every module fed ``"generator"``; r None: torch's global generator."""
+        for module in self.generator_fed:
+            module.generator = None if r is None else self.generators[r]
+
+    def _unfeed(self):
+        """Every random module back to torch's global generator."""
+        for module in self.uniform_fed:
+            module.noise = None
+        self._feed_generators(None)
 
     def replica(self, r):
         """Replica r as the model of one run (``Replica``), for a weighting's ``backward``."""
@@ -236,8 +244,8 @@ class Replica:
     """Replica r of a ``StackedModel`` seen as its separate run's model, for the rule of a weighting written for one
     run (weighting/batched.py): ``forward``, ``trunk``, ``heads``, ``last_shared_layer`` and ``dropout`` on views of
     its slices of the stacked tensors (taken once, so that ``autograd.grad`` with respect to ``last_shared_layer``
-    reaches the forward pass), its noise from its own generator. A Sener-Koltun dropout held by the rule
-    (``models.lenet.held_dropout_masks``) keeps its masks across the calls."""
+    reaches the forward pass), its random draws from its own generator. A dropout that the rule holds (the model's
+    ``dropout.hold()``) keeps its masks across the calls."""
 
     def __init__(self, stack, r):
         self.stack, self.r, self.paradigm = stack, r, stack.paradigm
@@ -247,16 +255,12 @@ class Replica:
     def call(self, fn, *args):
         stack = self.stack
         stack._apply_fn.fn = fn
-        noisy = stack.training and bool(stack.routers or stack.dropouts)
+        noisy = stack.training and stack.random
         try:
-            for dropout in stack.dropouts:
-                dropout.generator = stack.generators[self.r] if noisy else None
+            stack._feed_generators(self.r if noisy else None)
             return stack._replica_call(self.tensors, stack._replica_noise(self.r) if noisy else [], *args)
         finally:
-            for router in stack.routers:
-                router.noise = None
-            for dropout in stack.dropouts:
-                dropout.generator = None
+            stack._unfeed()
 
     def __call__(self, images):
         return self.call(lambda model, x: model(x), images)
@@ -273,6 +277,21 @@ class Replica:
         template = self.stack.template
         name = next(name for name, m in template.named_modules() if m is template.last_shared_layer)
         return types.SimpleNamespace(weight=self.tensors[f"model.{name}.weight"])
+
+
+def _random_modules(model):
+    """The modules of ``model`` with random draws of their own (``random_draws``, models/hooks.py), in module order:
+    ``(fed "uniform", fed "generator")``."""
+    declared = [(m, getattr(type(m), "random_draws", None)) for m in model.modules()]
+    for module, how in declared:
+        if how is not None and how not in RANDOM_DRAWS:
+            raise ValueError(f"{type(module).__name__}.random_draws is {how!r}; valid: {', '.join(RANDOM_DRAWS)}")
+    return [m for m, how in declared if how == "uniform"], [m for m, how in declared if how == "generator"]
+
+
+def _label(module):
+    """What ``module`` draws, in words (its ``random_draws_label``), for a message."""
+    return getattr(module, "random_draws_label", f"the random draws of {type(module).__name__}")
 
 
 def _stack(tensors, memory_format):
