@@ -142,3 +142,19 @@ def test_results_keep_the_first_command_its_resumes_and_a_forced_schedule_change
     assert results["schedule_changed_at_epoch"] == 1 and results["epochs"] == 2
     assert results["forced_changes"] == [{"epoch": 1, "changed": ["--epochs (1 -> 2, which changes the lr schedule)"]}]
     assert checkpoint.load(out / "checkpoint.pt")["commands"][0]["command"] == untouched["command"]
+
+
+def test_a_kill_between_the_last_checkpoint_and_metrics_jsonl_loses_no_epoch(params, tmp_path, capsys, one_thread):
+    """checkpoint.pt is written before metrics.jsonl and results.json: a run killed between them at its last epoch
+    has a finished checkpoint and a metrics.jsonl one line short; its resume writes both files whole."""
+    out = tmp_path / "run"
+    args = ["--param_file", params, "--epochs", "2", *RUN[2:], "--out", out]
+    assert main(capsys, *args)[0] == 0
+    metrics, results = (out / "metrics.jsonl").read_text(), json.loads((out / "results.json").read_text())
+    (out / "metrics.jsonl").write_text(metrics.splitlines(keepends=True)[0])  # what the kill leaves
+    (out / "results.json").unlink()
+    assert main(capsys, *args, "--resume")[0] == 0
+    assert (out / "metrics.jsonl").read_text() == metrics
+    resumed = json.loads((out / "results.json").read_text())
+    assert [resumed[key] for key in ("best_epoch", "test_acc_mean", "test_acc_mean_last")] == \
+        [results[key] for key in ("best_epoch", "test_acc_mean", "test_acc_mean_last")]

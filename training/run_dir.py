@@ -191,11 +191,13 @@ def _with_seed(args, seed):
 
 def start_state(saved, out, params, objects, command):
     """A run's state (epoch, history, best, wall time, the commands that trained it and the changes a ``--force``d
-    resume made): a fresh one, or ``saved``'s, loaded into its (model, weighting, optimiser) ``objects``."""
+    resume made): a fresh one, or ``saved``'s, loaded into its (model, weighting, optimiser) ``objects``, with
+    metrics.jsonl written anew from the checkpoint's history."""
     if saved is None:
         return {"epoch": 0, "history": [], "best": None, "wall_time_s": 0.0,
                 "commands": [{"command": command, "epoch": 0}], "forced_changes": []}
     state = resume(saved, out / "checkpoint.pt", params, *objects)
+    distributed.on_main(write_metrics, out, state["history"])  # a kill after checkpoint.pt left it an epoch short
     at = {"epoch": saved["epoch"]}
     state["commands"] = saved.get("commands", [{"command": None, "epoch": 0}]) + [{"command": command, **at}]
     state["forced_changes"] = saved.get("forced_changes", []) + ([{**at, "changed": saved["forced"]}]
@@ -236,7 +238,12 @@ def save_epoch(out, objects, params, args, seed, epochs, state, best):
         write(checkpoint.save, {"epoch": state["epoch"], "model": model, "params": params}, out / "best_model.pt")
     write(checkpoint.save, {"model": model, "optimizer": optimizer, "weighting": weighting, "params": params,
                             "seed": seed, "epochs": epochs, "subset": args.subset, **state}, out / "checkpoint.pt")
-    write(files.write_text, "".join(json.dumps(r) + "\n" for r in state["history"]), out / "metrics.jsonl")
+    write_metrics(out, state["history"])
+
+
+def write_metrics(out, history):
+    """metrics.jsonl: one line per epoch of ``history`` (the checkpoint's, of which it is a copy)."""
+    write(files.write_text, "".join(json.dumps(r) + "\n" for r in history), out / "metrics.jsonl")
 
 
 def resume(saved, path, params, model, weighting, optimizer):
