@@ -8,7 +8,8 @@ destination is never overwritten: an identical copy is skipped, a different one 
 (exit 1). A run whose results.json names a commit that is not clean (``-dirty``, ``unknown``) or not in this
 checkout's history (HEAD's ancestors: a rebase replaced it) is refused with one line, since a committed result must
 name the code that made it (so is every run where that cannot be checked: no git, a shallow clone);
-``--allow_unclean`` copies it anyway. Exit 0 when every finished run is in the
+``--allow_unclean`` copies it anyway. A run whose metrics.jsonl does not end at its last epoch is refused too.
+Exit 0 when every finished run is in the
 destination, 1 when a run was refused or differs, 2 for a mistake in the arguments.
 """
 import filecmp
@@ -68,6 +69,19 @@ def commit_problem(commit):
     return None
 
 
+def metrics_short(metrics, epochs):
+    """Why ``metrics`` does not hold one line per epoch up to the run's ``epochs``, or None: a run killed between
+    its last checkpoint and its metrics line, before the resume that rewrites the file (training/run_dir.py)."""
+    try:
+        last = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()][-1:]
+    except (OSError, json.JSONDecodeError) as err:
+        return f"metrics.jsonl unreadable ({err})"
+    ended = last[0].get("epoch") if last else 0
+    if isinstance(epochs, int) and ended != epochs:
+        return f"metrics.jsonl ends at epoch {ended} of {epochs} (resume the run to write it whole)"
+    return None
+
+
 def collect(source, destination, allow_unclean=False, dry_run=False):
     """[(run path below source, what happened)] for every finished run under ``source``; what happened is one of
     "copied", "already there", or a reason it was not copied (starting with "refused" or "differs"). ValueError
@@ -83,9 +97,13 @@ def collect(source, destination, allow_unclean=False, dry_run=False):
             report.append((relative, f"refused: no {', '.join(missing)} beside results.json"))
             continue
         try:
-            commit = json.loads(results.read_text()).get("git_commit")
+            info = json.loads(results.read_text())
         except (OSError, json.JSONDecodeError) as err:
             report.append((relative, f"refused: results.json unreadable ({err})"))
+            continue
+        short = metrics_short(run / "metrics.jsonl", info.get("epochs"))
+        if short:
+            report.append((relative, f"refused: {short}"))
             continue
         target = Path(destination) / relative
         present = [name for name in FILES if (target / name).exists()]
@@ -95,7 +113,7 @@ def collect(source, destination, allow_unclean=False, dry_run=False):
             report.append((relative, "already there" if same else
                            f"differs: {target} holds another {', '.join(present)}; left as it is"))
             continue
-        problem = None if allow_unclean else commit_problem(commit)
+        problem = None if allow_unclean else commit_problem(info.get("git_commit"))
         if problem:
             report.append((relative, f"refused: {problem} (--allow_unclean copies it)"))
             continue

@@ -99,3 +99,15 @@ def test_a_checkout_that_cannot_check_commits_says_why(tmp_path, monkeypatch, ca
         assert f"refused: its commit 0123456789ab cannot be checked: {REPO} {reason}" in capsys.readouterr().out
     finally:
         collect_runs.checkout_problem.cache_clear()
+
+
+def test_a_run_whose_metrics_end_before_its_last_epoch_is_refused(tmp_path, capsys, head):
+    source = tmp_path / "runs"
+    for name, epochs in (("whole", 1), ("short", 2)):
+        run = make_run(source, f"2digits/{name}/seed0", head)
+        (run / "results.json").write_text(json.dumps({"git_commit": head, "epochs": epochs}))
+    assert collect_runs.main([str(source), str(tmp_path / "results")]) == 1
+    out = capsys.readouterr().out
+    assert "2digits/whole/seed0: copied" in out
+    assert "2digits/short/seed0: refused: metrics.jsonl ends at epoch 1 of 2 (resume the run to write it whole)" in out
+    assert not (tmp_path / "results" / "2digits" / "short").exists()
