@@ -13,7 +13,7 @@ import torch
 from loaders import LOADERS, cub
 from loaders.image_sets import normalize_rgb
 from models import build_model
-import train_multi_task_counter_stream as train_script
+from in_process import run_main, write_params
 from training import data, evaluate
 from test_clevr_celeba_cub import PARTS, scene_a, write_celeba, write_clevr, write_image
 
@@ -25,17 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def param_file(directory, **params):
-    params = {"exp_id": "test", **TINY, **params}
-    path = directory / "params.json"
-    path.write_text(json.dumps(params))
-    return path
-
-
-def run(capsys, *args):
-    """``main`` in this process: (exit code, stdout, stderr)."""
-    code = train_script.main([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return write_params(directory, {"exp_id": "test", **TINY, **params})
 
 
 def results(out):
@@ -72,8 +62,8 @@ def clevr_root(tmp_path):
 def test_clevr_controlnet_with_the_localisation_loss_trains_an_epoch(clevr_root, tmp_path, capsys):
     params = param_file(tmp_path, method="controlnet", dataset="clevr", setting="clevr_40", input_size=64,
                         val_fraction=0.34, spatial_loss_weight=1.0)
-    code, _, err = run(capsys, "--param_file", params, "--data_root", clevr_root, "--out", tmp_path / "out",
-                       "--device", "cpu")
+    code, _, err = run_main(capsys, "--param_file", params, "--data_root", clevr_root, "--out", tmp_path / "out",
+                            "--device", "cpu")
     assert code == 0, err
     got = results(tmp_path / "out")
     assert got["setting"] == "clevr_40" and len(got["test_acc_per_task"]) == 40
@@ -85,8 +75,8 @@ def test_clevr_controlnet_with_the_localisation_loss_trains_an_epoch(clevr_root,
 def test_celeba_uniform_scaling_trains_an_epoch(tmp_path, capsys):
     write_celeba(tmp_path / "celeba")
     params = param_file(tmp_path, method="uniform_scaling", dataset="celeba", setting="celeba", input_size=32)
-    code, _, err = run(capsys, "--param_file", params, "--data_root", tmp_path / "celeba", "--out", tmp_path / "out",
-                       "--device", "cpu")
+    code, _, err = run_main(capsys, "--param_file", params, "--data_root", tmp_path / "celeba",
+                            "--out", tmp_path / "out", "--device", "cpu")
     assert code == 0, err
     got = results(tmp_path / "out")
     assert got["params"]["model"] == "backbone_multi_branch" and len(got["test_acc_per_task"]) == 40
@@ -97,8 +87,8 @@ def test_cub_task_routing_trains_an_epoch(tmp_path, capsys):
     write_cub_all_tasks(tmp_path / "CUB_200_2011")
     params = param_file(tmp_path, method="task_routing", dataset="cub", setting="cub", input_size=64,
                         val_fraction=0.25)
-    code, _, err = run(capsys, "--param_file", params, "--data_root", tmp_path / "CUB_200_2011", "--out",
-                       tmp_path / "out", "--device", "cpu")
+    code, _, err = run_main(capsys, "--param_file", params, "--data_root", tmp_path / "CUB_200_2011", "--out",
+                            tmp_path / "out", "--device", "cpu")
     assert code == 0, err
     got = results(tmp_path / "out")
     assert got["params"]["backbone"] == "resnet18" and len(got["test_acc_per_task"]) == len(cub.COLOR_PARTS) == 13
@@ -117,8 +107,8 @@ def test_cub_locations_are_in_input_pixels(tmp_path):
 def test_missing_data_set_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MTL_CLEVR_ROOT", raising=False)
     params = param_file(tmp_path, method="ch_mod", dataset="clevr", setting="clevr_40", input_size=64)
-    code, out, err = run(capsys, "--param_file", params, "--data_root", tmp_path / "nowhere", "--out",
-                         tmp_path / "out", "--device", "cpu")
+    code, out, err = run_main(capsys, "--param_file", params, "--data_root", tmp_path / "nowhere", "--out",
+                              tmp_path / "out", "--device", "cpu")
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
     assert err.startswith(f"error: CLEVR scenes not found under {tmp_path / 'nowhere'}") and "MTL_CLEVR_ROOT" in err
     env = {key: value for key, value in os.environ.items() if key != "MTL_CLEVR_ROOT"}
@@ -133,8 +123,8 @@ def test_clevr_like_generated_loaded_and_trained_end_to_end(tmp_path, capsys):
     params = param_file(tmp_path, method="controlnet", dataset="clevr_like", setting="clevr_1645", input_size=64,
                         clevr_like_train=12, clevr_like_test=4, val_fraction=0.25, spatial_loss_weight=0.5,
                         epochs=2, eval_every=2)
-    code, _, err = run(capsys, "--param_file", params, "--data_root", tmp_path / "data", "--out", tmp_path / "out",
-                       "--device", "cpu")
+    code, _, err = run_main(capsys, "--param_file", params, "--data_root", tmp_path / "data", "--out", tmp_path / "out",
+                            "--device", "cpu")
     assert code == 0, err
     generated = tmp_path / "data" / "clevr_like" / "seed0_64px_12train_4test"
     scenes = json.loads((generated / "scenes" / "CLEVR_train_scenes.json").read_text())["scenes"]
@@ -148,7 +138,8 @@ def test_clevr_like_generated_loaded_and_trained_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "params").glob("*.json")
                                         if p.name.startswith(("clevr", "celeba", "cub"))))
 def test_dry_run_of_every_image_param_file(name, tmp_path, capsys):
-    code, out, err = run(capsys, "--param_file", REPO / "params" / name, "--dry_run", "--data_root", tmp_path / "no")
+    code, out, err = run_main(capsys, "--param_file", REPO / "params" / name, "--dry_run",
+                              "--data_root", tmp_path / "no")
     assert code == 0, err
     counts = json.loads(out.strip().splitlines()[-1])
     assert counts["num_params"] > counts["num_weights"] > 0 and not (tmp_path / "no").exists()
@@ -183,8 +174,8 @@ def test_cub_single_task_and_ch_mod_loc_train_an_epoch(tmp_path, capsys):
     for name, extra in {"single_task": {"method": "single_task"},
                         "ch_mod_loc": {"method": "ch_mod", "spatial_loss_weight": 1.0}}.items():
         params = param_file(tmp_path, dataset="cub", setting="cub", input_size=64, val_fraction=0.25, **extra)
-        code, _, err = run(capsys, "--param_file", params, "--data_root", tmp_path / "CUB_200_2011", "--out",
-                           tmp_path / name, "--device", "cpu")
+        code, _, err = run_main(capsys, "--param_file", params, "--data_root", tmp_path / "CUB_200_2011", "--out",
+                                tmp_path / name, "--device", "cpu")
         assert code == 0, err
         got[name] = results(tmp_path / name)
     assert got["single_task"]["params"]["model"] == "backbone_single_task"
