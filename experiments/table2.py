@@ -378,10 +378,12 @@ def run_notes(runs, select):
 def method_variant(params):
     """What tells two runs of one method apart: its model and weighting, and each of its options as a dotted key
     (``model_options.sigma``)."""
-    variant = {"model": params.get("model"), "weighting": params.get("weighting")}
-    for key in OPTION_KEYS:
-        variant.update({f"{key}.{name}": value for name, value in (params.get(key) or {}).items()})
-    return variant
+    return {"model": params.get("model"), "weighting": params.get("weighting"), **dotted_options(params)}
+
+
+def dotted_options(params):
+    """The method's options of ``params``, each as a dotted key (``model_options.sigma``)."""
+    return {f"{key}.{name}": value for key in OPTION_KEYS for name, value in (params.get(key) or {}).items()}
 
 
 def shipped_param_file(method, setting):

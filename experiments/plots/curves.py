@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.table2 import METHOD_KEYS, NEUTRAL_KEYS, OPTION_KEYS, completed_defaults
+from experiments.table2 import METHOD_KEYS, NEUTRAL_KEYS, completed_defaults, dotted_options
 from experiments.plots import pyplot, save_figure
 from training import cli
 
@@ -123,9 +123,7 @@ def run_params(info):
     defaults = completed_defaults(params.get("dataset", "multi_mnist"), info.get("setting"))
     flat = {key: params.get(key, defaults.get(key)) for key in {*params, *defaults}
             if key not in METHOD_KEYS + NEUTRAL_KEYS + ("epochs",)}
-    for key in OPTION_KEYS:
-        flat.update({f"{key}.{name}": value for name, value in (params.get(key) or {}).items()})
-    return flat
+    return {**flat, **dotted_options(params)}
 
 
 def differing_params(runs):
